@@ -1,0 +1,44 @@
+# `make test` sets up .venv on a fresh machine and runs the whole suite.
+# On a CPU machine torch comes from the pinned CPU build; on a GPU host run
+#   make venv TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint proto train eval serve clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Regenerates the gRPC modules from the .proto (a test fails when they drift).
+proto: venv
+	$(BIN)/python proto/generate.py
+
+train: venv
+	$(BIN)/pip install -q -e '.[train]'
+	$(BIN)/lstm-model train --out lstm_model/bundled
+
+eval: venv
+	$(BIN)/lstm-model eval
+
+serve: venv
+	$(BIN)/lstm-serve
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache

@@ -1,0 +1,95 @@
+"""Import a user's plain PyTorch checkpoint: an nn.LSTM (batch_first) and an nn.Linear head.
+
+Sizes are read off the tensors, so a user needs to say only where the two modules live in the
+state dict (their key prefixes) and, for a classifier, the labels.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lstm_model.checkpoint import ModelLoadError, check_tensors
+from lstm_model.config import LSTMConfig
+from lstm_model.model import SequenceModel
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
+        raise ModelLoadError(f"{path}: cannot read checkpoint: {exc}") from None
+    except Exception as exc:  # weights_only refusal of pickled objects comes in several types
+        raise ModelLoadError(
+            f"{path}: not a plain state dict of tensors (torch.load weights_only=True): {exc}"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path}: expected a dict of tensor name -> tensor")
+    return state
+
+
+def _layer_count(lstm: dict[str, torch.Tensor], source: str) -> int:
+    if any(k.endswith("_reverse") for k in lstm):
+        raise ModelLoadError(f"{source}: bidirectional LSTMs cannot stream; expected one direction")
+    if any(k.startswith("weight_hr") for k in lstm):
+        raise ModelLoadError(f"{source}: LSTMs with proj_size are not supported")
+    layers = sorted(int(m.group(1)) for k in lstm if (m := re.fullmatch(r"weight_ih_l(\d+)", k)))
+    if not layers or layers != list(range(len(layers))):
+        raise ModelLoadError(
+            f"{source}: expected LSTM tensors weight_ih_l0, weight_ih_l1, ... under the LSTM "
+            f"prefix, found {sorted(lstm)}"
+        )
+    return len(layers)
+
+
+def import_state_dict(
+    state: dict[str, torch.Tensor],
+    lstm_prefix: str = "lstm.",
+    head_prefix: str = "fc.",
+    kind: str = "regression",
+    labels: tuple[str, ...] = (),
+    mean: tuple[float, ...] = (),
+    std: tuple[float, ...] = (),
+    name: str = "imported",
+    source: str = "checkpoint",
+) -> SequenceModel:
+    lstm = {k[len(lstm_prefix) :]: v for k, v in state.items() if k.startswith(lstm_prefix)}
+    head = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)}
+    if "weight" not in head:
+        raise ModelLoadError(
+            f"{source}: no head weight {head_prefix}weight; keys are {sorted(state)[:12]} "
+            "(set --head-prefix)"
+        )
+    num_layers = _layer_count(lstm, source)
+    hidden = lstm["weight_hh_l0"].shape[1] if "weight_hh_l0" in lstm else -1
+    config = LSTMConfig(
+        input_size=int(lstm["weight_ih_l0"].shape[1]),
+        hidden_size=int(hidden),
+        num_layers=num_layers,
+        output_size=int(head["weight"].shape[0]),
+        output_kind=kind,
+        labels=labels,
+        input_mean=mean,
+        input_std=std,
+        name=name,
+    )
+    tensors = {f"lstm.{k}": v.float() for k, v in lstm.items()}
+    tensors |= {f"head.{k}": v.float() for k, v in head.items()}
+    for k in range(num_layers):  # nn.LSTM(bias=False) / nn.Linear(bias=False): zero biases
+        for bias in (f"lstm.bias_ih_l{k}", f"lstm.bias_hh_l{k}"):
+            tensors.setdefault(bias, torch.zeros(4 * config.hidden_size))
+    tensors.setdefault("head.bias", torch.zeros(config.output_size))
+    check_tensors(config, tensors, source)
+    model = SequenceModel(config)
+    model.load_state_dict(tensors)
+    return model.eval()

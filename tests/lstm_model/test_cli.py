@@ -1,0 +1,62 @@
+import subprocess
+
+import torch
+
+from lstm_model.checkpoint import load_model
+from lstm_model.cli import main
+from tests.factories import console_script
+
+
+def test_init_is_seeded_and_has_the_asked_sizes(tmp_path, capsys):
+    args = [
+        "init",
+        "--input-size",
+        "32",
+        "--hidden-size",
+        "64",
+        "--num-layers",
+        "2",
+        "--output-size",
+        "8",
+        "--seed",
+        "5",
+    ]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    assert a.fingerprint == b.fingerprint
+    config = a.model.config
+    assert (config.input_size, config.hidden_size, config.num_layers, config.output_size) == (
+        32,
+        64,
+        2,
+        8,
+    )
+    assert a.model.lstm.weight_ih_l1.shape == (256, 64)
+
+
+def test_init_seed_changes_weights(tmp_path):
+    base = [
+        "init",
+        "--input-size",
+        "2",
+        "--hidden-size",
+        "3",
+        "--num-layers",
+        "1",
+        "--output-size",
+        "1",
+    ]
+    main([*base, "--out", str(tmp_path / "a"), "--seed", "1"])
+    main([*base, "--out", str(tmp_path / "b"), "--seed", "2"])
+    a, b = load_model(tmp_path / "a").model, load_model(tmp_path / "b").model
+    assert not torch.equal(a.lstm.weight_hh_l0, b.lstm.weight_hh_l0)
+
+
+def test_console_script_reports_a_bad_model_dir_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [console_script("lstm-model"), "eval", str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("lstm-model: ")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,136 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lstm_model.checkpoint import ModelLoadError, load_model
+from lstm_model.cli import main
+from tests.factories import make_inputs
+
+
+class UserNet(nn.Module):
+    """What a user trained: their own module with an LSTM and a linear head."""
+
+    def __init__(self, input_size=5, hidden_size=12, num_layers=2, output_size=3, bias=True):
+        super().__init__()
+        self.rnn = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True, bias=bias)
+        self.classifier = nn.Linear(hidden_size, output_size)
+
+    def forward(self, x):
+        return self.classifier(self.rnn(x)[0])
+
+
+def make_user_checkpoint(path, suffix=".pt", seed=3, **net_args):
+    torch.manual_seed(seed)
+    net = UserNet(**net_args).eval()
+    file = path / f"user{suffix}"
+    if suffix == ".pt":
+        torch.save(net.state_dict(), file)
+    else:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(file))
+    return net, file
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_import_reproduces_the_users_module(tmp_path, suffix, bias, capsys):
+    net, file = make_user_checkpoint(tmp_path, suffix, bias=bias)
+    code = main(
+        [
+            "import",
+            str(file),
+            "--out",
+            str(tmp_path / "m"),
+            "--lstm-prefix",
+            "rnn.",
+            "--head-prefix",
+            "classifier.",
+        ]
+    )
+    assert code == 0
+    assert "input=5 hidden=12 layers=2 output=3" in capsys.readouterr().out
+
+    loaded = load_model(tmp_path / "m").model
+    x = make_inputs(batch=3, steps=9, input_size=5)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x)[0], net(x), atol=1e-6, rtol=0)
+
+
+def test_import_as_classifier_outputs_the_heads_softmax(tmp_path):
+    net, file = make_user_checkpoint(tmp_path)
+    main(
+        [
+            "import",
+            str(file),
+            "--out",
+            str(tmp_path / "m"),
+            "--lstm-prefix",
+            "rnn.",
+            "--head-prefix",
+            "classifier.",
+            "--kind",
+            "classification",
+            "--labels",
+            "a,b,c",
+        ]
+    )
+    loaded = load_model(tmp_path / "m").model
+    assert loaded.config.labels == ("a", "b", "c")
+    x = make_inputs(input_size=5)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x)[0], torch.softmax(net(x), -1), atol=1e-6, rtol=0)
+
+
+def test_import_folds_given_normalisation_into_the_model(tmp_path):
+    net, file = make_user_checkpoint(tmp_path, input_size=2)
+    main(
+        [
+            "import",
+            str(file),
+            "--out",
+            str(tmp_path / "m"),
+            "--lstm-prefix",
+            "rnn.",
+            "--head-prefix",
+            "classifier.",
+            "--mean",
+            "1,2",
+            "--std",
+            "2,4",
+        ]
+    )
+    loaded = load_model(tmp_path / "m").model
+    x = make_inputs(input_size=2)
+    with torch.inference_mode():
+        expected = net((x - torch.tensor([1.0, 2.0])) / torch.tensor([2.0, 4.0]))
+        torch.testing.assert_close(loaded(x)[0], expected, atol=1e-6, rtol=0)
+
+
+def test_wrong_prefix_is_refused_naming_the_keys(tmp_path, capsys):
+    _, file = make_user_checkpoint(tmp_path)
+    assert main(["import", str(file), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "no head weight fc.weight" in err
+    assert "classifier.weight" in err
+
+
+def test_bidirectional_lstm_is_refused(tmp_path, capsys):
+    lstm = nn.LSTM(3, 4, bidirectional=True, batch_first=True)
+    state = {f"lstm.{k}": v for k, v in lstm.state_dict().items()}
+    state |= {"fc.weight": torch.zeros(2, 4), "fc.bias": torch.zeros(2)}
+    torch.save(state, tmp_path / "bi.pt")
+    assert main(["import", str(tmp_path / "bi.pt"), "--out", str(tmp_path / "m")]) == 2
+    assert "bidirectional" in capsys.readouterr().err
+
+
+def test_pickled_module_is_refused_not_executed(tmp_path, capsys):
+    torch.save(UserNet(), tmp_path / "whole.pt")  # a whole pickled module, not a state dict
+    assert main(["import", str(tmp_path / "whole.pt"), "--out", str(tmp_path / "m")]) == 2
+    assert "weights_only" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_refused(tmp_path):
+    from lstm_model.importer import read_state_dict
+
+    with pytest.raises(ModelLoadError, match="no such file"):
+        read_state_dict(tmp_path / "absent.pt")
