@@ -51,3 +51,169 @@ def console_script(name: str) -> str:
     found = str(beside) if beside.exists() else shutil.which(name)
     assert found, f"{name} is not installed: pip install -e ."
     return found
+
+
+def make_server_config(**overrides):
+    from server.config import ServerConfig
+
+    defaults = dict(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        max_sessions=512,
+        session_idle_timeout_s=600.0,
+        torch_threads=1,
+    )
+    return ServerConfig(**(defaults | overrides))
+
+
+class ServerThread:
+    """A real lstm-serve server on a real port, its event loop in a background thread."""
+
+    def __init__(self, config) -> None:
+        import asyncio
+        import threading
+
+        self.config = config
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.server = None
+        self.port = 0
+
+    def _run(self) -> None:
+        import asyncio
+
+        from server.app import create_server
+
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.server, self.port = self.loop.run_until_complete(create_server(self.config))
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as exc:  # surfaced to the test thread
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def call(self, coro, timeout: float = 30.0):
+        """Run a coroutine on the server's loop and wait for its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error:
+            raise self._error
+        return self
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self.server is not None and self.loop.is_running():
+            self.call(self.server.stop(grace_s))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.server = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(**overrides) -> ServerThread:
+    return ServerThread(make_server_config(**overrides))
+
+
+def offline(model: SequenceModel, steps):
+    """Outputs of one whole sequence (T, I) from zero state, as the server must reproduce."""
+    with torch.inference_mode():
+        x = torch.as_tensor(steps, dtype=torch.float32)[None]  # (1, T, I)
+        return model(x)[0][0].numpy()  # (T, O)
+
+
+def random_steps(steps: int = 20, input_size: int = 6, seed: int = 0, scale: float = 3.0):
+    import numpy as np
+
+    return (np.random.default_rng(seed).standard_normal((steps, input_size)) * scale).astype(
+        np.float32
+    )
+
+
+def random_chunks(total: int, max_chunk: int = 8, seed: int = 0) -> list[int]:
+    """Chunk lengths (each >= 1) that add up to total."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sizes = []
+    while total > 0:
+        sizes.append(int(min(total, rng.integers(1, max_chunk + 1))))
+        total -= sizes[-1]
+    return sizes
+
+
+class ServeProcess:
+    """`lstm-serve` as a subprocess on a free port (read back from its log)."""
+
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        import os
+        import subprocess
+
+        self.args = [
+            console_script("lstm-serve"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--torch-threads",
+            "1",
+            *args,
+        ]
+        self.process = subprocess.Popen(
+            self.args,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.log: list[str] = []
+        self.port = self._wait_for_port()
+
+    def _wait_for_port(self) -> int:
+        import re
+
+        for line in self.process.stderr:
+            self.log.append(line)
+            found = re.search(r"serving on \S+:(\d+)", line)
+            if found:
+                return int(found.group(1))
+        raise RuntimeError("lstm-serve exited before serving:\n" + "".join(self.log))
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def finish(self, sig=None, timeout: float = 30.0, signalled: bool = False) -> tuple[int, str]:
+        """Send a signal (default SIGTERM) unless already `signalled`, wait for exit;
+        (exit code, whole log)."""
+        import signal
+
+        if not signalled and self.process.poll() is None:
+            self.process.send_signal(sig or signal.SIGTERM)
+        rest = self.process.communicate(timeout=timeout)[1]
+        return self.process.returncode, "".join(self.log) + rest
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

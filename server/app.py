@@ -1,0 +1,143 @@
+"""Server assembly: create_server(config) builds it, serve() runs it until SIGTERM/SIGINT,
+main() is the lstm-serve console script."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from lstm_stream.v1 import inference_pb2, inference_pb2_grpc
+from prometheus_client import start_http_server
+
+from lstm_model.checkpoint import ModelLoadError, load_model
+from server import metrics
+from server.config import ServerConfig, load_config
+from server.engine import default_torch_threads, resolve_device
+from server.runtime import Runtime
+from server.service import InferenceService
+
+log = logging.getLogger("lstm_serve")
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class Server:
+    grpc_server: grpc.aio.Server
+    port: int
+    runtime: Runtime
+    health: health.aio.HealthServicer
+
+    async def start(self) -> None:
+        await self.runtime.start()
+        await self.grpc_server.start()
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def begin_drain(self) -> None:
+        """Health NOT_SERVING, new streams and messages refused, in-flight ones answered."""
+        await self.health.enter_graceful_shutdown()
+        await self.runtime.drain()
+
+    async def stop(self, grace_s: float) -> None:
+        await self.begin_drain()
+        await self.grpc_server.stop(grace_s)
+        await self.runtime.stop()
+
+
+async def create_server(config: ServerConfig) -> tuple[Server, int]:
+    """Load the model and build the server, bound but not started; (server, bound port)."""
+    device = resolve_device(config.device)
+    torch.set_num_threads(config.torch_threads or default_torch_threads())
+    loaded = load_model(config.model)
+    runtime = Runtime(config, loaded, device)
+    grpc_server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+        InferenceService(runtime), grpc_server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        grpc_server,
+    )
+    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    model = runtime.model_config
+    metrics.MODEL_INFO.info(
+        {"name": model.name, "version": model.version, "device": str(device), "dtype": config.dtype}
+    )
+    metrics.STATE_BYTES.set(runtime.engine.pool.nbytes)
+    log.info(
+        "model %s v%s (%s) on %s/%s: input %d, hidden %d x %d layers, output %d; "
+        "capacity %d sessions, state pool %.1f MiB",
+        model.name,
+        model.version,
+        loaded.fingerprint[:12],
+        device,
+        config.dtype,
+        model.input_size,
+        model.hidden_size,
+        model.num_layers,
+        model.output_size,
+        config.max_sessions,
+        runtime.engine.pool.nbytes / 2**20,
+    )
+    return Server(grpc_server, port, runtime, health_servicer), port
+
+
+async def serve(config: ServerConfig) -> None:
+    server, port = await create_server(config)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.host.strip("[]"))
+        log.info("metrics on :%d/metrics", config.metrics_port)
+    await server.start()
+    log.info("serving on %s:%d", config.host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutdown requested: draining (grace %.1f s)", config.shutdown_grace_s)
+    await server.stop(config.shutdown_grace_s)
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ValueError as exc:
+        print(f"lstm-serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(config))
+    except (ModelLoadError, ValueError, OSError) as exc:
+        print(f"lstm-serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

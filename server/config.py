@@ -1,0 +1,114 @@
+"""ServerConfig: every setting of lstm-serve, from flags or LSTM_SERVE_* environment variables.
+
+One config object is built at start and passed down; nothing else reads flags or the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from lstm_model.checkpoint import BUNDLED_MODEL_DIR
+
+ENV_PREFIX = "LSTM_SERVE_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "[::]"
+    port: int = 50051
+    metrics_port: int = 8000  # 0 disables the /metrics endpoint
+    model: str = str(BUNDLED_MODEL_DIR)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    max_batch_size: int = 256  # sessions per batch
+    max_batch_delay_us: int = 0  # 0: eager, dispatch as soon as the engine is free
+    max_sessions: int = 10_000
+    session_idle_timeout_s: float = 600.0
+    replay_steps: int = 256
+    max_chunk_steps: int = 512
+    snapshot_dir: str = ""
+    torch_threads: int = 0  # 0: all cores but the one the event loop runs on
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_sessions", "replay_steps", "max_chunk_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        for name in ("max_batch_delay_us", "torch_threads", "port", "metrics_port"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
+        if self.session_idle_timeout_s <= 0:
+            raise ValueError(
+                f"--session-idle-timeout-s must be > 0, got {self.session_idle_timeout_s}"
+            )
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+
+_HELP = {
+    "host": "address to bind",
+    "port": "gRPC port (0: pick a free one)",
+    "metrics_port": "Prometheus /metrics port (0 disables)",
+    "model": "model directory (config.json + model.safetensors); default: the bundled model",
+    "device": "auto (CUDA when available), cpu, cuda or cuda:N",
+    "dtype": "compute dtype on the device",
+    "max_batch_size": "most sessions stepped in one batch",
+    "max_batch_delay_us": "longest a free engine waits for a batch to fill (0: eager)",
+    "max_sessions": "session capacity (RESOURCE_EXHAUSTED beyond it)",
+    "session_idle_timeout_s": "sessions idle this long expire",
+    "replay_steps": "outputs kept per session to answer resent timesteps",
+    "max_chunk_steps": "most timesteps in one message",
+    "snapshot_dir": "write sessions here on shutdown, restore them at start",
+    "torch_threads": "torch intra-op threads (0: cores minus one)",
+    "shutdown_grace_s": "how long in-flight work gets on shutdown",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lstm-serve",
+        description="Streaming LSTM inference server. Every flag is also an environment "
+        f"variable {ENV_PREFIX}<FLAG>, e.g. {ENV_PREFIX}MAX_SESSIONS.",
+    )
+    for field in dataclasses.fields(ServerConfig):
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            dest=field.name,
+            type=type(field.default),
+            default=None,
+            help=f"{_HELP[field.name]} (default {field.default!r})",
+        )
+    return parser
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Flags win over environment variables, which win over the defaults."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    values = {}
+    for field in dataclasses.fields(ServerConfig):
+        flag = getattr(args, field.name)
+        env = environ.get(ENV_PREFIX + field.name.upper())
+        if flag is not None:
+            values[field.name] = flag
+        elif env is not None:
+            try:
+                values[field.name] = type(field.default)(env)
+            except ValueError:
+                raise ValueError(
+                    f"{ENV_PREFIX}{field.name.upper()}: expected {type(field.default).__name__}, "
+                    f"got {env!r}"
+                ) from None
+    return ServerConfig(**values)

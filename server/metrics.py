@@ -1,0 +1,50 @@
+"""Every Prometheus metric of the service, defined once (DESIGN Part 1.5). Base units."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+# 50 µs to 10 s: resolves 100 µs steps and multi-second stalls alike.
+LATENCY_BUCKETS = (
+    50e-6, 100e-6, 200e-6, 500e-6,
+    1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 100e-3, 200e-3, 500e-3,
+    1.0, 2.0, 5.0, 10.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+STEP_LATENCY = Histogram(
+    "lstm_step_latency_seconds",
+    "Per request message (and unary call): from receipt to its response handed to gRPC.",
+    ["rpc"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "lstm_queue_wait_seconds",
+    "Per batch: how long its oldest chunk waited for the engine.",
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_COMPUTE = Histogram(
+    "lstm_batch_compute_seconds",
+    "Per batch: engine time (gather, model forward, scatter, outputs to host).",
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "lstm_batch_size", "Sessions per executed batch.", buckets=BATCH_SIZE_BUCKETS
+)
+TIMESTEPS = Counter("lstm_timesteps", "Timesteps applied to session state or Predict.")
+REQUESTS = Counter(
+    "lstm_requests", "Requests by RPC and status code; per message for streams.", ["rpc", "code"]
+)
+SESSIONS_ACTIVE = Gauge("lstm_sessions_active", "Live sessions.")
+SESSIONS_CREATED = Counter("lstm_sessions_created", "Sessions created (imports included).")
+SESSIONS_CLOSED = Counter(
+    "lstm_sessions_closed",
+    "Sessions closed, by reason: ended, deleted, expired, taken_over, shutdown.",
+    ["reason"],
+)
+STATE_BYTES = Gauge("lstm_state_bytes", "Bytes of the preallocated session state pool (h and c).")
+MODEL_INFO = Info("lstm_model", "The served model.")
+
+CLOSE_REASONS = ("ended", "deleted", "expired", "taken_over", "shutdown")
+for _reason in CLOSE_REASONS:
+    SESSIONS_CLOSED.labels(_reason)

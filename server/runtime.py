@@ -1,0 +1,229 @@
+"""The service's domain core: sessions, their streams, and the batcher and engine behind them.
+
+The servicer translates protobuf to the calls here and errors back; everything a session goes
+through (create, attach, step, takeover, delete, expire, export, import, drain) happens here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+import torch
+
+from lstm_model.checkpoint import LoadedModel
+from server import metrics, transfer
+from server.batcher import Batcher
+from server.config import ServerConfig
+from server.engine import DTYPES, Engine, StepWork
+from server.errors import (
+    BadInput,
+    ModelMismatch,
+    ServiceError,
+    SessionNotFound,
+    SessionTakenOver,
+    ShuttingDown,
+)
+from server.sessions import Session, SessionTable, plan_chunk
+
+log = logging.getLogger("lstm_serve")
+
+
+def short_id(session_id: str) -> str:
+    """Session ids are bearer secrets: logs show a prefix only."""
+    return session_id[:6] + "…"
+
+
+class Attachment:
+    """One stream feeding a session. A takeover, delete, expiry or shutdown interrupts it: at
+    once when it is waiting for its next message, after its response when it is mid-message."""
+
+    def __init__(self) -> None:
+        self._task = asyncio.current_task()
+        self.session: Session | None = None
+        self.busy = False
+        self.interruption: ServiceError | None = None
+
+    def interrupt(self, error: ServiceError) -> None:
+        if self.interruption is not None:
+            return
+        self.interruption = error
+        if not self.busy and self._task is not None:
+            self._task.cancel()
+
+
+class Runtime:
+    def __init__(self, config: ServerConfig, loaded: LoadedModel, device: torch.device) -> None:
+        self.config = config
+        self.engine = Engine(loaded, config.max_sessions, device, DTYPES[config.dtype])
+        self.model_config = loaded.model.config
+        self.sessions = SessionTable(self.engine.pool, config.replay_steps)
+        self.batcher = Batcher(self.engine, config.max_batch_size, config.max_batch_delay_us)
+        self.draining = False
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.batcher.start()
+        self._sweeper = asyncio.create_task(self._sweep_idle(), name="sweeper")
+
+    # Sessions
+
+    def create_session(self, session_id: str = "") -> Session:
+        self._refuse_if_draining()
+        session = self.sessions.create(session_id)
+        log.info("session %s created (slot %d)", short_id(session.session_id), session.slot)
+        return session
+
+    def get_session(self, session_id: str) -> Session:
+        return self.sessions.get(session_id)
+
+    async def close_session(self, session: Session, reason: str) -> None:
+        """Remove a session once its in-flight chunk is committed; zero and free its slot."""
+        async with session.lock:
+            if session.closed:
+                return
+            slot = self.sessions.detach(session)
+        if isinstance(session.owner, Attachment) and reason != "ended":
+            session.owner.interrupt(SessionNotFound(session.session_id))
+        await self.engine.call(self.engine.pool.zero, torch.tensor([slot]))
+        self.sessions.release_slot(slot)
+        metrics.SESSIONS_CLOSED.labels(reason).inc()
+        log.info("session %s closed: %s", short_id(session.session_id), reason)
+
+    async def delete_session(self, session_id: str) -> None:
+        await self.close_session(self.sessions.get(session_id), "deleted")
+
+    # Streams
+
+    def attach(self, attachment: Attachment, session_id: str) -> Session:
+        """Feed a new session (empty id) or take over an existing one."""
+        self._refuse_if_draining()
+        session = self.create_session() if not session_id else self.sessions.get(session_id)
+        previous = session.owner
+        session.owner = attachment
+        attachment.session = session
+        if isinstance(previous, Attachment) and previous is not attachment:
+            previous.interrupt(SessionTakenOver(session.session_id))
+            metrics.SESSIONS_CLOSED.labels("taken_over").inc()
+            log.info("session %s taken over by a new stream", short_id(session.session_id))
+        return session
+
+    def detach(self, attachment: Attachment) -> None:
+        session = attachment.session
+        if session is not None and session.owner is attachment:
+            session.owner = None
+
+    async def step(
+        self,
+        session: Session,
+        inputs: np.ndarray,
+        start_step: int | None = None,
+        reset: bool = False,
+        attachment: Attachment | None = None,
+    ) -> tuple[int, np.ndarray]:
+        """Apply a chunk exactly once; (step index of the first output, outputs (T, O))."""
+        await session.lock.acquire()
+        try:
+            self._refuse_if_draining()
+            if session.closed:
+                raise SessionNotFound(session.session_id)
+            if attachment is not None and session.owner is not attachment:
+                raise SessionTakenOver(session.session_id)
+            plan = plan_chunk(session, start_step, inputs, reset, self.model_config.output_size)
+            self.sessions.touch(session)
+        except BaseException:
+            session.lock.release()
+            raise
+        first = plan.new_start - len(plan.replayed)
+        if not len(plan.new) and not plan.reset:
+            session.lock.release()
+            return first, plan.replayed
+        work = StepWork(session.slot, plan.new, plan.reset)
+        outputs = await self.batcher.submit(session, work, plan.new_start)  # releases the lock
+        if len(plan.replayed):
+            outputs = np.concatenate([plan.replayed, outputs])
+        return first, outputs
+
+    async def predict(self, inputs: np.ndarray) -> np.ndarray:
+        self._refuse_if_draining()
+        outputs = await self.engine.call(self.engine.predict, inputs)
+        metrics.TIMESTEPS.inc(len(inputs))
+        return outputs
+
+    # Moving sessions
+
+    async def export_session(self, session_id: str) -> bytes:
+        session = self.sessions.get(session_id)
+        async with session.lock:
+            if session.closed:
+                raise SessionNotFound(session_id)
+            h, c = await self.engine.call(self.engine.pool.read, session.slot)
+            replay_start = session.replay.first_step(session.next_step)
+            replay = session.replay.read(replay_start, session.next_step, self._output_size)
+            record = transfer.SessionRecord(
+                session_id=session.session_id,
+                next_step=session.next_step,
+                h=h,
+                c=c,
+                replay=torch.from_numpy(np.ascontiguousarray(replay)),
+                fingerprint=self.engine.fingerprint,
+                create_time=session.create_time,
+            )
+        return transfer.encode(record)
+
+    async def import_session(self, data: bytes, session_id: str = "") -> Session:
+        record = transfer.decode(data)
+        if record.fingerprint != self.engine.fingerprint:
+            raise ModelMismatch(
+                f"state: exported from model {record.fingerprint[:12]}, this server runs "
+                f"{self.engine.fingerprint[:12]}; a session moves only between equal models"
+            )
+        expected = (self.model_config.num_layers, self.model_config.hidden_size)
+        if tuple(record.h.shape) != expected or tuple(record.c.shape) != expected:
+            raise BadInput(
+                f"state: expected h and c of shape {list(expected)}, got "
+                f"{list(record.h.shape)} and {list(record.c.shape)}"
+            )
+        session = self.create_session(session_id or record.session_id)
+        await self.engine.call(self.engine.pool.write, session.slot, record.h, record.c)
+        replay = record.replay.numpy()
+        session.commit(record.next_step - len(replay), replay)
+        session.create_time = record.create_time
+        return session
+
+    # Lifecycle
+
+    async def _sweep_idle(self) -> None:
+        timeout = self.config.session_idle_timeout_s
+        period = min(max(timeout / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(period)
+            for session in self.sessions.idle_since(time.monotonic() - timeout):
+                if not session.lock.locked():  # a chunk in flight is activity
+                    await self.close_session(session, "expired")
+
+    async def drain(self) -> None:
+        """Refuse new work, answer what is in flight, end every stream with UNAVAILABLE."""
+        self.draining = True
+        for session in self.sessions:
+            if isinstance(session.owner, Attachment):
+                session.owner.interrupt(ShuttingDown())
+        await self.batcher.wait_idle()
+
+    async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        await self.batcher.stop()
+        metrics.SESSIONS_CLOSED.labels("shutdown").inc(len(self.sessions))
+        self.engine.close()
+
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            raise ShuttingDown()
+
+    @property
+    def _output_size(self) -> int:
+        return self.model_config.output_size

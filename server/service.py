@@ -1,0 +1,210 @@
+"""The servicer: protobuf <-> domain calls, validation and errors. Logic lives in runtime.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import numpy as np
+from google.protobuf import timestamp_pb2
+from lstm_stream.v1 import inference_pb2 as pb
+from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
+
+from server import metrics
+from server.codec import check_session_id, decode_steps, resolve_session_id
+from server.errors import BadInput, ServiceError
+from server.runtime import Attachment, Runtime
+from server.sessions import Session
+
+Response = TypeVar("Response")
+SESSION_ID_METADATA = "x-session-id"
+OUTPUT_KINDS = {
+    "regression": pb.OUTPUT_KIND_REGRESSION,
+    "classification": pb.OUTPUT_KIND_CLASSIFICATION,
+}
+
+
+def unary(rpc: str) -> Callable[..., Callable[..., Awaitable[Any]]]:
+    """Count and time a unary method; turn a ServiceError into its status and ErrorInfo."""
+    latency = metrics.STEP_LATENCY.labels(rpc)
+
+    def decorate(method: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+        @wraps(method)
+        async def wrapper(self: InferenceService, request: Any, context: Any) -> Response:
+            received = time.perf_counter()
+            try:
+                response = await method(self, request, context)
+            except ServiceError as err:
+                metrics.REQUESTS.labels(rpc, err.code.name).inc()
+                latency.observe(time.perf_counter() - received)
+                await context.abort_with_status(err.to_status())
+            metrics.REQUESTS.labels(rpc, "OK").inc()
+            latency.observe(time.perf_counter() - received)
+            return response
+
+        return wrapper
+
+    return decorate
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def session_message(session: Session) -> pb.Session:
+    return pb.Session(
+        session_id=session.session_id,
+        next_step=session.next_step,
+        create_time=_timestamp(session.create_time),
+        last_active_time=_timestamp(session.last_active_time),
+        replay_start_step=session.replay.first_step(session.next_step),
+    )
+
+
+def metadata_session_id(context: Any) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == SESSION_ID_METADATA:
+            return value
+    return None
+
+
+class InferenceService(pb_grpc.InferenceServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.model = runtime.model_config
+        self._stream_latency = metrics.STEP_LATENCY.labels("StreamSteps")
+        self._stream_ok = metrics.REQUESTS.labels("StreamSteps", "OK")
+
+    def _session_id(self, request_id: str, context: Any) -> str:
+        session_id = resolve_session_id(request_id, metadata_session_id(context))
+        if not session_id:
+            raise BadInput("session_id: expected a session id, got an empty one")
+        return session_id
+
+    @unary("GetModelInfo")
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any):
+        config, engine = self.model, self.runtime.engine
+        return pb.GetModelInfoResponse(
+            name=config.name,
+            version=config.version,
+            input_size=config.input_size,
+            output_size=config.output_size,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_layers,
+            output_kind=OUTPUT_KINDS[config.output_kind],
+            labels=config.labels,
+            device=str(engine.device),
+            dtype=str(engine.dtype).removeprefix("torch."),
+            max_chunk_steps=self.runtime.config.max_chunk_steps,
+            fingerprint=engine.fingerprint,
+            replay_steps=self.runtime.config.replay_steps,
+        )
+
+    @unary("CreateSession")
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: Any):
+        session_id = resolve_session_id(request.session_id, metadata_session_id(context))
+        session = self.runtime.create_session(session_id)
+        return pb.CreateSessionResponse(session=session_message(session))
+
+    @unary("GetSession")
+    async def GetSession(self, request: pb.GetSessionRequest, context: Any):
+        session = self.runtime.get_session(self._session_id(request.session_id, context))
+        return pb.GetSessionResponse(session=session_message(session))
+
+    @unary("DeleteSession")
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Any):
+        await self.runtime.delete_session(self._session_id(request.session_id, context))
+        return pb.DeleteSessionResponse()
+
+    @unary("Predict")
+    async def Predict(self, request: pb.PredictRequest, context: Any):
+        inputs = decode_steps(
+            request.inputs, self.model.input_size, self.runtime.config.max_chunk_steps
+        )
+        if request.num_steps != len(inputs):
+            raise BadInput(
+                f"num_steps: expected {len(inputs)} (inputs hold {len(request.inputs)} values of "
+                f"input_size {self.model.input_size}), got {request.num_steps}"
+            )
+        outputs = await self.runtime.predict(inputs)
+        return pb.PredictResponse(outputs=outputs.ravel().tolist())
+
+    @unary("ExportSession")
+    async def ExportSession(self, request: pb.ExportSessionRequest, context: Any):
+        state = await self.runtime.export_session(self._session_id(request.session_id, context))
+        return pb.ExportSessionResponse(state=state)
+
+    @unary("ImportSession")
+    async def ImportSession(self, request: pb.ImportSessionRequest, context: Any):
+        session_id = request.session_id and check_session_id(request.session_id)
+        session = await self.runtime.import_session(request.state, session_id)
+        return pb.ImportSessionResponse(session=session_message(session))
+
+    async def StreamSteps(
+        self, request_iterator: AsyncIterator[pb.StreamStepsRequest], context: Any
+    ) -> AsyncIterator[pb.StreamStepsResponse]:
+        attachment = Attachment()
+        metadata_id = metadata_session_id(context)
+        try:
+            async for request in request_iterator:
+                received = time.perf_counter()
+                attachment.busy = True
+                try:
+                    response = await self._stream_message(request, attachment, metadata_id)
+                except ServiceError as err:
+                    metrics.REQUESTS.labels("StreamSteps", err.code.name).inc()
+                    self._stream_latency.observe(time.perf_counter() - received)
+                    await context.abort_with_status(err.to_status())
+                self._stream_ok.inc()
+                self._stream_latency.observe(time.perf_counter() - received)
+                yield response
+                attachment.busy = False
+                if request.end_session:
+                    await self.runtime.close_session(attachment.session, "ended")
+                    return
+                if attachment.interruption is not None:
+                    await context.abort_with_status(attachment.interruption.to_status())
+        except asyncio.CancelledError:
+            if attachment.interruption is None:
+                raise  # the client went away
+            await context.abort_with_status(attachment.interruption.to_status())
+        finally:
+            self.runtime.detach(attachment)
+
+    async def _stream_message(
+        self, request: pb.StreamStepsRequest, attachment: Attachment, metadata_id: str | None
+    ) -> pb.StreamStepsResponse:
+        if attachment.interruption is not None:
+            raise attachment.interruption
+        session = attachment.session
+        if session is None:
+            session_id = resolve_session_id(request.session_id, metadata_id)
+            inputs = self._decode(request)  # a bad first message creates nothing
+            session = self.runtime.attach(attachment, session_id)
+        else:
+            if request.session_id and request.session_id != session.session_id:
+                raise BadInput(
+                    f"session_id: expected {session.session_id!r} (this stream's session) or "
+                    f"empty, got {request.session_id!r}"
+                )
+            inputs = self._decode(request)
+        start_step = request.start_step if request.HasField("start_step") else None
+        first, outputs = await self.runtime.step(
+            session, inputs, start_step, request.reset, attachment
+        )
+        return pb.StreamStepsResponse(
+            session_id=session.session_id,
+            start_step=first,
+            num_steps=len(outputs),
+            outputs=outputs.ravel().tolist(),
+        )
+
+    def _decode(self, request: pb.StreamStepsRequest) -> np.ndarray:
+        return decode_steps(
+            request.inputs, self.model.input_size, self.runtime.config.max_chunk_steps
+        )

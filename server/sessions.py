@@ -1,0 +1,182 @@
+"""Sessions: the table from id to slot, step index, replay buffer, owner and timestamps.
+
+The step rule (exactly once): a chunk names the step index of its first timestep. Steps the
+session has already applied are answered from its replay buffer and not applied again; a chunk
+that starts past the session's next step is a gap and is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server import metrics
+from server.errors import SessionCapacity, SessionExists, SessionNotFound, StepOutOfOrder
+from server.state_pool import SlotsExhausted, StatePool
+
+
+class ReplayBuffer:
+    """The outputs of a session's last `capacity` steps, kept as the chunks that produced them."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._chunks: deque[tuple[int, np.ndarray]] = deque()  # (first step, (T, O) outputs)
+        self._steps = 0
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def append(self, start: int, outputs: np.ndarray) -> None:
+        if not len(outputs):
+            return
+        if len(outputs) > self.capacity:
+            start, outputs = start + len(outputs) - self.capacity, outputs[-self.capacity :]
+        self._chunks.append((start, outputs))
+        self._steps += len(outputs)
+        while self._steps > self.capacity:
+            first, oldest = self._chunks.popleft()
+            excess = self._steps - self.capacity
+            if excess < len(oldest):
+                self._chunks.appendleft((first + excess, oldest[excess:].copy()))
+                self._steps -= excess
+            else:
+                self._steps -= len(oldest)
+
+    def first_step(self, next_step: int) -> int:
+        return next_step - self._steps
+
+    def read(self, start: int, end: int, output_size: int) -> np.ndarray:
+        """Outputs of steps [start, end), which must all be held: (end - start, O)."""
+        parts = []
+        for first, chunk in self._chunks:
+            lo, hi = max(start, first), min(end, first + len(chunk))
+            if lo < hi:
+                parts.append(chunk[lo - first : hi - first])
+        if not parts:
+            return np.zeros((0, output_size), dtype=np.float32)
+        return np.concatenate(parts)
+
+    def chunks(self) -> list[tuple[int, np.ndarray]]:
+        return list(self._chunks)
+
+
+@dataclass(eq=False)
+class Session:
+    session_id: str
+    slot: int
+    replay: ReplayBuffer
+    next_step: int = 0
+    create_time: float = field(default_factory=time.time)
+    last_active_time: float = field(default_factory=time.time)
+    last_active_monotonic: float = field(default_factory=time.monotonic)
+    owner: object | None = None  # the stream attachment feeding it, if any
+    closed: bool = False
+    # Held from the moment a chunk is planned until the batcher has committed it: one chunk of a
+    # session is in flight at a time, and a takeover or delete waits for it.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def touch(self) -> None:
+        self.last_active_time = time.time()
+        self.last_active_monotonic = time.monotonic()
+
+    def commit(self, start: int, outputs: np.ndarray) -> None:
+        """Record a chunk the engine applied (called by the batcher when the batch completes)."""
+        self.replay.append(start, outputs)
+        self.next_step = start + len(outputs)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """What to do with a chunk: answer `replayed` from the buffer, apply `new` from `new_start`."""
+
+    replayed: np.ndarray  # (R, O) outputs of steps already applied
+    new: np.ndarray  # (N, I) inputs to apply now
+    new_start: int
+    reset: bool
+
+
+def plan_chunk(
+    session: Session, start_step: int | None, inputs: np.ndarray, reset: bool, output_size: int
+) -> ChunkPlan:
+    next_step = session.next_step
+    start = next_step if start_step is None else start_step
+    if start > next_step:
+        raise StepOutOfOrder(
+            f"start_step: expected at most the session's next step {next_step}, got {start} "
+            f"(a gap of {start - next_step} timesteps)",
+            expected_step=next_step,
+        )
+    already = min(next_step - start, len(inputs))
+    if already and start < session.replay.first_step(next_step):
+        raise StepOutOfOrder(
+            f"start_step: expected at least {session.replay.first_step(next_step)} (the oldest "
+            f"step the replay buffer holds) or the next step {next_step}, got {start}",
+            expected_step=next_step,
+        )
+    replayed = session.replay.read(start, start + already, output_size)
+    # A resent message's reset was applied when it first arrived.
+    return ChunkPlan(replayed, inputs[already:], start + already, reset and start == next_step)
+
+
+class SessionTable:
+    """Live sessions by id, bounded by the pool's capacity; least recently active first."""
+
+    def __init__(self, pool: StatePool, replay_steps: int) -> None:
+        self._pool = pool
+        self._replay_steps = replay_steps
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    def create(self, session_id: str = "") -> Session:
+        session_id = session_id or secrets.token_urlsafe(16)  # 128 random bits
+        if session_id in self._sessions:
+            raise SessionExists(session_id)
+        try:
+            slot = self._pool.allocate()
+        except SlotsExhausted:
+            raise SessionCapacity(self._pool.capacity) from None
+        session = Session(session_id, slot, ReplayBuffer(self._replay_steps))
+        self._sessions[session_id] = session
+        metrics.SESSIONS_CREATED.inc()
+        metrics.SESSIONS_ACTIVE.set(len(self._sessions))
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        return session
+
+    def touch(self, session: Session) -> None:
+        session.touch()
+        self._sessions.move_to_end(session.session_id)
+
+    def detach(self, session: Session) -> int:
+        """Remove a session from the table; its slot must be zeroed, then release_slot'ed."""
+        session.closed = True
+        del self._sessions[session.session_id]
+        metrics.SESSIONS_ACTIVE.set(len(self._sessions))
+        return session.slot
+
+    def release_slot(self, slot: int) -> None:
+        self._pool.release(slot)
+
+    def idle_since(self, deadline: float) -> list[Session]:
+        """Sessions last active before `deadline` (monotonic), oldest first."""
+        idle = []
+        for session in self._sessions.values():
+            if session.last_active_monotonic >= deadline:
+                break
+            idle.append(session)
+        return idle

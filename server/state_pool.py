@@ -1,0 +1,71 @@
+"""Every session's (h, c) in one preallocated pair of tensors on the model's device.
+
+A session owns a slot: column `slot` of h and c. A batch gathers its slots' columns, runs one
+forward, and scatters the new state back; there are no per-session tensors. All reads and
+writes of h and c happen on the engine's worker thread. Slot bookkeeping (which are free) happens
+on the event loop; a slot is zeroed (on the worker) before it returns to the free list, so no
+state can leak into its next owner.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotsExhausted(Exception):
+    pass
+
+
+class StatePool:
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        capacity: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (num_layers, capacity, hidden_size)
+        self.h = torch.zeros(shape, device=device, dtype=dtype)  # (L, capacity, H)
+        self.c = torch.zeros(shape, device=device, dtype=dtype)  # (L, capacity, H)
+        self.capacity = capacity
+        self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
+
+    @property
+    def nbytes(self) -> int:
+        return self.h.nbytes + self.c.nbytes
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - len(self._free)
+
+    def allocate(self) -> int:
+        """A zeroed slot (event loop)."""
+        if not self._free:
+            raise SlotsExhausted
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        """Return a slot that zero() has cleared (event loop)."""
+        self._free.append(slot)
+
+    # The methods below run on the engine's worker thread only.
+
+    def zero(self, slots: torch.Tensor) -> None:
+        self.h.index_fill_(1, slots, 0.0)
+        self.c.index_fill_(1, slots, 0.0)
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.h.index_select(1, slots), self.c.index_select(1, slots)  # (L, B, H)
+
+    def scatter(self, slots: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> None:
+        self.h.index_copy_(1, slots, h)
+        self.c.index_copy_(1, slots, c)
+
+    def read(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One slot's state, copied to the CPU in float32: (L, H) each."""
+        return self.h[:, slot].float().cpu().clone(), self.c[:, slot].float().cpu().clone()
+
+    def write(self, slot: int, h: torch.Tensor, c: torch.Tensor) -> None:
+        self.h[:, slot] = h.to(self.h)
+        self.c[:, slot] = c.to(self.c)

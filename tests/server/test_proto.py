@@ -1,0 +1,44 @@
+"""The committed generated modules are exactly what `make proto` writes from the .proto."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+GENERATED = ["inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py"]
+
+
+def test_generated_code_matches_the_proto(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "proto" / "generate.py"), "--out", str(tmp_path)], check=True
+    )
+    for name in GENERATED:
+        fresh = (tmp_path / "lstm_stream" / "v1" / name).read_text()
+        committed = (ROOT / "proto" / "lstm_stream" / "v1" / name).read_text()
+        assert fresh == committed, f"{name} is stale: run `make proto` and commit the result"
+
+
+def test_contract_names_are_in_the_proto():
+    from lstm_stream.v1 import inference_pb2 as pb
+
+    service = pb.DESCRIPTOR.services_by_name["InferenceService"]
+    assert sorted(service.methods_by_name) == sorted(
+        [
+            "GetModelInfo",
+            "CreateSession",
+            "GetSession",
+            "DeleteSession",
+            "StreamSteps",
+            "Predict",
+            "ExportSession",
+            "ImportSession",
+        ]
+    )
+    request = pb.StreamStepsRequest.DESCRIPTOR.fields_by_name
+    assert [
+        request[n].number for n in ("session_id", "start_step", "inputs", "reset", "end_session")
+    ] == [1, 2, 3, 4, 5]
+    assert request["start_step"].has_presence
+    response = pb.StreamStepsResponse.DESCRIPTOR.fields_by_name
+    assert set(response) == {"session_id", "start_step", "num_steps", "outputs", "durable_step"}
+    assert pb.OutputKind.Name(0) == "OUTPUT_KIND_UNSPECIFIED"

@@ -1,0 +1,141 @@
+"""The step rule, the replay buffer and the batcher, without gRPC."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from server.batcher import Batcher
+from server.engine import StepWork
+from server.errors import SessionCapacity, SessionExists, StepOutOfOrder
+from server.sessions import ReplayBuffer, Session, SessionTable, plan_chunk
+from server.state_pool import StatePool
+
+
+def make_pool(capacity: int = 4) -> StatePool:
+    return StatePool(1, 3, capacity, torch.device("cpu"), torch.float32)
+
+
+def outputs(start: int, count: int) -> np.ndarray:
+    return np.arange(start, start + count, dtype=np.float32).reshape(count, 1)  # (T, 1)
+
+
+def make_session(next_step: int = 0, replay_steps: int = 8) -> Session:
+    session = Session("s", 0, ReplayBuffer(replay_steps))
+    if next_step:
+        session.commit(0, outputs(0, next_step))
+    return session
+
+
+def test_replay_buffer_keeps_exactly_the_last_n_steps():
+    buffer = ReplayBuffer(5)
+    buffer.append(0, outputs(0, 3))
+    buffer.append(3, outputs(3, 4))
+    assert len(buffer) == 5
+    assert buffer.first_step(7) == 2
+    np.testing.assert_array_equal(buffer.read(2, 7, 1).ravel(), [2, 3, 4, 5, 6])
+    buffer.append(7, outputs(7, 20))  # a chunk longer than the buffer
+    np.testing.assert_array_equal(buffer.read(22, 27, 1).ravel(), [22, 23, 24, 25, 26])
+
+
+@pytest.mark.parametrize(
+    ("start_step", "count", "replayed", "new_start", "new_count"),
+    [
+        (None, 3, [], 6, 3),  # append
+        (6, 3, [], 6, 3),  # exactly next
+        (4, 2, [4, 5], 6, 0),  # all replayed
+        (4, 5, [4, 5], 6, 3),  # overlap: 2 replayed, 3 new
+    ],
+)
+def test_plan_chunk_applies_each_step_once(start_step, count, replayed, new_start, new_count):
+    plan = plan_chunk(make_session(6), start_step, np.zeros((count, 2)), False, 1)
+    assert plan.replayed.ravel().tolist() == replayed
+    assert (plan.new_start, len(plan.new)) == (new_start, new_count)
+
+
+def test_plan_chunk_refuses_gaps_and_steps_the_buffer_no_longer_holds():
+    session = make_session(20, replay_steps=8)
+    with pytest.raises(StepOutOfOrder) as gap:
+        plan_chunk(session, 21, np.zeros((1, 2)), False, 1)
+    assert gap.value.metadata == {"expected_step": "20"}
+    with pytest.raises(StepOutOfOrder, match="expected at least 12"):
+        plan_chunk(session, 11, np.zeros((2, 2)), False, 1)
+
+
+def test_a_resent_reset_is_not_applied_again():
+    session = make_session(6)
+    assert plan_chunk(session, 6, np.zeros((1, 2)), True, 1).reset
+    assert not plan_chunk(session, 5, np.zeros((2, 2)), True, 1).reset
+
+
+def test_table_capacity_and_duplicate_ids():
+    async def run():
+        table = SessionTable(make_pool(2), replay_steps=4)
+        a = table.create("a")
+        table.create()
+        with pytest.raises(SessionExists):
+            table.create("a")
+        with pytest.raises(SessionCapacity):
+            table.create()
+        table.release_slot(table.detach(a))
+        assert table.create("c").slot == a.slot
+
+    asyncio.run(run())
+
+
+class FailingEngine:
+    def __init__(self) -> None:
+        self.batches = []
+
+    async def call(self, fn, *args):
+        return fn(*args)
+
+    def step(self, batch):
+        self.batches.append([w.slot for w in batch])
+        raise RuntimeError("device lost")
+
+
+class RecordingEngine(FailingEngine):
+    def step(self, batch):
+        self.batches.append([w.slot for w in batch])
+        return [np.zeros((len(w.inputs), 1), dtype=np.float32) for w in batch]
+
+
+def test_a_failed_batch_fails_every_future_and_moves_no_session():
+    async def run():
+        engine = FailingEngine()
+        batcher = Batcher(engine, max_batch_size=8, max_batch_delay_us=0)
+        sessions = [Session(str(i), i, ReplayBuffer(4)) for i in range(3)]
+        futures = []
+        for s in sessions:
+            await s.lock.acquire()
+            futures.append(batcher.submit(s, StepWork(s.slot, np.zeros((2, 1))), 0))
+        batcher.start()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.stop()
+        assert all(isinstance(r, RuntimeError) for r in results)
+        assert [s.next_step for s in sessions] == [0, 0, 0]
+        assert not any(s.lock.locked() for s in sessions)
+        assert engine.batches == [[0, 1, 2]]
+
+    asyncio.run(run())
+
+
+def test_batches_are_bounded_by_max_batch_size_oldest_first():
+    async def run():
+        engine = RecordingEngine()
+        batcher = Batcher(engine, max_batch_size=3, max_batch_delay_us=0)
+        sessions = [Session(str(i), i, ReplayBuffer(4)) for i in range(5)]
+        futures = []
+        for s in sessions:
+            await s.lock.acquire()  # as Runtime.step does; the batcher releases it
+            futures.append(batcher.submit(s, StepWork(s.slot, np.zeros((1, 1))), 0))
+        batcher.start()
+        await asyncio.gather(*futures)
+        await batcher.stop()
+        assert engine.batches == [[0, 1, 2], [3, 4]]
+        assert [s.next_step for s in sessions] == [1] * 5
+        assert not any(s.lock.locked() for s in sessions)
+
+    asyncio.run(run())

@@ -1,0 +1,115 @@
+"""A session outlives its stream, expires when idle, and its freed slot starts from zero."""
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from lstm_stream.v1 import inference_pb2 as pb
+
+from client import LstmStreamError, StreamingClient
+from tests.factories import offline, random_steps, serve
+
+
+def test_disconnect_then_resume_loses_and_repeats_nothing(client, bundled_model):
+    steps = random_steps(30, 6, seed=31)
+    expected = offline(bundled_model, steps)
+    session = client.open_session()
+    got = [session.send(steps[:10]), session.send(steps[10:17])]
+    session_id = session.session_id
+    session.close()  # the connection drops with the stream
+
+    # The client last saw step 16's output; it resends from 17 (and a replayed overlap).
+    with client.open_session(session_id) as resumed:
+        overlap = resumed.send(steps[14:22], start_step=14)
+        got.append(overlap[3:])
+        got.append(resumed.send(steps[22:], start_step=22))
+        assert resumed.next_step == 30
+    np.testing.assert_allclose(overlap[:3], expected[14:17], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-5, rtol=0)
+
+
+def test_get_session_reports_steps_and_times(client):
+    session = client.open_session()
+    session.send(random_steps(5, 6))
+    info = client._call(client.stub.GetSession, pb.GetSessionRequest(session_id=session.session_id))
+    assert info.session.next_step == 5
+    assert info.session.create_time.seconds > 1_700_000_000
+    assert info.session.last_active_time.ToNanoseconds() >= info.session.create_time.ToNanoseconds()
+    session.close()
+
+
+def test_end_session_deletes_after_answering(client):
+    session = client.open_session()
+    outputs = session.send(random_steps(2, 6), end_session=True)
+    assert outputs.shape == (2, 4)
+    with pytest.raises(LstmStreamError) as err:
+        client._call(client.stub.GetSession, pb.GetSessionRequest(session_id=session.session_id))
+    assert err.value.reason == "SESSION_NOT_FOUND"
+
+
+def test_idle_sessions_expire_and_their_slot_is_zeroed():
+    with serve(session_idle_timeout_s=0.3) as srv, StreamingClient(srv.target) as client:
+        session = client.open_session()
+        session.send(random_steps(5, 6, scale=10))
+        slot = srv.server.runtime.sessions.get(session.session_id).slot
+        h, c = srv.call(srv.server.runtime.engine.call(srv.server.runtime.engine.pool.read, slot))
+        assert h.abs().sum() > 0
+        session.close()
+        deadline = time.monotonic() + 5
+        while len(srv.server.runtime.sessions) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(srv.server.runtime.sessions) == 0
+        with pytest.raises(LstmStreamError) as err:
+            client.open_session(session.session_id).send([0.0] * 6)
+        assert (err.value.code, err.value.reason) == (
+            grpc.StatusCode.NOT_FOUND,
+            "SESSION_NOT_FOUND",
+        )
+        h, c = srv.call(srv.server.runtime.engine.call(srv.server.runtime.engine.pool.read, slot))
+        assert torch.count_nonzero(h) == 0 and torch.count_nonzero(c) == 0
+
+
+def test_a_reused_slot_never_leaks_state_into_its_next_owner(bundled_model):
+    """Triton issue 7117: state leaking through a reused slot. One slot, used in turn."""
+    with serve(max_sessions=1) as srv, StreamingClient(srv.target) as client:
+        for seed in range(3):
+            steps = random_steps(10, 6, seed=seed, scale=8)
+            session = client.open_session()
+            outputs = session.send(steps)
+            client._call(
+                client.stub.DeleteSession, pb.DeleteSessionRequest(session_id=session.session_id)
+            )
+            session.close()
+            np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
+
+
+def test_health_and_reflection_are_served(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "lstm_stream.v1.InferenceService"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        response = next(reflection.ServerReflectionInfo(iter([request])))
+        names = {s.name for s in response.list_services_response.service}
+        assert {"lstm_stream.v1.InferenceService", "grpc.health.v1.Health"} <= names
+
+
+def test_model_info_describes_the_bundled_model(client):
+    info = client.info()
+    assert (info.name, info.input_size, info.output_size, info.num_layers) == (
+        "basic-motions",
+        6,
+        4,
+        2,
+    )
+    assert info.hidden_size == 48
+    assert info.output_kind == pb.OUTPUT_KIND_CLASSIFICATION
+    assert list(info.labels) == ["badminton", "running", "standing", "walking"]
+    assert (info.device, info.dtype, info.max_chunk_steps) == ("cpu", "float32", 512)

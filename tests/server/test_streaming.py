@@ -1,0 +1,155 @@
+"""Streaming through a real server equals the model run offline on the same inputs."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from client import AsyncStreamingClient, StreamingClient
+from lstm_model import load_model
+from lstm_model.cli import main as lstm_model_main
+from lstm_model.recordings import load_recordings
+from tests.factories import offline, random_chunks, random_steps, serve
+
+ATOL = 1e-5
+
+
+def stream_in_chunks(session, steps, sizes):
+    outputs, start = [], 0
+    for size in sizes:
+        outputs.append(session.send(steps[start : start + size]))
+        start += size
+    return np.concatenate(outputs)
+
+
+def test_bundled_model_streamed_equals_offline(client, bundled_model):
+    recordings = load_recordings()
+    for i in range(0, 40, 8):
+        steps = recordings.inputs[i].numpy()  # (100, 6): a real held-out recording
+        with client.open_session() as session:
+            streamed = stream_in_chunks(session, steps, random_chunks(100, 7, seed=i))
+            assert session.next_step == 100
+        np.testing.assert_allclose(streamed, offline(bundled_model, steps), atol=ATOL, rtol=0)
+
+
+def test_random_init_model_streamed_equals_offline(tmp_path):
+    lstm_model_main(
+        [
+            "init",
+            "--input-size",
+            "32",
+            "--hidden-size",
+            "64",
+            "--num-layers",
+            "3",
+            "--output-size",
+            "5",
+            "--seed",
+            "11",
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
+    model = load_model(tmp_path / "m").model
+    steps = random_steps(60, 32, seed=3)
+    with serve(model=str(tmp_path / "m")) as srv, StreamingClient(srv.target) as client:
+        assert client.info().input_size == 32
+        with client.open_session() as session:
+            streamed = stream_in_chunks(session, steps, random_chunks(60, 16, seed=5))
+    np.testing.assert_allclose(streamed, offline(model, steps), atol=ATOL, rtol=0)
+
+
+def test_one_timestep_per_message(client, bundled_model):
+    steps = random_steps(30, 6, seed=8)
+    with client.open_session() as session:
+        streamed = np.stack([session.step(row) for row in steps])
+    np.testing.assert_allclose(streamed, offline(bundled_model, steps), atol=ATOL, rtol=0)
+
+
+def test_predict_equals_a_fresh_streamed_session(client, bundled_model):
+    steps = random_steps(50, 6, seed=9)
+    predicted = client.predict(steps)
+    with client.open_session() as session:
+        streamed = stream_in_chunks(session, steps, [1, 9, 40])
+    np.testing.assert_allclose(predicted, streamed, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(predicted, offline(bundled_model, steps), atol=ATOL, rtol=0)
+
+
+def test_reset_zeroes_state_and_keeps_counting_steps(client, bundled_model):
+    first, second = random_steps(10, 6, seed=1), random_steps(7, 6, seed=2)
+    with client.open_session() as session:
+        session.send(first)
+        after_reset = session.send(second, reset=True)
+        assert session.next_step == 17
+    np.testing.assert_allclose(after_reset, offline(bundled_model, second), atol=ATOL, rtol=0)
+
+
+async def _stream_many(target, sessions, steps_each, seed):
+    rng = np.random.default_rng(seed)
+    inputs = [random_steps(steps_each, 6, seed=seed * 1000 + i) for i in range(sessions)]
+    plans = [random_chunks(steps_each, 12, seed=seed * 1000 + i) for i in range(sessions)]
+
+    async def one(i, client):
+        session = await client.open_session()
+        outputs, start = [], 0
+        for size in plans[i]:
+            await asyncio.sleep(float(rng.random()) * 0.002)  # random interleaving
+            outputs.append(await session.send(inputs[i][start : start + size]))
+            start += size
+        await session.close()
+        return np.concatenate(outputs)
+
+    async with AsyncStreamingClient(target) as client:
+        results = await asyncio.gather(*(one(i, client) for i in range(sessions)))
+    return inputs, results
+
+
+def test_200_concurrent_sessions_each_equal_their_own_offline_result(server, bundled_model):
+    inputs, results = asyncio.run(_stream_many(server.target, 200, 40, seed=4))
+    for steps, streamed in zip(inputs, results, strict=True):
+        np.testing.assert_allclose(streamed, offline(bundled_model, steps), atol=ATOL, rtol=0)
+
+
+def test_mixed_1_and_32_step_chunks_batched_together_equal_unbatched(server, bundled_model):
+    """Many sessions alternate 1-step and 32-step chunks at once, so batches mix lengths."""
+
+    async def run():
+        inputs = [random_steps(66, 6, seed=500 + i) for i in range(48)]
+        plans = [[1, 32, 1, 32] if i % 2 else [32, 1, 32, 1] for i in range(48)]
+
+        async def one(i, client):
+            session = await client.open_session()
+            out, start = [], 0
+            for size in plans[i]:
+                out.append(await session.send(inputs[i][start : start + size]))
+                start += size
+            await session.close()
+            return np.concatenate(out)
+
+        async with AsyncStreamingClient(server.target) as client:
+            return inputs, await asyncio.gather(*(one(i, client) for i in range(48)))
+
+    batch_sizes_before = _batch_count(server)
+    inputs, results = asyncio.run(run())
+    for steps, streamed in zip(inputs, results, strict=True):
+        np.testing.assert_allclose(streamed, offline(bundled_model, steps), atol=ATOL, rtol=0)
+    assert _batch_count(server) - batch_sizes_before < 48 * 4  # sessions did share batches
+
+
+def _batch_count(server):
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("lstm_batch_size_count") or 0
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_replayed_overlap_returns_the_same_outputs(client, chunk):
+    steps = random_steps(20, 6, seed=12)
+    with client.open_session() as session:
+        first = session.send(steps[:15])
+        again = session.send(steps[10 : 10 + chunk], start_step=10)
+        assert session.next_step == 15  # nothing applied twice
+        np.testing.assert_array_equal(again, first[10 : 10 + chunk])
+        tail = session.send(steps[12:20], start_step=12)  # 3 replayed, 5 new
+        assert session.next_step == 20
+        np.testing.assert_array_equal(tail[:3], first[12:15])
