@@ -86,6 +86,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         {"name": model.name, "version": model.version, "device": str(device), "dtype": config.dtype}
     )
     metrics.STATE_BYTES.set(runtime.engine.pool.nbytes)
+    metrics.SESSIONS_CAPACITY.set(config.max_sessions)
     log.info(
         "model %s v%s (%s) on %s/%s: input %d, hidden %d x %d layers, output %d; "
         "capacity %d sessions, state pool %.1f MiB",

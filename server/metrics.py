@@ -36,6 +36,7 @@ REQUESTS = Counter(
     "lstm_requests", "Requests by RPC and status code; per message for streams.", ["rpc", "code"]
 )
 SESSIONS_ACTIVE = Gauge("lstm_sessions_active", "Live sessions.")
+SESSIONS_CAPACITY = Gauge("lstm_sessions_capacity", "Most live sessions (--max-sessions).")
 SESSIONS_CREATED = Counter("lstm_sessions_created", "Sessions created (imports included).")
 SESSIONS_CLOSED = Counter(
     "lstm_sessions_closed",

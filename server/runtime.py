@@ -87,10 +87,14 @@ class Runtime:
             slot = self.sessions.detach(session)
         if isinstance(session.owner, Attachment) and reason != "ended":
             session.owner.interrupt(SessionNotFound(session.session_id))
-        await self.engine.call(self.engine.pool.zero, torch.tensor([slot]))
-        self.sessions.release_slot(slot)
         metrics.SESSIONS_CLOSED.labels(reason).inc()
         log.info("session %s closed: %s", short_id(session.session_id), reason)
+        # Shielded: a caller cancelled now (a client hanging up) must not leak the slot.
+        await asyncio.shield(self._free_slot(slot))
+
+    async def _free_slot(self, slot: int) -> None:
+        await self.engine.call(self.engine.pool.zero, torch.tensor([slot]))
+        self.sessions.release_slot(slot)
 
     async def delete_session(self, session_id: str) -> None:
         await self.close_session(self.sessions.get(session_id), "deleted")

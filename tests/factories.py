@@ -217,3 +217,40 @@ class ServeProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def require_binary(name: str) -> str:
+    """Path of a system binary the test drives for real. Missing: skip locally, fail under CI."""
+    import os
+
+    import pytest
+
+    found = shutil.which(name)
+    if found:
+        return found
+    message = f"{name} is not installed (apt-get install prometheus docker-compose; see .ci/run)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float = 30.0, interval: float = 0.2, what: str = "condition"):
+    """Poll until condition() returns a truthy value; that value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,33 @@
+# syntax=docker/dockerfile:1
+# lstm-serve image. GPU hosts (default): the CUDA build of torch, whose wheels carry the CUDA
+# runtime, so no CUDA base image is needed; the host needs the NVIDIA container toolkit.
+# CPU-only image: docker build --build-arg TORCH_VARIANT=cpu -t lstm-stream:cpu .
+ARG PYTHON_VERSION=3.11
+
+FROM python:${PYTHON_VERSION}-slim AS build
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_VARIANT=cu128
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
+COPY pyproject.toml README.md /src/
+COPY proto /src/proto
+COPY lstm_model /src/lstm_model
+COPY server /src/server
+COPY client /src/client
+RUN pip install /src && rm -rf /src
+
+FROM python:${PYTHON_VERSION}-slim
+RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/lstm-stream lstm
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
+    LSTM_SERVE_HOST=0.0.0.0 LSTM_SERVE_PORT=50051 LSTM_SERVE_METRICS_PORT=8000
+USER lstm
+WORKDIR /var/lib/lstm-stream
+EXPOSE 50051 8000
+# Asks the gRPC health service (grpc.health.v1), as an orchestrator's probe would.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["lstm-client", "health", "--target", "localhost:50051"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["lstm-serve"]
