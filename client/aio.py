@@ -1,23 +1,45 @@
-"""asyncio client, the same shape as the synchronous one."""
+"""The asyncio client: the same shape as the synchronous one (client/sync.py), awaitable.
+
+async with AsyncStreamingClient("localhost:50051") as client:
+    async with await client.open_session() as session:
+        y = await session.step(x)
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import grpc
 import numpy as np
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
-from client.errors import from_rpc_error
-from client.sync import as_rows
+from client.errors import LstmStreamError, from_rpc_error
+from client.ledger import Chunk, Ledger
+from client.options import ClientOptions, is_retryable
+from client.sync import ArrayLike, as_rows, new_session_id
+
+
+def make_channel(options: ClientOptions) -> grpc.aio.Channel:
+    if options.secure:
+        return grpc.aio.secure_channel(
+            options.target, options.channel_credentials(), options.channel_options()
+        )
+    return grpc.aio.insecure_channel(options.target, options.channel_options())
 
 
 class AsyncStreamingClient:
-    def __init__(
-        self, target: str = "localhost:50051", channel: grpc.aio.Channel | None = None
-    ) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target)
+    """A connection to lstm-serve for asyncio code; sessions share the channel."""
+
+    def __init__(self, target: str | None = None, options: ClientOptions | None = None) -> None:
+        options = options or ClientOptions()
+        if target:
+            options = ClientOptions(**{**options.__dict__, "target": target})
+        self.options = options
+        self._channel = make_channel(options)
         self.stub = pb_grpc.InferenceServiceStub(self._channel)
         self._info: pb.GetModelInfoResponse | None = None
 
@@ -30,85 +52,178 @@ class AsyncStreamingClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def info(self) -> pb.GetModelInfoResponse:
-        if self._info is None:
-            self._info = await self._call(self.stub.GetModelInfo(pb.GetModelInfoRequest()))
-        return self._info
-
-    async def open_session(self, session_id: str = "") -> AsyncStreamSession:
-        return AsyncStreamSession(self, await self.info(), session_id)
-
-    async def predict(self, inputs: np.ndarray | Sequence) -> np.ndarray:
-        info = await self.info()
-        rows = as_rows(inputs, info.input_size)
-        response = await self._call(
-            self.stub.Predict(pb.PredictRequest(inputs=rows.ravel().tolist(), num_steps=len(rows)))
-        )
-        return np.asarray(response.outputs, dtype=np.float32).reshape(-1, info.output_size)
-
-    @staticmethod
-    async def _call(call):
+    async def call(self, method: str, request: Any, session_id: str = "") -> Any:
         try:
-            return await call
+            return await getattr(self.stub, method)(
+                request, timeout=self.options.deadline_s, metadata=self.options.metadata(session_id)
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
+    async def info(self) -> pb.GetModelInfoResponse:
+        if self._info is None:
+            self._info = await self.call("GetModelInfo", pb.GetModelInfoRequest())
+        return self._info
+
+    async def open_session(self, session_id: str | None = None) -> AsyncStreamSession:
+        """Create a session (a new unguessable id unless one is given) and return it."""
+        generated = not session_id
+        session_id = session_id or new_session_id()
+        try:
+            await self.call(
+                "CreateSession", pb.CreateSessionRequest(session_id=session_id), session_id
+            )
+        except LstmStreamError as err:
+            if not (generated and err.reason == "SESSION_EXISTS"):
+                raise
+        return AsyncStreamSession(self, await self.info(), session_id, next_step=0)
+
+    async def attach(self, session_id: str) -> AsyncStreamSession:
+        """Continue an existing session from the server's next step."""
+        session = await self.get_session(session_id)
+        return AsyncStreamSession(self, await self.info(), session_id, session.next_step)
+
+    async def get_session(self, session_id: str) -> pb.Session:
+        request = pb.GetSessionRequest(session_id=session_id)
+        return (await self.call("GetSession", request, session_id)).session
+
+    async def delete_session(self, session_id: str) -> None:
+        await self.call("DeleteSession", pb.DeleteSessionRequest(session_id=session_id), session_id)
+
+    async def predict(self, inputs: ArrayLike) -> np.ndarray:
+        info = await self.info()
+        rows = as_rows(inputs, info.input_size)
+        request = pb.PredictRequest(inputs=rows.ravel().tolist(), num_steps=len(rows))
+        response = await self.call("Predict", request)
+        return np.asarray(response.outputs, dtype=np.float32).reshape(-1, info.output_size)
+
 
 class AsyncStreamSession:
+    """One session, fed through a stream that is reopened whenever the connection drops."""
+
     def __init__(
-        self, client: AsyncStreamingClient, info: pb.GetModelInfoResponse, session_id: str = ""
+        self,
+        client: AsyncStreamingClient,
+        info: pb.GetModelInfoResponse,
+        session_id: str,
+        next_step: int = 0,
     ) -> None:
-        self._info = info
-        metadata = (("x-session-id", session_id),) if session_id else None
-        self._call = client.stub.StreamSteps(metadata=metadata)
-        self.session_id = session_id
-        self.next_step: int | None = None
-        self._first = True
+        self._client = client
+        self._options = client.options
+        self.input_size, self.output_size = info.input_size, info.output_size
+        self._ledger = Ledger(session_id, info.output_size, next_step)
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self.reconnects = 0
 
     async def __aenter__(self) -> AsyncStreamSession:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            self.detach()
 
-    async def send(
-        self,
-        chunk: np.ndarray | Sequence = (),
-        start_step: int | None = None,
-        reset: bool = False,
-        end_session: bool = False,
-    ) -> np.ndarray:
-        rows = as_rows(chunk, self._info.input_size) if len(chunk) else np.zeros((0, 0))
-        request = pb.StreamStepsRequest(
-            inputs=rows.ravel().tolist(), reset=reset, end_session=end_session
-        )
-        if self._first and self.session_id:
-            request.session_id = self.session_id
-        if start_step is not None:
-            request.start_step = start_step
-        self._first = False
+    @property
+    def session_id(self) -> str:
+        return self._ledger.session_id
+
+    @property
+    def next_step(self) -> int:
+        return self._ledger.next_step
+
+    async def step(self, x: ArrayLike) -> np.ndarray:
+        """One timestep (input_size,) -> its output (output_size,)."""
+        return (await self.send(np.asarray(x, dtype=np.float32).reshape(1, -1)))[0]
+
+    async def send(self, chunk: ArrayLike, reset: bool = False) -> np.ndarray:
+        """Timesteps (num_steps, input_size) -> their outputs (num_steps, output_size)."""
+        await self._submit(self._ledger.add(as_rows(chunk, self.input_size), reset))
+        return (await self._receive())[1]
+
+    async def stream(
+        self, chunks: Iterable[ArrayLike], window: int = 8
+    ) -> AsyncIterator[np.ndarray]:
+        """Send chunks as they come, up to `window` unanswered; yield each chunk's outputs."""
+        for chunk in chunks:
+            await self._submit(self._ledger.add(as_rows(chunk, self.input_size)))
+            while len(self._ledger.pending) >= window:
+                yield (await self._receive())[1]
+        while self._ledger.pending:
+            yield (await self._receive())[1]
+
+    async def reset(self) -> None:
+        await self.send([], reset=True)
+
+    async def close(self) -> None:
+        """End the session on the server (its state is deleted) and the stream."""
+        empty = np.zeros((0, self.input_size), np.float32)
+        await self._submit(self._ledger.add(empty, end_session=True))
         try:
-            await self._call.write(request)
-            response = await self._call.read()
+            await self._receive()
+        except LstmStreamError as err:
+            if err.reason != "SESSION_NOT_FOUND":
+                raise
+        self.detach()
+
+    def detach(self) -> None:
+        """Close the stream only; the session stays on the server to attach to later."""
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    async def _submit(self, chunk: Chunk) -> None:
+        if self._call is None:
+            await self._open()
+            return
+        # A failed write shows in the read that follows, and the retry resends this chunk.
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await self._call.write(chunk.request(self.session_id))
+
+    async def _open(self) -> None:
+        self._call = self._client.stub.StreamSteps(metadata=self._options.metadata(self.session_id))
+        for chunk in self._ledger.pending:
+            try:
+                await self._call.write(chunk.request(self.session_id))
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                return
+
+    async def _read(self) -> pb.StreamStepsResponse:
+        assert self._call is not None
+        try:
+            response = await asyncio.wait_for(self._call.read(), self._options.deadline_s)
+        except TimeoutError:
+            raise LstmStreamError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self._options.deadline_s} s"
+            ) from None
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         if response is grpc.aio.EOF:
-            raise from_rpc_error(await _finished_error(self._call))
-        self.session_id = response.session_id
-        self.next_step = max(self.next_step or 0, response.start_step + response.num_steps)
-        return np.asarray(response.outputs, dtype=np.float32).reshape(
-            response.num_steps, self._info.output_size
-        )
+            code = await self._call.code()
+            if code == grpc.StatusCode.OK:
+                raise LstmStreamError(grpc.StatusCode.UNAVAILABLE, "stream ended by the server")
+            raise from_rpc_error(
+                _finished_error(
+                    code, await self._call.details(), await self._call.trailing_metadata()
+                )
+            )
+        return response
 
-    async def step(self, x: np.ndarray | Sequence) -> np.ndarray:
-        return (await self.send(np.asarray(x, dtype=np.float32).reshape(1, -1)))[0]
+    async def _receive(self) -> tuple[Chunk, np.ndarray]:
+        attempt = 0
+        while True:
+            try:
+                return self._ledger.accept(await self._read())
+            except LstmStreamError as err:
+                if not is_retryable(err.code, err.reason) or attempt >= self._options.max_retries:
+                    self.detach()
+                    raise
+                attempt += 1
+                self.reconnects += 1
+                self.detach()
+                await asyncio.sleep(self._options.backoff(attempt))
+                await self._open()
 
-    async def close(self) -> None:
-        self._call.cancel()
 
-
-async def _finished_error(call: grpc.aio.StreamStreamCall) -> grpc.RpcError:
-    code = await call.code()
-    details = await call.details()
-    trailers = await call.trailing_metadata()
+def _finished_error(code: grpc.StatusCode, details: str, trailers: Any) -> grpc.RpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, details)

@@ -1,32 +1,65 @@
-"""lstm-client: talk to a running lstm-serve from the command line."""
+"""lstm-client: talk to a running lstm-serve from the command line.
+
+Subcommands: info, health, stream (CSV in, CSV out), demo (the bundled held-out recordings),
+bench (a load generator). Each takes --target HOST:PORT (env LSTM_CLIENT_TARGET).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import csv
+import dataclasses
+import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from typing import TextIO
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstm_stream.v1 import inference_pb2 as pb
 
+from client.aio import AsyncStreamingClient
 from client.errors import LstmStreamError
+from client.options import ClientOptions
 from client.sync import StreamingClient
 
 DEFAULT_TARGET = "localhost:50051"
 
 
+class UsageError(Exception):
+    """Bad input from the user: one line on stderr, exit 2."""
+
+
+def options_from(args: argparse.Namespace) -> ClientOptions:
+    return ClientOptions(
+        target=args.target,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token=args.token or os.environ.get("LSTM_CLIENT_TOKEN"),
+        deadline_s=args.deadline,
+    )
+
+
+# info, health
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
-    with StreamingClient(args.target) as client:
+    with StreamingClient(options=options_from(args)) as client:
         info = client.info()
     kind = pb.OutputKind.Name(info.output_kind).removeprefix("OUTPUT_KIND_").lower()
+    labels = f": {', '.join(info.labels)}" if info.labels else ""
     print(f"model        {info.name} v{info.version} ({info.fingerprint[:12]})")
     print(
         f"sizes        input {info.input_size}, hidden {info.hidden_size} x "
         f"{info.num_layers} layers, output {info.output_size}"
     )
-    print(f"output       {kind}" + (f": {', '.join(info.labels)}" if info.labels else ""))
+    print(f"output       {kind}{labels}")
     print(f"device       {info.device} {info.dtype}")
     print(
         f"limits       {info.max_chunk_steps} timesteps per message, "
@@ -36,35 +69,241 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+    options = options_from(args)
+    with StreamingClient(options=options) as client:
+        stub = health_pb2_grpc.HealthStub(client._channel)
         response = stub.Check(
-            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            health_pb2.HealthCheckRequest(service=args.service),
+            timeout=args.deadline,
+            metadata=options.metadata(),
         )
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-    print(status)
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+# stream
+
+
+def read_csv_rows(source: TextIO, width: int) -> Iterator[np.ndarray]:
+    """One (width,) row per CSV line; blank lines and '#' comments are skipped."""
+    for number, line in enumerate(csv.reader(source), start=1):
+        if not line or line[0].lstrip().startswith("#"):
+            continue
+        if len(line) != width:
+            raise UsageError(
+                f"line {number}: expected {width} numbers (the model's input_size), got {len(line)}"
+            )
+        try:
+            yield np.array([float(v) for v in line], dtype=np.float32)
+        except ValueError:
+            raise UsageError(f"line {number}: expected numbers, got {','.join(line)!r}") from None
+
+
+def chunked(rows: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    chunk: list[np.ndarray] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield np.stack(chunk)
+            chunk = []
+    if chunk:
+        yield np.stack(chunk)
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    if args.chunk < 1:
+        raise UsageError(f"--chunk: expected a positive number of timesteps, got {args.chunk}")
+    source = sys.stdin if args.file == "-" else _open_input(args.file)
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    with StreamingClient(options=options_from(args)) as client:
+        info = client.info()
+        session = client.attach(args.session) if args.session else client.open_session()
+        print(f"session {session.session_id} from step {session.next_step}", file=sys.stderr)
+        chunks = chunked(read_csv_rows(source, info.input_size), args.chunk)
+        try:
+            for outputs in session.stream(chunks, window=1):
+                writer.writerows([f"{v:.{args.precision}g}" for v in row] for row in outputs)
+                sys.stdout.flush()
+        except UsageError:
+            session.detach()
+            raise
+        if args.keep:
+            session.detach()
+            print(
+                f"session {session.session_id} kept at step {session.next_step}; resume "
+                f"with --session {session.session_id}",
+                file=sys.stderr,
+            )
+        else:
+            session.close()
+    return 0
+
+
+def _open_input(path: str) -> TextIO:
+    try:
+        return open(path, newline="")
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+
+
+# demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lstm_model.evaluate import CHECKPOINT_STEPS, accuracy_by_step, format_accuracy_table
+    from lstm_model.recordings import load_recordings
+
+    recordings = load_recordings()
+    outputs, latencies = asyncio.run(
+        _demo_stream(options_from(args), recordings.inputs.numpy(), args.concurrency)
+    )
+    by_step = accuracy_by_step(torch_tensor(outputs), recordings.labels)
+    accuracy = {t: float(by_step[t - 1]) for t in CHECKPOINT_STEPS}
+    p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) * 1e3
+    print(
+        f"streamed {len(recordings.labels)} held-out recordings ({recordings.source}), "
+        f"one timestep per message, {args.concurrency} at a time"
+    )
+    print(format_accuracy_table(accuracy, len(recordings.labels)))
+    print(
+        f"\nper-message latency over {len(latencies)} messages: "
+        f"p50 {p50:.2f} ms, p95 {p95:.2f} ms, p99 {p99:.2f} ms"
+    )
+    return 0
+
+
+def torch_tensor(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(array)
+
+
+async def _demo_stream(options: ClientOptions, inputs: np.ndarray, concurrency: int):
+    count, steps, _ = inputs.shape
+    progress = Progress(count * steps, enabled=sys.stderr.isatty())
+    latencies: list[float] = []
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(client: AsyncStreamingClient, recording: np.ndarray) -> np.ndarray:
+        async with slots:
+            session = await client.open_session()
+            rows = []
+            for x in recording:
+                started = time.perf_counter()
+                rows.append(await session.step(x))
+                latencies.append(time.perf_counter() - started)
+                progress.advance()
+            await session.close()
+            return np.stack(rows)
+
+    async with AsyncStreamingClient(options=options) as client:
+        info = await client.info()
+        if info.input_size != inputs.shape[2] or info.name != "basic-motions":
+            raise UsageError(
+                f"the demo streams the bundled basic-motions recordings; the server "
+                f"runs {info.name!r} (input_size {info.input_size})"
+            )
+        outputs = await asyncio.gather(*(one(client, r) for r in inputs))
+    progress.finish()
+    return np.stack(outputs), np.asarray(latencies)
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only when it is a terminal."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled
+        self._drawn = -1
+
+    def advance(self) -> None:
+        self.done += 1
+        percent = 100 * self.done // self.total
+        if self.enabled and percent != self._drawn:
+            self._drawn = percent
+            bar = "#" * (percent // 4)
+            print(
+                f"\r[{bar:<25}] {percent:3d}% {self.done}/{self.total} timesteps",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def finish(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+# bench
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from client.loadgen import run_load
+
+    if args.sessions < 1 or args.chunk < 1 or args.duration <= 0:
+        raise UsageError("--sessions and --chunk must be >= 1 and --duration > 0")
+    result = asyncio.run(run_load(args.target, args.sessions, args.chunk, args.duration))
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+    else:
+        print(
+            f"{result.sessions} sessions x {result.chunk_steps}-step messages for "
+            f"{result.duration_s:.1f} s: {result.timesteps_per_s:,.0f} timesteps/s; latency "
+            f"p50 {result.latency_p50_s * 1e3:.2f} ms, p95 {result.latency_p95_s * 1e3:.2f} ms,"
+            f" p99 {result.latency_p99_s * 1e3:.2f} ms; {result.errors} errors"
+        )
+    return 0 if result.errors == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lstm-client", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lstm-client",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument(
             "--target",
             default=os.environ.get("LSTM_CLIENT_TARGET", DEFAULT_TARGET),
-            help=f"HOST:PORT of lstm-serve (env LSTM_CLIENT_TARGET, default {DEFAULT_TARGET})",
+            help=f"HOST:PORT (env LSTM_CLIENT_TARGET; default {DEFAULT_TARGET})",
         )
+        p.add_argument("--tls", action="store_true", help="TLS with the system's trusted CAs")
+        p.add_argument("--tls-ca", help="PEM file of the CA to trust")
+        p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
+        p.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
+        p.add_argument("--token", help="bearer token (env LSTM_CLIENT_TOKEN)")
+        p.add_argument("--deadline", type=float, default=10.0, help="seconds per call/answer")
         return p
 
-    p = command("info", "what model the server runs")
-    p.set_defaults(run=_cmd_info)
+    command("info", "what model the server runs").set_defaults(run=_cmd_info)
+
     p = command("health", "gRPC health check; exit 0 when SERVING")
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
-    p.add_argument("--timeout", type=float, default=3.0)
     p.set_defaults(run=_cmd_health)
+
+    p = command(
+        "stream",
+        "stream CSV timesteps (a file or stdin); print one CSV row of outputs per timestep",
+    )
+    p.add_argument("file", nargs="?", default="-", help="CSV file, '-' for stdin (default)")
+    p.add_argument("--session", help="resume this session from its next step")
+    p.add_argument("--chunk", type=int, default=1, help="timesteps per message (default 1)")
+    p.add_argument("--keep", action="store_true", help="keep the session open at the end")
+    p.add_argument("--precision", type=int, default=8, help="significant digits printed")
+    p.set_defaults(run=_cmd_stream)
+
+    p = command("demo", "stream the bundled held-out recordings; accuracy and latency")
+    p.add_argument("--concurrency", type=int, default=8, help="recordings streamed at once")
+    p.set_defaults(run=_cmd_demo)
+
+    p = command("bench", "load generator: N concurrent sessions, closed loop")
+    p.add_argument("--sessions", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=1, help="timesteps per message")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_cmd_bench)
     return parser
 
 
@@ -72,12 +311,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except LstmStreamError as exc:
+    except UsageError as exc:
         print(f"lstm-client: {exc}", file=sys.stderr)
+        return 2
+    except LstmStreamError as exc:
+        print(f"lstm-client: {args.target}: {exc}", file=sys.stderr)
         return 1
     except grpc.RpcError as exc:
         print(f"lstm-client: {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,31 +1,70 @@
-"""Synchronous client: one stream per session, one response per message, in order."""
+"""The synchronous client: StreamingClient and the sessions it opens.
+
+    with StreamingClient("localhost:50051") as client, client.open_session() as session:
+        for x in readings:
+            y = session.step(x)          # this timestep's output, at once
+
+A session survives dropped connections: unanswered chunks are resent with their step numbers
+after a reconnect (with backoff), so each output is seen once and in order.
+"""
 
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator, Sequence
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
-from client.errors import from_rpc_error
+from client.errors import LstmStreamError, from_rpc_error
+from client.ledger import Chunk, Ledger
+from client.options import ClientOptions, is_retryable
 
+ArrayLike = np.ndarray | Sequence[Any]
 _END = object()
 
 
-def as_rows(chunk: np.ndarray | Sequence, width: int) -> np.ndarray:
-    """A chunk as (num_steps, width) float32; one timestep may be given as a flat row."""
+def as_rows(chunk: ArrayLike, width: int) -> np.ndarray:
+    """A chunk as (num_steps, width) float32; a flat sequence is read row by row."""
     rows = np.asarray(chunk, dtype=np.float32)
-    return rows.reshape(-1, width) if rows.ndim <= 1 else rows
+    if rows.size == 0:
+        return np.zeros((0, width), dtype=np.float32)
+    if rows.ndim <= 1:
+        if rows.size % width:
+            raise ValueError(f"expected a multiple of input_size={width} values, got {rows.size}")
+        return rows.reshape(-1, width)
+    if rows.ndim != 2 or rows.shape[1] != width:
+        raise ValueError(f"expected (num_steps, {width}) inputs, got shape {rows.shape}")
+    return rows
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(16)  # 128 random bits
+
+
+def make_channel(options: ClientOptions) -> grpc.Channel:
+    if options.secure:
+        return grpc.secure_channel(
+            options.target, options.channel_credentials(), options.channel_options()
+        )
+    return grpc.insecure_channel(options.target, options.channel_options())
 
 
 class StreamingClient:
-    def __init__(
-        self, target: str = "localhost:50051", channel: grpc.Channel | None = None
-    ) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+    """A connection to lstm-serve. `target` or full `options`; sessions share the channel."""
+
+    def __init__(self, target: str | None = None, options: ClientOptions | None = None) -> None:
+        options = options or ClientOptions()
+        if target:
+            options = ClientOptions(**{**options.__dict__, "target": target})
+        self.options = options
+        self._channel = make_channel(options)
         self.stub = pb_grpc.InferenceServiceStub(self._channel)
         self._info: pb.GetModelInfoResponse | None = None
 
@@ -38,83 +77,185 @@ class StreamingClient:
     def close(self) -> None:
         self._channel.close()
 
-    def info(self) -> pb.GetModelInfoResponse:
-        if self._info is None:
-            self._info = self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
-        return self._info
-
-    def open_session(self, session_id: str = "") -> StreamSession:
-        """A stream on a new session (empty id) or attached to an existing one."""
-        return StreamSession(self, session_id)
-
-    def predict(self, inputs: np.ndarray | Sequence) -> np.ndarray:
-        info = self.info()
-        rows = as_rows(inputs, info.input_size)
-        response = self._call(
-            self.stub.Predict, pb.PredictRequest(inputs=rows.ravel().tolist(), num_steps=len(rows))
-        )
-        return np.asarray(response.outputs, dtype=np.float32).reshape(-1, info.output_size)
-
-    @staticmethod
-    def _call(method, request, **kwargs):
+    def call(self, method: str, request: Any, session_id: str = "") -> Any:
+        """A unary RPC with the client's deadline, metadata and typed errors."""
         try:
-            return method(request, **kwargs)
+            return getattr(self.stub, method)(
+                request, timeout=self.options.deadline_s, metadata=self.options.metadata(session_id)
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
+    def info(self) -> pb.GetModelInfoResponse:
+        """The served model (sizes, labels, device); fetched once."""
+        if self._info is None:
+            self._info = self.call("GetModelInfo", pb.GetModelInfoRequest())
+        return self._info
+
+    def open_session(self, session_id: str | None = None) -> StreamSession:
+        """Create a session (with a new unguessable id unless one is given) and return it."""
+        generated = not session_id
+        session_id = session_id or new_session_id()
+        try:
+            self.call("CreateSession", pb.CreateSessionRequest(session_id=session_id), session_id)
+        except LstmStreamError as err:
+            # A fresh random id that "exists" is our own create, answered again after a retry.
+            if not (generated and err.reason == "SESSION_EXISTS"):
+                raise
+        return StreamSession(self, session_id, next_step=0)
+
+    def attach(self, session_id: str) -> StreamSession:
+        """Continue an existing session from the server's next step."""
+        session = self.get_session(session_id)
+        return StreamSession(self, session_id, next_step=session.next_step)
+
+    def get_session(self, session_id: str) -> pb.Session:
+        request = pb.GetSessionRequest(session_id=session_id)
+        return self.call("GetSession", request, session_id).session
+
+    def delete_session(self, session_id: str) -> None:
+        self.call("DeleteSession", pb.DeleteSessionRequest(session_id=session_id), session_id)
+
+    def predict(self, inputs: ArrayLike) -> np.ndarray:
+        """A whole sequence (T, input_size) from zero state -> outputs (T, output_size)."""
+        info = self.info()
+        rows = as_rows(inputs, info.input_size)
+        request = pb.PredictRequest(inputs=rows.ravel().tolist(), num_steps=len(rows))
+        response = self.call("Predict", request)
+        return np.asarray(response.outputs, dtype=np.float32).reshape(-1, info.output_size)
+
+
+class _Stream:
+    """One StreamSteps call: requests go in through a queue; a reader thread puts responses
+    (and finally the call's error) into another, so reads can have a deadline."""
+
+    def __init__(self, stub: pb_grpc.InferenceServiceStub, metadata: Sequence) -> None:
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._responses: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = stub.StreamSteps(iter(self._requests.get, _END), metadata=metadata)
+        threading.Thread(target=self._read, daemon=True, name="lstm-stream-reader").start()
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self._responses.put(response)
+            self._responses.put(_END)
+        except grpc.RpcError as err:
+            self._responses.put(err)
+
+    def write(self, request: pb.StreamStepsRequest) -> None:
+        self._requests.put(request)
+
+    def read(self, timeout: float | None) -> pb.StreamStepsResponse:
+        try:
+            item = self._responses.get(timeout=timeout)
+        except queue.Empty:
+            raise LstmStreamError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout} s"
+            ) from None
+        if item is _END:
+            raise LstmStreamError(grpc.StatusCode.UNAVAILABLE, "stream ended by the server")
+        if isinstance(item, grpc.RpcError):
+            raise from_rpc_error(item)
+        return item
+
+    def close(self) -> None:
+        self._requests.put(_END)
+        self._call.cancel()
+
 
 class StreamSession:
-    """A session fed through one bidirectional stream."""
+    """One session, fed through a stream that is reopened whenever the connection drops."""
 
-    def __init__(self, client: StreamingClient, session_id: str = "") -> None:
-        self._info = client.info()
-        self._requests: queue.Queue = queue.Queue()
-        metadata = (("x-session-id", session_id),) if session_id else None
-        self._call = client.stub.StreamSteps(iter(self._requests.get, _END), metadata=metadata)
-        self._responses: Iterator[pb.StreamStepsResponse] = iter(self._call)
-        self.session_id = session_id
-        self.next_step: int | None = None
-        self._first = True
+    def __init__(self, client: StreamingClient, session_id: str, next_step: int = 0) -> None:
+        self._client = client
+        self._options = client.options
+        info = client.info()
+        self.input_size, self.output_size = info.input_size, info.output_size
+        self._ledger = Ledger(session_id, info.output_size, next_step)
+        self._stream: _Stream | None = None
+        self.reconnects = 0
 
     def __enter__(self) -> StreamSession:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.detach()
 
-    def send(
-        self,
-        chunk: np.ndarray | Sequence = (),
-        start_step: int | None = None,
-        reset: bool = False,
-        end_session: bool = False,
-    ) -> np.ndarray:
-        """Send timesteps (num_steps, input_size); their outputs (num_steps, output_size)."""
-        rows = as_rows(chunk, self._info.input_size) if len(chunk) else np.zeros((0, 0))
-        request = pb.StreamStepsRequest(
-            inputs=rows.ravel().tolist(), reset=reset, end_session=end_session
-        )
-        if self._first and self.session_id:
-            request.session_id = self.session_id
-        if start_step is not None:
-            request.start_step = start_step
-        self._first = False
-        self._requests.put(request)
-        try:
-            response = next(self._responses)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
-        self.session_id = response.session_id
-        self.next_step = max(self.next_step or 0, response.start_step + response.num_steps)
-        return np.asarray(response.outputs, dtype=np.float32).reshape(
-            response.num_steps, self._info.output_size
-        )
+    @property
+    def session_id(self) -> str:
+        return self._ledger.session_id
 
-    def step(self, x: np.ndarray | Sequence) -> np.ndarray:
+    @property
+    def next_step(self) -> int:
+        """Step index of the next timestep this session will send."""
+        return self._ledger.next_step
+
+    def step(self, x: ArrayLike) -> np.ndarray:
         """One timestep (input_size,) -> its output (output_size,)."""
         return self.send(np.asarray(x, dtype=np.float32).reshape(1, -1))[0]
 
+    def send(self, chunk: ArrayLike, reset: bool = False) -> np.ndarray:
+        """Timesteps (num_steps, input_size) -> their outputs (num_steps, output_size)."""
+        self._submit(self._ledger.add(as_rows(chunk, self.input_size), reset))
+        return self._receive()[1]
+
+    def stream(self, chunks: Iterable[ArrayLike], window: int = 8) -> Iterator[np.ndarray]:
+        """Send chunks as they come, up to `window` unanswered; yield each chunk's outputs."""
+        for chunk in chunks:
+            self._submit(self._ledger.add(as_rows(chunk, self.input_size)))
+            while len(self._ledger.pending) >= window:
+                yield self._receive()[1]
+        while self._ledger.pending:
+            yield self._receive()[1]
+
+    def reset(self) -> None:
+        """Zero the session's state; its step index keeps counting."""
+        self.send([], reset=True)
+
     def close(self) -> None:
-        """End the stream (the session stays on the server until deleted or expired)."""
-        self._requests.put(_END)
-        self._call.cancel()
+        """End the session on the server (its state is deleted) and the stream."""
+        self._submit(self._ledger.add(np.zeros((0, self.input_size), np.float32), end_session=True))
+        try:
+            self._receive()
+        except LstmStreamError as err:
+            if err.reason != "SESSION_NOT_FOUND":  # a resent end after the first one worked
+                raise
+        self.detach()
+
+    def detach(self) -> None:
+        """Close the stream only; the session stays on the server to attach to later."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def _submit(self, chunk: Chunk) -> None:
+        if self._stream is None:
+            self._open()  # sends every pending chunk, this one included
+        else:
+            self._stream.write(chunk.request(self.session_id))
+
+    def _open(self) -> None:
+        self._stream = _Stream(self._client.stub, self._options.metadata(self.session_id))
+        for chunk in self._ledger.pending:
+            self._stream.write(chunk.request(self.session_id))
+
+    def _receive(self) -> tuple[Chunk, np.ndarray]:
+        attempt = 0
+        while True:
+            try:
+                assert self._stream is not None
+                response = self._stream.read(self._options.deadline_s)
+                return self._ledger.accept(response)
+            except LstmStreamError as err:
+                if not is_retryable(err.code, err.reason) or attempt >= self._options.max_retries:
+                    self.detach()
+                    raise
+                attempt += 1
+                self.reconnects += 1
+                self.detach()
+                time.sleep(self._options.backoff(attempt))
+                self._open()

@@ -160,12 +160,15 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     metrics.REQUESTS.labels("StreamSteps", err.code.name).inc()
                     self._stream_latency.observe(time.perf_counter() - received)
                     await context.abort_with_status(err.to_status())
+                if request.end_session:
+                    # Before the answer is written: a client that hangs up on reading it must
+                    # not leave the session behind.
+                    await self.runtime.close_session(attachment.session, "ended")
                 self._stream_ok.inc()
                 self._stream_latency.observe(time.perf_counter() - received)
                 yield response
                 attachment.busy = False
                 if request.end_session:
-                    await self.runtime.close_session(attachment.session, "ended")
                     return
                 if attachment.interruption is not None:
                     await context.abort_with_status(attachment.interruption.to_status())

@@ -254,3 +254,66 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.2, what: str 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+class RawStream:
+    """One StreamSteps call driven message by message, with no client-side numbering or
+    retries: for tests of the server's own protocol."""
+
+    def __init__(self, target: str, session_id: str = "", metadata: tuple = ()) -> None:
+        import queue
+
+        import grpc
+        from lstm_stream.v1 import inference_pb2 as pb
+        from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
+
+        self._pb = pb
+        self._channel = grpc.insecure_channel(target)
+        stub = pb_grpc.InferenceServiceStub(self._channel)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest())
+        self.input_size, self.output_size = info.input_size, info.output_size
+        self._requests = queue.SimpleQueue()
+        self._end = object()
+        self._call = stub.StreamSteps(iter(self._requests.get, self._end), metadata=metadata)
+        self._responses = iter(self._call)
+        self.session_id = session_id
+        self._first = True
+
+    def send(self, rows=(), start_step=None, reset=False, end_session=False, session_id=None):
+        """One message; (start_step, outputs (num_steps, output_size)) or LstmStreamError."""
+        import grpc
+        import numpy as np
+
+        from client.errors import from_rpc_error
+
+        values = np.asarray(rows, dtype=np.float32).ravel().tolist()
+        request = self._pb.StreamStepsRequest(inputs=values, reset=reset, end_session=end_session)
+        if session_id is not None:
+            request.session_id = session_id
+        elif self._first and self.session_id:
+            request.session_id = self.session_id
+        if start_step is not None:
+            request.start_step = start_step
+        self._first = False
+        self._requests.put(request)
+        try:
+            response = next(self._responses)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        self.session_id = response.session_id
+        outputs = np.asarray(response.outputs, dtype=np.float32)
+        return response.start_step, outputs.reshape(response.num_steps, self.output_size)
+
+    def outputs(self, rows=(), **kwargs):
+        return self.send(rows, **kwargs)[1]
+
+    def close(self) -> None:
+        self._requests.put(self._end)
+        self._call.cancel()
+        self._channel.close()
+
+    def __enter__(self) -> RawStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -118,7 +118,7 @@ def test_env_vars_configure_the_server_and_flags_win(tmp_path):
             session = client.open_session()
             session.send([[0.0, 1.0, 2.0]])
             with pytest.raises(LstmStreamError) as err:
-                client.open_session().send([[0.0, 1.0, 2.0]])
+                client.open_session()
             assert err.value.reason == "SESSION_CAPACITY"  # --max-sessions 1 beat the env's 2
             session.close()
         assert proc.finish()[0] == 0

@@ -9,60 +9,62 @@ import torch
 from lstm_stream.v1 import inference_pb2 as pb
 
 from client import LstmStreamError, StreamingClient
-from tests.factories import offline, random_steps, serve
+from tests.factories import RawStream, offline, random_steps, serve
 
 
-def test_disconnect_then_resume_loses_and_repeats_nothing(client, bundled_model):
+def test_disconnect_then_resume_loses_and_repeats_nothing(server, client, bundled_model):
     steps = random_steps(30, 6, seed=31)
     expected = offline(bundled_model, steps)
-    session = client.open_session()
-    got = [session.send(steps[:10]), session.send(steps[10:17])]
-    session_id = session.session_id
-    session.close()  # the connection drops with the stream
+    stream = RawStream(server.target)
+    got = [stream.outputs(steps[:10]), stream.outputs(steps[10:17])]
+    stream.close()  # the connection drops with the stream
 
-    # The client last saw step 16's output; it resends from 17 (and a replayed overlap).
-    with client.open_session(session_id) as resumed:
-        overlap = resumed.send(steps[14:22], start_step=14)
+    # The client last saw step 16's output; it resends from 14 (a replayed overlap) on.
+    with RawStream(server.target, stream.session_id) as resumed:
+        start, overlap = resumed.send(steps[14:22], start_step=14)
+        assert start == 14
         got.append(overlap[3:])
-        got.append(resumed.send(steps[22:], start_step=22))
-        assert resumed.next_step == 30
+        got.append(resumed.outputs(steps[22:], start_step=22))
+    assert client.get_session(stream.session_id).next_step == 30
     np.testing.assert_allclose(overlap[:3], expected[14:17], atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-5, rtol=0)
 
 
 def test_get_session_reports_steps_and_times(client):
-    session = client.open_session()
-    session.send(random_steps(5, 6))
-    info = client._call(client.stub.GetSession, pb.GetSessionRequest(session_id=session.session_id))
-    assert info.session.next_step == 5
-    assert info.session.create_time.seconds > 1_700_000_000
-    assert info.session.last_active_time.ToNanoseconds() >= info.session.create_time.ToNanoseconds()
-    session.close()
+    with client.open_session() as session:
+        session.send(random_steps(5, 6))
+        info = client.get_session(session.session_id)
+    assert info.next_step == 5
+    assert info.create_time.seconds > 1_700_000_000
+    assert info.last_active_time.ToNanoseconds() >= info.create_time.ToNanoseconds()
 
 
-def test_end_session_deletes_after_answering(client):
-    session = client.open_session()
-    outputs = session.send(random_steps(2, 6), end_session=True)
+def test_end_session_deletes_after_answering(server, client):
+    with RawStream(server.target) as stream:
+        outputs = stream.outputs(random_steps(2, 6), end_session=True)
     assert outputs.shape == (2, 4)
     with pytest.raises(LstmStreamError) as err:
-        client._call(client.stub.GetSession, pb.GetSessionRequest(session_id=session.session_id))
+        client.get_session(stream.session_id)
     assert err.value.reason == "SESSION_NOT_FOUND"
 
 
 def test_idle_sessions_expire_and_their_slot_is_zeroed():
-    with serve(session_idle_timeout_s=0.3) as srv, StreamingClient(srv.target) as client:
-        session = client.open_session()
-        session.send(random_steps(5, 6, scale=10))
-        slot = srv.server.runtime.sessions.get(session.session_id).slot
+    with serve(session_idle_timeout_s=0.3) as srv:
+        stream = RawStream(srv.target)
+        stream.send(random_steps(5, 6, scale=10))
+        slot = srv.server.runtime.sessions.get(stream.session_id).slot
         h, c = srv.call(srv.server.runtime.engine.call(srv.server.runtime.engine.pool.read, slot))
         assert h.abs().sum() > 0
-        session.close()
+        stream.close()
         deadline = time.monotonic() + 5
         while len(srv.server.runtime.sessions) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(srv.server.runtime.sessions) == 0
-        with pytest.raises(LstmStreamError) as err:
-            client.open_session(session.session_id).send([0.0] * 6)
+        with (
+            pytest.raises(LstmStreamError) as err,
+            RawStream(srv.target, stream.session_id) as again,
+        ):
+            again.send([0.0] * 6)
         assert (err.value.code, err.value.reason) == (
             grpc.StatusCode.NOT_FOUND,
             "SESSION_NOT_FOUND",
@@ -78,10 +80,8 @@ def test_a_reused_slot_never_leaks_state_into_its_next_owner(bundled_model):
             steps = random_steps(10, 6, seed=seed, scale=8)
             session = client.open_session()
             outputs = session.send(steps)
-            client._call(
-                client.stub.DeleteSession, pb.DeleteSessionRequest(session_id=session.session_id)
-            )
-            session.close()
+            session.detach()
+            client.delete_session(session.session_id)
             np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
 
 

@@ -9,7 +9,7 @@ from client import AsyncStreamingClient, StreamingClient
 from lstm_model import load_model
 from lstm_model.cli import main as lstm_model_main
 from lstm_model.recordings import load_recordings
-from tests.factories import offline, random_chunks, random_steps, serve
+from tests.factories import RawStream, offline, random_chunks, random_steps, serve
 
 ATOL = 1e-5
 
@@ -143,13 +143,16 @@ def _batch_count(server):
 
 
 @pytest.mark.parametrize("chunk", [1, 5])
-def test_replayed_overlap_returns_the_same_outputs(client, chunk):
+def test_replayed_overlap_returns_the_same_outputs(server, client, bundled_model, chunk):
     steps = random_steps(20, 6, seed=12)
-    with client.open_session() as session:
-        first = session.send(steps[:15])
-        again = session.send(steps[10 : 10 + chunk], start_step=10)
-        assert session.next_step == 15  # nothing applied twice
+    with RawStream(server.target) as stream:
+        _, first = stream.send(steps[:15])
+        start, again = stream.send(steps[10 : 10 + chunk], start_step=10)
+        assert start == 10
+        assert client.get_session(stream.session_id).next_step == 15  # nothing applied twice
         np.testing.assert_array_equal(again, first[10 : 10 + chunk])
-        tail = session.send(steps[12:20], start_step=12)  # 3 replayed, 5 new
-        assert session.next_step == 20
+        start, tail = stream.send(steps[12:20], start_step=12)  # 3 replayed, 5 new
+        assert (start, len(tail)) == (12, 8)
+        assert client.get_session(stream.session_id).next_step == 20
         np.testing.assert_array_equal(tail[:3], first[12:15])
+    np.testing.assert_allclose(tail, offline(bundled_model, steps)[12:], atol=ATOL, rtol=0)

@@ -7,7 +7,7 @@ from lstm_stream.v1 import inference_pb2 as pb
 
 from client import LstmStreamError, StreamingClient
 from lstm_model.cli import main as lstm_model_main
-from tests.factories import offline, random_steps, serve
+from tests.factories import RawStream, offline, random_steps, serve
 
 
 def test_a_session_moves_between_servers_mid_stream(bundled_model):
@@ -20,15 +20,15 @@ def test_a_session_moves_between_servers_mid_stream(bundled_model):
     ):
         session = on_a.open_session()
         first = session.send(steps[:25])
-        state = on_a._call(
-            on_a.stub.ExportSession, pb.ExportSessionRequest(session_id=session.session_id)
-        ).state
-        session.close()
-        imported = on_b._call(on_b.stub.ImportSession, pb.ImportSessionRequest(state=state)).session
+        session.detach()
+        export = pb.ExportSessionRequest(session_id=session.session_id)
+        state = on_a.call("ExportSession", export).state
+        imported = on_b.call("ImportSession", pb.ImportSessionRequest(state=state)).session
         assert (imported.session_id, imported.next_step) == (session.session_id, 25)
         assert imported.replay_start_step == 9
-        with on_b.open_session(session.session_id) as moved:
-            overlap = moved.send(steps[20:], start_step=20)  # a resend the replay buffer answers
+        with RawStream(b.target, session.session_id) as moved:
+            # A resend from step 20 on: the imported replay buffer answers 20..24.
+            overlap = moved.outputs(steps[20:], start_step=20)
     expected = offline(bundled_model, steps)
     np.testing.assert_allclose(first, expected[:25], atol=1e-5, rtol=0)
     np.testing.assert_allclose(overlap, expected[20:], atol=1e-5, rtol=0)
@@ -50,20 +50,21 @@ def test_import_refuses_another_models_state_and_garbage(tmp_path, client):
             str(tmp_path / "other"),
         ]
     )
-    with serve(model=str(tmp_path / "other")) as other, StreamingClient(other.target) as on_other:
-        session = on_other.open_session()
+    with (
+        serve(model=str(tmp_path / "other")) as other,
+        StreamingClient(other.target) as on_other,
+        on_other.open_session() as session,
+    ):
         session.send(random_steps(3, 6))
-        state = on_other._call(
-            on_other.stub.ExportSession, pb.ExportSessionRequest(session_id=session.session_id)
-        ).state
-        session.close()
+        export = pb.ExportSessionRequest(session_id=session.session_id)
+        state = on_other.call("ExportSession", export).state
     with pytest.raises(LstmStreamError) as err:
-        client._call(client.stub.ImportSession, pb.ImportSessionRequest(state=state))
+        client.call("ImportSession", pb.ImportSessionRequest(state=state))
     assert (err.value.code, err.value.reason) == (
         grpc.StatusCode.FAILED_PRECONDITION,
         "MODEL_MISMATCH",
     )
     for garbage in (b"", b"\x00" * 3, b"\xff" * 64, state[: len(state) // 2]):
         with pytest.raises(LstmStreamError) as err:
-            client._call(client.stub.ImportSession, pb.ImportSessionRequest(state=garbage))
+            client.call("ImportSession", pb.ImportSessionRequest(state=garbage))
         assert err.value.reason == "BAD_INPUT"

@@ -1,0 +1,218 @@
+"""A closed-loop load generator for StreamSteps, usable as a library.
+
+Each session is one bidi `StreamSteps` stream: write a message of `chunk_steps` timesteps, read
+its answer, repeat until the deadline. Sessions share a few channels (one per
+`SESSIONS_PER_CHANNEL`), and each builds its request once up front, so the generator spends its
+CPU on gRPC and not on making random numbers: on a small machine it shares the cores with the
+server it measures.
+
+    result = asyncio.run(run_load("localhost:50051", sessions=64, chunk_steps=32, duration_s=3))
+    print(format_result(result))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from lstm_stream.v1 import inference_pb2 as pb
+from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
+
+SESSIONS_PER_CHANNEL = 64
+CLOSE_TIMEOUT_S = 10.0
+STALL_MARGIN_S = 60.0  # how far past its deadline a run may go before it is cancelled
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What one run measured, over its measurement window (after the warm-up)."""
+
+    sessions: int
+    chunk_steps: int
+    duration_s: float
+    messages: int
+    timesteps: int
+    timesteps_per_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+    latency_p99_s: float
+    errors: int
+    error_sample: str = ""
+
+
+@dataclass
+class _Window:
+    """Messages that complete inside [start, end] are counted."""
+
+    start: float
+    end: float
+
+
+@dataclass(eq=False)
+class _Session:
+    """One stream fed in a closed loop with the same prebuilt request."""
+
+    stub: pb_grpc.InferenceServiceStub
+    request: pb.StreamStepsRequest
+    expected_outputs: int  # output values per answer: chunk_steps * output_size
+    latencies: list[float] = field(default_factory=list)
+    timesteps: int = 0
+    error: str = ""
+    call: grpc.aio.StreamStreamCall | None = None
+
+    async def _exchange(self, request: pb.StreamStepsRequest) -> pb.StreamStepsResponse:
+        assert self.call is not None
+        await self.call.write(request)
+        response = await self.call.read()
+        if response is grpc.aio.EOF:
+            raise RuntimeError(
+                f"stream ended: {await self.call.code()} {await self.call.details()}"
+            )
+        return response
+
+    async def open(self) -> None:
+        """Open the stream; its first message creates the session (and is not counted)."""
+        self.call = self.stub.StreamSteps()
+        try:
+            await self._exchange(self.request)
+        except (grpc.RpcError, RuntimeError) as exc:
+            self.error = _describe(exc)
+
+    async def run(self, window: _Window) -> None:
+        perf_counter, request, latencies = time.perf_counter, self.request, self.latencies
+        try:
+            now = perf_counter()
+            while now < window.end:
+                sent = now
+                response = await self._exchange(request)
+                now = perf_counter()
+                if len(response.outputs) != self.expected_outputs:
+                    raise RuntimeError(
+                        f"expected {self.expected_outputs} output values, "
+                        f"got {len(response.outputs)}"
+                    )
+                if window.start <= now <= window.end:
+                    latencies.append(now - sent)
+                    self.timesteps += response.num_steps
+        except (grpc.RpcError, RuntimeError) as exc:
+            self.error = _describe(exc)
+
+    async def close(self) -> None:
+        """End the session with an empty `end_session` message; cancel the stream if that fails."""
+        if self.call is None:
+            return
+        try:
+            await asyncio.wait_for(self._end(), CLOSE_TIMEOUT_S)
+        except (grpc.RpcError, RuntimeError, TimeoutError) as exc:
+            self.error = self.error or f"closing: {_describe(exc)}"
+            self.call.cancel()
+
+    async def _end(self) -> None:
+        await self._exchange(pb.StreamStepsRequest(end_session=True))
+        await self.call.done_writing()
+        await self.call.code()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _channels(target: str, sessions: int) -> list[grpc.aio.Channel]:
+    """A connection per SESSIONS_PER_CHANNEL sessions (a local subchannel pool keeps them apart)."""
+    count = max(1, math.ceil(sessions / SESSIONS_PER_CHANNEL))
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    return [grpc.aio.insecure_channel(target, options=options) for _ in range(count)]
+
+
+def _requests(sessions: int, values: int, seed: int) -> list[pb.StreamStepsRequest]:
+    """One request per session, random standard-normal inputs, built before the clock starts."""
+    rng = np.random.default_rng(seed)
+    data = rng.standard_normal((sessions, values), dtype=np.float32)
+    return [pb.StreamStepsRequest(inputs=row.tolist()) for row in data]
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else 0.0
+
+
+def _summarise(
+    sessions: list[_Session], chunk_steps: int, duration_s: float, lost: int
+) -> LoadResult:
+    latencies = np.concatenate([np.asarray(s.latencies) for s in sessions])
+    timesteps = sum(s.timesteps for s in sessions)
+    errors = [s.error for s in sessions if s.error]
+    return LoadResult(
+        sessions=len(sessions),
+        chunk_steps=chunk_steps,
+        duration_s=duration_s,
+        messages=len(latencies),
+        timesteps=timesteps,
+        timesteps_per_s=timesteps / duration_s,
+        latency_p50_s=_percentile(latencies, 50),
+        latency_p95_s=_percentile(latencies, 95),
+        latency_p99_s=_percentile(latencies, 99),
+        errors=len(errors) + lost,
+        error_sample=errors[0] if errors else ("run stalled past its deadline" if lost else ""),
+    )
+
+
+async def run_load(
+    target: str,
+    sessions: int,
+    chunk_steps: int,
+    duration_s: float,
+    warmup_s: float = 0.5,
+    seed: int = 0,
+) -> LoadResult:
+    """Drive `sessions` concurrent closed-loop streams of `chunk_steps`-step messages.
+
+    All streams are opened (and their sessions created) first; then they run for
+    `warmup_s + duration_s`, and only messages answered in the last `duration_s` count.
+    """
+    channels = _channels(target, sessions)
+    try:
+        info = await pb_grpc.InferenceServiceStub(channels[0]).GetModelInfo(
+            pb.GetModelInfoRequest()
+        )
+        requests = _requests(sessions, chunk_steps * info.input_size, seed)
+        streams = [
+            _Session(
+                pb_grpc.InferenceServiceStub(channels[i % len(channels)]),
+                request,
+                chunk_steps * info.output_size,
+            )
+            for i, request in enumerate(requests)
+        ]
+        await asyncio.gather(*(s.open() for s in streams))
+        start = time.perf_counter() + warmup_s
+        window = _Window(start, start + duration_s)
+        running = [s for s in streams if not s.error]
+        lost = 0
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(s.run(window) for s in running)),
+                warmup_s + duration_s + STALL_MARGIN_S,
+            )
+        except TimeoutError:
+            lost = 1
+        await asyncio.gather(*(s.close() for s in streams))
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
+    return _summarise(streams, chunk_steps, duration_s, lost)
+
+
+def format_result(r: LoadResult) -> str:
+    """One line: load, throughput, latency quantiles, errors."""
+    line = (
+        f"{r.sessions} sessions x {r.chunk_steps} steps: {r.timesteps_per_s:,.0f} timesteps/s "
+        f"({r.messages / r.duration_s:,.0f} msg/s), latency p50 {r.latency_p50_s * 1e3:.2f} ms "
+        f"p95 {r.latency_p95_s * 1e3:.2f} ms p99 {r.latency_p99_s * 1e3:.2f} ms, "
+        f"{r.errors} errors"
+    )
+    return f"{line} ({r.error_sample})" if r.error_sample else line

@@ -1,0 +1,125 @@
+"""Connection options shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+SERVICE = "lstm_stream.v1.InferenceService"
+UNARY_METHODS = (
+    "GetModelInfo",
+    "CreateSession",
+    "GetSession",
+    "DeleteSession",
+    "Predict",
+    "ExportSession",
+    "ImportSession",
+)
+# Codes after which a stream is reopened and its unanswered chunks resent: the connection or
+# the server went away, or a message was not answered in time.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# These too, when they come from the transport (a cut connection shows as "Internal error from
+# Core" or an RST_STREAM) rather than from the server's logic, whose errors carry a reason.
+RETRYABLE_WITHOUT_REASON = frozenset(
+    {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+)
+
+
+def is_retryable(code: grpc.StatusCode, reason: str) -> bool:
+    """Resending is always safe (the server applies each step once); this says when it helps."""
+    if reason == "SHUTTING_DOWN":
+        return True
+    return code in RETRYABLE or (code in RETRYABLE_WITHOUT_REASON and not reason)
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    target: str = "localhost:50051"
+    # TLS: a CA bundle to trust (PEM path); a client certificate and key for mutual TLS.
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None  # override the name checked against the certificate
+    token: str | None = None  # sent as `authorization: Bearer <token>`
+    deadline_s: float | None = 30.0  # per unary call, and per stream message's answer
+    keepalive_s: float = 30.0  # HTTP/2 pings on idle connections (0: off)
+    max_retries: int = 10  # stream reconnects in a row before giving up
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 2.0
+    extra_metadata: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or bool(self.tls_ca or self.tls_cert)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        credentials = grpc.ssl_channel_credentials(
+            read(self.tls_ca), read(self.tls_key), read(self.tls_cert)
+        )
+        if self.token:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(self.token)
+            )
+        return credentials
+
+    def channel_options(self) -> list[tuple[str, object]]:
+        options: list[tuple[str, object]] = [
+            ("grpc.service_config", json.dumps(retry_service_config())),
+            ("grpc.enable_retries", 1),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # Reconnect soon after a dropped connection (gRPC's default first wait is 1 s).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", int(self.backoff_max_s * 1000)),
+        ]
+        if self.keepalive_s:
+            options += [
+                ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
+        if self.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        return options
+
+    def metadata(self, session_id: str = "") -> tuple[tuple[str, str], ...]:
+        """Per-call metadata: the session id for a balancer, the token on plaintext channels
+        (TLS channels carry it as call credentials instead)."""
+        metadata = list(self.extra_metadata)
+        if session_id:
+            metadata.append(("x-session-id", session_id))
+        if self.token and not self.secure:
+            metadata.append(("authorization", f"Bearer {self.token}"))
+        return tuple(metadata)
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter, for reconnect `attempt` (1, 2, ...)."""
+        ceiling = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
+        return random.uniform(0, ceiling)
+
+
+def retry_service_config() -> dict:
+    """gRPC's own retries for the unary calls (a stream's are the client's: see ledger.py)."""
+    return {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE, "method": m} for m in UNARY_METHODS],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }

@@ -1,0 +1,105 @@
+"""Each lstm-client command run as a subprocess against a real server, its output checked."""
+
+import json
+import re
+import subprocess
+
+import numpy as np
+import pytest
+
+from lstm_model.checkpoint import BUNDLED_MODEL_DIR
+from tests.factories import console_script, offline, random_steps
+
+
+def lstm_client(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([console_script("lstm-client"), *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def to_csv(rows: np.ndarray) -> str:
+    return "".join(",".join(repr(float(v)) for v in row) + "\n" for row in rows)
+
+
+def from_csv(text: str) -> np.ndarray:
+    return np.array([[float(v) for v in line.split(",")] for line in text.splitlines()])
+
+
+def test_info_describes_the_model(server):
+    result = lstm_client("info", "--target", server.target)
+    assert result.returncode == 0, result.stderr
+    assert "basic-motions v1" in result.stdout
+    assert "input 6, hidden 48 x 2 layers, output 4" in result.stdout
+    assert "classification: badminton, running, standing, walking" in result.stdout
+
+
+def test_health_is_serving(server, monkeypatch):
+    monkeypatch.setenv("LSTM_CLIENT_TARGET", server.target)  # the env var names the target
+    result = lstm_client("health")
+    assert (result.returncode, result.stdout.strip()) == (0, "SERVING")
+
+
+@pytest.mark.parametrize("chunk", ["1", "7"])
+def test_stream_prints_one_output_row_per_timestep(server, bundled_model, chunk):
+    steps = random_steps(20, 6, seed=90)
+    result = lstm_client("stream", "--target", server.target, "--chunk", chunk,
+                         stdin="# a comment\n" + to_csv(steps))
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(from_csv(result.stdout), offline(bundled_model, steps), atol=1e-5)
+
+
+def test_stream_from_a_file_then_resume_the_session(server, bundled_model, tmp_path):
+    steps = random_steps(12, 6, seed=91)
+    (tmp_path / "first.csv").write_text(to_csv(steps[:5]))
+    first = lstm_client("stream", str(tmp_path / "first.csv"), "--keep", "--target", server.target)
+    assert first.returncode == 0, first.stderr
+    session_id = re.search(r"resume with --session (\S+)", first.stderr).group(1)
+    rest = lstm_client("stream", "--session", session_id, "--target", server.target,
+                       stdin=to_csv(steps[5:]))
+    assert rest.returncode == 0, rest.stderr
+    assert f"session {session_id} from step 5" in rest.stderr
+    outputs = np.concatenate([from_csv(first.stdout), from_csv(rest.stdout)])
+    np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [
+        ("1,2,3\n", "line 1: expected 6 numbers (the model's input_size), got 3"),
+        ("1,2,3,4,5,6\n1,2,x,4,5,6\n", "line 2: expected numbers, got '1,2,x,4,5,6'"),
+    ],
+)
+def test_stream_refuses_bad_csv_with_one_clear_line(server, stdin, message):
+    result = lstm_client("stream", "--target", server.target, stdin=stdin)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"lstm-client: {message}"
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_server_is_one_line_and_non_zero():
+    from tests.factories import free_port
+
+    result = lstm_client("info", "--target", f"127.0.0.1:{free_port()}", "--deadline", "3")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "UNAVAILABLE" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_reports_the_model_cards_accuracy_and_latency(server):
+    result = lstm_client("demo", "--target", server.target, timeout=300)
+    assert result.returncode == 0, result.stderr
+    card = (BUNDLED_MODEL_DIR / "MODEL_CARD.md").read_text()
+    table = [line for line in result.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(table) == 4
+    for row in table:
+        assert row in card  # equal to the model card, row by row
+    assert re.search(r"p50 [\d.]+ ms, p95 [\d.]+ ms, p99 [\d.]+ ms", result.stdout)
+
+
+def test_bench_prints_json_for_machines(server):
+    result = lstm_client("bench", "--target", server.target, "--sessions", "3", "--chunk", "4",
+                         "--duration", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["sessions"], report["chunk_steps"], report["errors"]) == (3, 4, 0)
+    assert report["timesteps"] == report["messages"] * 4 > 0
+    assert report["latency_p99_s"] >= report["latency_p50_s"] > 0
