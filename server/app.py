@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -23,6 +24,7 @@ from server.config import ServerConfig, load_config
 from server.engine import default_torch_threads, resolve_device
 from server.runtime import Runtime
 from server.service import InferenceService
+from server.snapshot import SnapshotError, discard_snapshot, read_snapshot, write_snapshot
 
 log = logging.getLogger("lstm_serve")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -37,6 +39,7 @@ class Server:
     health: health.aio.HealthServicer
 
     async def start(self) -> None:
+        await self.restore_snapshot()
         await self.runtime.start()
         await self.grpc_server.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -50,7 +53,38 @@ class Server:
     async def stop(self, grace_s: float) -> None:
         await self.begin_drain()
         await self.grpc_server.stop(grace_s)
+        await self.write_snapshot()
         await self.runtime.stop()
+
+    @property
+    def _snapshot_dir(self) -> Path | None:
+        directory = self.runtime.config.snapshot_dir
+        return Path(directory) if directory else None
+
+    async def restore_snapshot(self) -> None:
+        """Restore the sessions of --snapshot-dir; refuse (or set aside) a bad snapshot."""
+        directory = self._snapshot_dir
+        if directory is None:
+            return
+        try:
+            records = read_snapshot(directory, self.runtime.engine.fingerprint)
+        except SnapshotError as exc:
+            if not self.runtime.config.snapshot_discard_invalid:
+                raise
+            aside = discard_snapshot(directory, "rejected")
+            log.warning("%s; moved to %s, starting with no sessions", exc, aside)
+            return
+        sessions = await self.runtime.restore(records)
+        if discard_snapshot(directory, "restored"):
+            log.info("restored %d sessions from %s", len(sessions), directory)
+
+    async def write_snapshot(self) -> None:
+        directory = self._snapshot_dir
+        if directory is None:
+            return
+        records = await self.runtime.session_records()
+        path = write_snapshot(directory, records, self.runtime.engine.fingerprint)
+        log.info("wrote %d sessions to %s", len(records), path)
 
 
 async def create_server(config: ServerConfig) -> tuple[Server, int]:
@@ -106,16 +140,16 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
 
 
 async def serve(config: ServerConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before anything can announce readiness
+        loop.add_signal_handler(sig, stop.set)
     server, port = await create_server(config)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host.strip("[]"))
         log.info("metrics on :%d/metrics", config.metrics_port)
     await server.start()
     log.info("serving on %s:%d", config.host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutdown requested: draining (grace %.1f s)", config.shutdown_grace_s)
     await server.stop(config.shutdown_grace_s)
@@ -134,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         asyncio.run(serve(config))
-    except (ModelLoadError, ValueError, OSError) as exc:
+    except (ModelLoadError, SnapshotError, ValueError, OSError) as exc:
         print(f"lstm-serve: {exc}", file=sys.stderr)
         return 1
     return 0

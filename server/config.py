@@ -31,6 +31,7 @@ class ServerConfig:
     replay_steps: int = 256
     max_chunk_steps: int = 512
     snapshot_dir: str = ""
+    snapshot_discard_invalid: bool = False  # start empty instead of refusing a bad snapshot
     torch_threads: int = 0  # 0: all cores but the one the event loop runs on
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
@@ -68,6 +69,8 @@ _HELP = {
     "replay_steps": "outputs kept per session to answer resent timesteps",
     "max_chunk_steps": "most timesteps in one message",
     "snapshot_dir": "write sessions here on shutdown, restore them at start",
+    "snapshot_discard_invalid": "move a mismatched or corrupt snapshot aside and start empty "
+    "(default: refuse to start)",
     "torch_threads": "torch intra-op threads (0: cores minus one)",
     "shutdown_grace_s": "how long in-flight work gets on shutdown",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
@@ -81,14 +84,40 @@ def build_parser() -> argparse.ArgumentParser:
         f"variable {ENV_PREFIX}<FLAG>, e.g. {ENV_PREFIX}MAX_SESSIONS.",
     )
     for field in dataclasses.fields(ServerConfig):
+        flag = f"--{field.name.replace('_', '-')}"
+        if isinstance(field.default, bool):
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                action="store_const",
+                const=True,
+                default=None,
+                help=_HELP[field.name],
+            )
+            continue
         parser.add_argument(
-            f"--{field.name.replace('_', '-')}",
+            flag,
             dest=field.name,
             type=type(field.default),
             default=None,
             help=f"{_HELP[field.name]} (default {field.default!r})",
         )
     return parser
+
+
+def _parse_env(name: str, text: str, default: object) -> object:
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected true or false, got {text!r}")
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise ValueError(
+            f"{ENV_PREFIX}{name.upper()}: expected {type(default).__name__}, got {text!r}"
+        ) from None
 
 
 def load_config(
@@ -104,11 +133,5 @@ def load_config(
         if flag is not None:
             values[field.name] = flag
         elif env is not None:
-            try:
-                values[field.name] = type(field.default)(env)
-            except ValueError:
-                raise ValueError(
-                    f"{ENV_PREFIX}{field.name.upper()}: expected {type(field.default).__name__}, "
-                    f"got {env!r}"
-                ) from None
+            values[field.name] = _parse_env(field.name, env, field.default)
     return ServerConfig(**values)

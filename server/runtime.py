@@ -163,19 +163,8 @@ class Runtime:
         async with session.lock:
             if session.closed:
                 raise SessionNotFound(session_id)
-            h, c = await self.engine.call(self.engine.pool.read, session.slot)
-            replay_start = session.replay.first_step(session.next_step)
-            replay = session.replay.read(replay_start, session.next_step, self._output_size)
-            record = transfer.SessionRecord(
-                session_id=session.session_id,
-                next_step=session.next_step,
-                h=h,
-                c=c,
-                replay=torch.from_numpy(np.ascontiguousarray(replay)),
-                fingerprint=self.engine.fingerprint,
-                create_time=session.create_time,
-            )
-        return transfer.encode(record)
+            h, c = await self.engine.call(self.engine.pool.read, [session.slot])
+            return transfer.encode(self._record(session, h[0], c[0]))
 
     async def import_session(self, data: bytes, session_id: str = "") -> Session:
         record = transfer.decode(data)
@@ -190,12 +179,45 @@ class Runtime:
                 f"state: expected h and c of shape {list(expected)}, got "
                 f"{list(record.h.shape)} and {list(record.c.shape)}"
             )
-        session = self.create_session(session_id or record.session_id)
-        await self.engine.call(self.engine.pool.write, session.slot, record.h, record.c)
-        replay = record.replay.numpy()
-        session.commit(record.next_step - len(replay), replay)
-        session.create_time = record.create_time
+        (session,) = await self.restore([record], session_id)
         return session
+
+    async def restore(
+        self, records: list[transfer.SessionRecord], session_id: str = ""
+    ) -> list[Session]:
+        """Sessions from records (an import, a snapshot), state written to their slots."""
+        sessions = [self.create_session(session_id or r.session_id) for r in records]
+        if not sessions:
+            return []
+        h = torch.stack([r.h for r in records], dim=1)  # (L, N, H)
+        c = torch.stack([r.c for r in records], dim=1)  # (L, N, H)
+        await self.engine.call(self.engine.pool.write, [s.slot for s in sessions], h, c)
+        for session, record in zip(sessions, records, strict=True):
+            replay = record.replay.numpy()
+            session.commit(record.next_step - len(replay), replay)
+            session.create_time = record.create_time
+        return sessions
+
+    async def session_records(self) -> list[transfer.SessionRecord]:
+        """Every session's whole state (for a snapshot); call when no chunk is in flight."""
+        sessions = list(self.sessions)
+        if not sessions:
+            return []
+        h, c = await self.engine.call(self.engine.pool.read, [s.slot for s in sessions])
+        return [self._record(s, h[i], c[i]) for i, s in enumerate(sessions)]
+
+    def _record(self, session: Session, h: torch.Tensor, c: torch.Tensor) -> transfer.SessionRecord:
+        replay_start = session.replay.first_step(session.next_step)
+        replay = session.replay.read(replay_start, session.next_step, self._output_size)
+        return transfer.SessionRecord(
+            session_id=session.session_id,
+            next_step=session.next_step,
+            h=h,
+            c=c,
+            replay=torch.from_numpy(np.ascontiguousarray(replay)),
+            fingerprint=self.engine.fingerprint,
+            create_time=session.create_time,
+        )
 
     # Lifecycle
 

@@ -62,10 +62,15 @@ class StatePool:
         self.h.index_copy_(1, slots, h)
         self.c.index_copy_(1, slots, c)
 
-    def read(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One slot's state, copied to the CPU in float32: (L, H) each."""
-        return self.h[:, slot].float().cpu().clone(), self.c[:, slot].float().cpu().clone()
+    def read(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Some slots' state, copied to the CPU in float32: (N, L, H) each."""
+        index = torch.tensor(slots, device=self.h.device)
+        h, c = self.gather(index)  # (L, N, H)
+        return h.float().cpu().transpose(0, 1).contiguous(), c.float().cpu().transpose(
+            0, 1
+        ).contiguous()
 
-    def write(self, slot: int, h: torch.Tensor, c: torch.Tensor) -> None:
-        self.h[:, slot] = h.to(self.h)
-        self.c[:, slot] = c.to(self.c)
+    def write(self, slots: list[int], h: torch.Tensor, c: torch.Tensor) -> None:
+        """Set some slots' state from (L, N, H) tensors."""
+        index = torch.tensor(slots, device=self.h.device)
+        self.scatter(index, h.to(self.h), c.to(self.c))

@@ -40,8 +40,8 @@ def test_reset_zeroes_only_its_own_slot_and_empty_chunks_give_empty_outputs():
     engine.step([StepWork(0, steps), StepWork(1, steps)])
     outputs = engine.step([StepWork(0, steps[:0], reset=True), StepWork(1, steps[:0])])
     assert [o.shape for o in outputs] == [(0, 4), (0, 4)]
-    h0, _ = engine.pool.read(0)
-    h1, _ = engine.pool.read(1)
+    (h0,), _ = engine.pool.read([0])
+    (h1,), _ = engine.pool.read([1])
     assert torch.count_nonzero(h0) == 0
     assert torch.count_nonzero(h1) > 0
 

@@ -53,7 +53,7 @@ def test_idle_sessions_expire_and_their_slot_is_zeroed():
         stream = RawStream(srv.target)
         stream.send(random_steps(5, 6, scale=10))
         slot = srv.server.runtime.sessions.get(stream.session_id).slot
-        h, c = srv.call(srv.server.runtime.engine.call(srv.server.runtime.engine.pool.read, slot))
+        h, c = srv.call(srv.server.runtime.engine.call(srv.server.runtime.engine.pool.read, [slot]))
         assert h.abs().sum() > 0
         stream.close()
         deadline = time.monotonic() + 5
@@ -69,7 +69,7 @@ def test_idle_sessions_expire_and_their_slot_is_zeroed():
             grpc.StatusCode.NOT_FOUND,
             "SESSION_NOT_FOUND",
         )
-        h, c = srv.call(srv.server.runtime.engine.call(srv.server.runtime.engine.pool.read, slot))
+        h, c = srv.call(srv.server.runtime.engine.call(srv.server.runtime.engine.pool.read, [slot]))
         assert torch.count_nonzero(h) == 0 and torch.count_nonzero(c) == 0
 
 
