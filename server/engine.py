@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lstm_model.checkpoint import LoadedModel
+from server.graphs import OneStepRunner
 from server.state_pool import StatePool
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,17 @@ def default_torch_threads() -> int:
 
 class Engine:
     def __init__(
-        self, loaded: LoadedModel, capacity: int, device: torch.device, dtype: torch.dtype
+        self,
+        loaded: LoadedModel,
+        capacity: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_batch_size: int = 256,
+        one_step_graphs: bool | None = None,  # None: on CUDA only
     ) -> None:
         self.model = loaded.model.to(device=device, dtype=dtype).eval()
+        if device.type == "cuda":
+            self.model.lstm.flatten_parameters()  # one contiguous weight buffer for cuDNN
         self.fingerprint = loaded.fingerprint
         self.config = loaded.model.config
         self.device = device
@@ -60,6 +69,14 @@ class Engine:
             self.config.num_layers, self.config.hidden_size, capacity, device, dtype
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        use_graphs = device.type == "cuda" if one_step_graphs is None else one_step_graphs
+        self.one_step = (
+            OneStepRunner(self.model, self.pool, max_batch_size, capture=device.type == "cuda")
+            if use_graphs
+            else None
+        )
+        if self.one_step is not None and device.type == "cuda":
+            self.one_step.warm_up()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn on the engine's worker thread, in order with the batches."""
@@ -97,6 +114,8 @@ class Engine:
             packed_lengths = torch.tensor(lengths)
         slots = torch.tensor([w.slot for w in rows], device=self.device)
         x_dev = torch.from_numpy(x).to(self.device, self.dtype, non_blocking=True)
+        if self.one_step is not None and longest == 1:
+            return self.one_step.run(x_dev, slots).float().cpu().numpy()  # (B, 1, O)
         h, c = self.pool.gather(slots)  # (L, B, H)
         y, (h, c) = self.model(x_dev, (h, c), packed_lengths)  # y (B, T_max, O)
         self.pool.scatter(slots, h, c)

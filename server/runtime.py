@@ -57,7 +57,9 @@ class Attachment:
 class Runtime:
     def __init__(self, config: ServerConfig, loaded: LoadedModel, device: torch.device) -> None:
         self.config = config
-        self.engine = Engine(loaded, config.max_sessions, device, DTYPES[config.dtype])
+        self.engine = Engine(
+            loaded, config.max_sessions, device, DTYPES[config.dtype], config.max_batch_size
+        )
         self.model_config = loaded.model.config
         self.sessions = SessionTable(self.engine.pool, config.replay_steps)
         self.batcher = Batcher(self.engine, config.max_batch_size, config.max_batch_delay_us)

@@ -25,10 +25,12 @@ class StatePool:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        shape = (num_layers, capacity, hidden_size)
-        self.h = torch.zeros(shape, device=device, dtype=dtype)  # (L, capacity, H)
-        self.c = torch.zeros(shape, device=device, dtype=dtype)  # (L, capacity, H)
+        # One row more than sessions: the scratch slot, which padding rows of a batch write to.
+        shape = (num_layers, capacity + 1, hidden_size)
+        self.h = torch.zeros(shape, device=device, dtype=dtype)  # (L, capacity + 1, H)
+        self.c = torch.zeros(shape, device=device, dtype=dtype)  # (L, capacity + 1, H)
         self.capacity = capacity
+        self.scratch_slot = capacity
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
 
     @property

@@ -188,13 +188,20 @@ class ServeProcess:
 
     def _wait_for_port(self) -> int:
         import re
+        import threading
 
         for line in self.process.stderr:
             self.log.append(line)
             found = re.search(r"serving on \S+:(\d+)", line)
             if found:
+                # Keep draining: a server blocked on a full stderr pipe stops serving.
+                threading.Thread(target=self._drain, daemon=True).start()
                 return int(found.group(1))
         raise RuntimeError("lstm-serve exited before serving:\n" + "".join(self.log))
+
+    def _drain(self) -> None:
+        for line in self.process.stderr:
+            self.log.append(line)
 
     @property
     def target(self) -> str:
@@ -204,11 +211,13 @@ class ServeProcess:
         """Send a signal (default SIGTERM) unless already `signalled`, wait for exit;
         (exit code, whole log)."""
         import signal
+        import time
 
         if not signalled and self.process.poll() is None:
             self.process.send_signal(sig or signal.SIGTERM)
-        rest = self.process.communicate(timeout=timeout)[1]
-        return self.process.returncode, "".join(self.log) + rest
+        self.process.wait(timeout=timeout)
+        time.sleep(0.1)  # the drain thread reads what the process wrote last
+        return self.process.returncode, "".join(self.log)
 
     def __enter__(self) -> ServeProcess:
         return self

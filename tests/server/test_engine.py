@@ -8,9 +8,18 @@ from server.engine import Engine, StepWork
 from tests.factories import make_model, offline, random_steps
 
 
-def make_engine(capacity: int = 64, **model_args) -> Engine:
+def make_engine(
+    capacity: int = 64, one_step_graphs: bool = False, max_batch_size: int = 64, **model_args
+) -> Engine:
     model = make_model(**({"input_size": 6, "hidden_size": 32, "output_size": 4} | model_args))
-    return Engine(LoadedModel(model, "f" * 64, None), capacity, torch.device("cpu"), torch.float32)
+    return Engine(
+        LoadedModel(model, "f" * 64, None),
+        capacity,
+        torch.device("cpu"),
+        torch.float32,
+        max_batch_size,
+        one_step_graphs,
+    )
 
 
 def test_a_batch_mixing_1_and_32_step_chunks_equals_the_unbatched_result():
@@ -52,3 +61,21 @@ def test_predict_leaves_the_pool_untouched():
     out = engine.predict(random_steps(7, 6))
     assert out.shape == (7, 4)
     assert torch.equal(engine.pool.h, before)
+
+
+def test_bucketed_one_step_path_equals_the_plain_path():
+    """The path CUDA graphs replay (padded to a bucket, padding written to the scratch slot),
+    run eagerly on the CPU, gives the plain path's outputs and states, slot for slot."""
+    bucketed, plain = make_engine(one_step_graphs=True), make_engine(one_step_graphs=False)
+    assert bucketed.one_step is not None and bucketed.one_step.sizes == [1, 2, 4, 8, 16, 32, 64]
+    rng = np.random.default_rng(0)
+    for size in (1, 3, 5, 17, 33, 64, 2):  # bucket sizes 1, 4, 8, 32, 64, 64, 2
+        slots = rng.choice(64, size=size, replace=False)
+        steps = random_steps(size, 6, seed=size)
+        batch = [StepWork(int(slot), steps[i : i + 1]) for i, slot in enumerate(slots)]
+        for got, want in zip(bucketed.step(batch), plain.step(batch), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    real = slice(0, 64)
+    torch.testing.assert_close(bucketed.pool.h[:, real], plain.pool.h[:, real], atol=1e-6, rtol=0)
+    torch.testing.assert_close(bucketed.pool.c[:, real], plain.pool.c[:, real], atol=1e-6, rtol=0)
+    assert torch.count_nonzero(plain.pool.h[:, 64]) == 0  # the plain path never uses scratch

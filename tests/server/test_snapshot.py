@@ -61,8 +61,9 @@ def test_sigterm_snapshot_then_restart_resumes_every_session(tmp_path, bundled_m
         assert second.finish()[0] == 0
     assert (snapshots / f"{SNAPSHOT_FILE}.restored").exists()  # set aside: never restored twice
     for steps, (_, head), tail in zip(inputs, firsts, seconds, strict=True):
-        np.testing.assert_allclose(np.concatenate([head, tail]), offline(bundled_model, steps),
-                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            np.concatenate([head, tail]), offline(bundled_model, steps), atol=1e-5, rtol=0
+        )
 
 
 def test_sigkill_loses_the_sessions_and_clients_are_told(tmp_path):
@@ -80,8 +81,21 @@ def test_sigkill_loses_the_sessions_and_clients_are_told(tmp_path):
 
 
 def make_snapshot_of_another_model(tmp_path):
-    lstm_model_main(["init", "--input-size", "6", "--hidden-size", "8", "--num-layers", "1",
-                     "--output-size", "4", "--out", str(tmp_path / "other")])
+    lstm_model_main(
+        [
+            "init",
+            "--input-size",
+            "6",
+            "--hidden-size",
+            "8",
+            "--num-layers",
+            "1",
+            "--output-size",
+            "4",
+            "--out",
+            str(tmp_path / "other"),
+        ]
+    )
     snapshots = tmp_path / "snapshots"
     with ServeProcess("--snapshot-dir", str(snapshots), "--model", str(tmp_path / "other")) as p:
         with StreamingClient(p.target) as client:
