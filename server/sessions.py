@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,48 +22,38 @@ from server.state_pool import SlotsExhausted, StatePool
 
 
 class ReplayBuffer:
-    """The outputs of a session's last `capacity` steps, kept as the chunks that produced them."""
+    """The outputs of a session's last `capacity` steps, in a ring allocated at first use."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._chunks: deque[tuple[int, np.ndarray]] = deque()  # (first step, (T, O) outputs)
-        self._steps = 0
+        self._ring: np.ndarray | None = None  # (capacity, O): step s lives at row s % capacity
+        self._steps = 0  # steps held, at most capacity
 
     def __len__(self) -> int:
         return self._steps
 
     def append(self, start: int, outputs: np.ndarray) -> None:
-        if not len(outputs):
+        """Record the outputs of steps start .. start + len(outputs) - 1, which follow on from
+        what the buffer holds."""
+        count = len(outputs)
+        if not count:
             return
-        if len(outputs) > self.capacity:
-            start, outputs = start + len(outputs) - self.capacity, outputs[-self.capacity :]
-        self._chunks.append((start, outputs))
-        self._steps += len(outputs)
-        while self._steps > self.capacity:
-            first, oldest = self._chunks.popleft()
-            excess = self._steps - self.capacity
-            if excess < len(oldest):
-                self._chunks.appendleft((first + excess, oldest[excess:].copy()))
-                self._steps -= excess
-            else:
-                self._steps -= len(oldest)
+        if self._ring is None:
+            self._ring = np.zeros((self.capacity, outputs.shape[1]), dtype=np.float32)
+        if count > self.capacity:
+            start, outputs = start + count - self.capacity, outputs[-self.capacity :]
+        rows = (start + np.arange(len(outputs))) % self.capacity
+        self._ring[rows] = outputs
+        self._steps = min(self._steps + count, self.capacity)
 
     def first_step(self, next_step: int) -> int:
         return next_step - self._steps
 
     def read(self, start: int, end: int, output_size: int) -> np.ndarray:
         """Outputs of steps [start, end), which must all be held: (end - start, O)."""
-        parts = []
-        for first, chunk in self._chunks:
-            lo, hi = max(start, first), min(end, first + len(chunk))
-            if lo < hi:
-                parts.append(chunk[lo - first : hi - first])
-        if not parts:
+        if end <= start or self._ring is None:
             return np.zeros((0, output_size), dtype=np.float32)
-        return np.concatenate(parts)
-
-    def chunks(self) -> list[tuple[int, np.ndarray]]:
-        return list(self._chunks)
+        return self._ring[np.arange(start, end) % self.capacity]
 
 
 @dataclass(eq=False)
@@ -89,6 +79,9 @@ class Session:
         """Record a chunk the engine applied (called by the batcher when the batch completes)."""
         self.replay.append(start, outputs)
         self.next_step = start + len(outputs)
+
+
+NO_OUTPUTS = np.zeros((0, 0), dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -119,7 +112,9 @@ def plan_chunk(
             f"step the replay buffer holds) or the next step {next_step}, got {start}",
             expected_step=next_step,
         )
-    replayed = session.replay.read(start, start + already, output_size)
+    replayed = (
+        session.replay.read(start, start + already, output_size) if already else NO_OUTPUTS
+    )
     # A resent message's reset was applied when it first arrived.
     return ChunkPlan(replayed, inputs[already:], start + already, reset and start == next_step)
 
