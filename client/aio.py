@@ -19,7 +19,7 @@ from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
 from client.errors import LstmStreamError, from_rpc_error
 from client.ledger import Chunk, Ledger
-from client.options import ClientOptions, is_retryable
+from client.options import IDEMPOTENT, ClientOptions, is_retryable
 from client.sync import ArrayLike, as_rows, new_session_id
 
 
@@ -53,12 +53,25 @@ class AsyncStreamingClient:
         await self._channel.close()
 
     async def call(self, method: str, request: Any, session_id: str = "") -> Any:
-        try:
-            return await getattr(self.stub, method)(
-                request, timeout=self.options.deadline_s, metadata=self.options.metadata(session_id)
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+        """A unary RPC with the client's deadline, metadata and typed errors; idempotent calls
+        are repeated after a transport failure (gRPC's own policy covers UNAVAILABLE)."""
+        for attempt in range(1, self.options.max_retries + 2):
+            try:
+                return await getattr(self.stub, method)(
+                    request,
+                    timeout=self.options.deadline_s,
+                    metadata=self.options.metadata(session_id),
+                )
+            except grpc.RpcError as rpc_error:
+                err = from_rpc_error(rpc_error)
+                if (
+                    method not in IDEMPOTENT
+                    or not is_retryable(err.code, err.reason)
+                    or (attempt > self.options.max_retries)
+                ):
+                    raise err from None
+                await asyncio.sleep(self.options.backoff(attempt))
+        raise AssertionError("unreachable")
 
     async def info(self) -> pb.GetModelInfoResponse:
         if self._info is None:

@@ -19,6 +19,10 @@ UNARY_METHODS = (
     "ExportSession",
     "ImportSession",
 )
+# Unary calls the client may repeat itself after a transport failure: a repeat has the same
+# effect (CreateSession with the client's own random id answers SESSION_EXISTS, which the
+# client recognises as its own).
+IDEMPOTENT = frozenset({"GetModelInfo", "CreateSession", "GetSession", "Predict", "ExportSession"})
 # Codes after which a stream is reopened and its unanswered chunks resent: the connection or
 # the server went away, or a message was not answered in time.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})

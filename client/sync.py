@@ -24,7 +24,7 @@ from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
 from client.errors import LstmStreamError, from_rpc_error
 from client.ledger import Chunk, Ledger
-from client.options import ClientOptions, is_retryable
+from client.options import IDEMPOTENT, ClientOptions, is_retryable
 
 ArrayLike = np.ndarray | Sequence[Any]
 _END = object()
@@ -78,13 +78,25 @@ class StreamingClient:
         self._channel.close()
 
     def call(self, method: str, request: Any, session_id: str = "") -> Any:
-        """A unary RPC with the client's deadline, metadata and typed errors."""
-        try:
-            return getattr(self.stub, method)(
-                request, timeout=self.options.deadline_s, metadata=self.options.metadata(session_id)
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+        """A unary RPC with the client's deadline, metadata and typed errors; idempotent calls
+        are repeated after a transport failure (gRPC's own policy covers UNAVAILABLE)."""
+        for attempt in range(1, self.options.max_retries + 2):
+            try:
+                return getattr(self.stub, method)(
+                    request,
+                    timeout=self.options.deadline_s,
+                    metadata=self.options.metadata(session_id),
+                )
+            except grpc.RpcError as rpc_error:
+                err = from_rpc_error(rpc_error)
+                if (
+                    method not in IDEMPOTENT
+                    or not is_retryable(err.code, err.reason)
+                    or (attempt > self.options.max_retries)
+                ):
+                    raise err from None
+                time.sleep(self.options.backoff(attempt))
+        raise AssertionError("unreachable")
 
     def info(self) -> pb.GetModelInfoResponse:
         """The served model (sizes, labels, device); fetched once."""

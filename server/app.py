@@ -96,6 +96,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     grpc_server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_concurrent_streams", 100_000),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
     )

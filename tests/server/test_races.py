@@ -1,0 +1,148 @@
+"""Races the contract must survive (Triton's sequence batcher failed several of them): expiry
+against a resume, takeover against a batch in flight, delete against a stream, shutdown against
+everything. The outcome may be a refusal; it is never a wrong output, a crash or a leak."""
+
+import asyncio
+import random
+import time
+
+import grpc
+import numpy as np
+
+from client import AsyncStreamingClient, LstmStreamError
+from tests.factories import RawStream, offline, random_steps, serve
+
+
+def test_expiry_racing_a_resume_gives_the_right_outputs_or_not_found(bundled_model):
+    timeout = 0.2
+    outcomes = {"resumed": 0, "expired": 0}
+    with serve(session_idle_timeout_s=timeout) as srv:
+        for i in range(24):
+            steps = random_steps(6, 6, seed=i)
+            with RawStream(srv.target) as stream:
+                stream.send(steps[:3])
+            time.sleep(timeout * random.Random(i).uniform(0.8, 1.6))  # around the deadline
+            try:
+                with RawStream(srv.target, stream.session_id) as again:
+                    rest = again.outputs(steps[3:], start_step=3)
+                np.testing.assert_allclose(rest, offline(bundled_model, steps)[3:], atol=1e-5)
+                outcomes["resumed"] += 1
+            except LstmStreamError as err:
+                assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+                outcomes["expired"] += 1
+        time.sleep(timeout * 6)
+        assert len(srv.server.runtime.sessions) == 0  # every one expired in the end
+        assert srv.server.runtime.engine.pool.in_use == 0  # and its slot came back
+    assert sum(outcomes.values()) == 24
+
+
+def test_takeover_racing_a_batch_in_flight_applies_each_step_once(bundled_model):
+    steps = random_steps(1000, 6, seed=5)
+    expected = offline(bundled_model, steps)
+    with serve(replay_steps=1024) as srv:  # holds all the old stream's steps for the replay
+        for trial in range(5):
+            old = RawStream(srv.target)
+            old.send(steps[:10])
+            # The old stream's 490-step chunk and the new stream's attach arrive together.
+            old._requests.put(old._pb.StreamStepsRequest(inputs=steps[10:500].ravel(),
+                                                         start_step=10))
+            with RawStream(srv.target, old.session_id) as new:
+                start, got = new.send(steps[10:520], start_step=10)
+            # Whether the old chunk ran first (and is replayed) or not, every step is right.
+            assert start == 10
+            np.testing.assert_allclose(got, expected[10:520], atol=1e-5, rtol=0, err_msg=trial)
+            old.close()
+
+
+def test_delete_racing_a_stream_ends_it_not_found_and_frees_the_slot():
+    async def run(target, srv):
+        async with AsyncStreamingClient(target) as client:
+            session = await client.open_session()
+            session_id = session.session_id
+
+            async def keep_streaming():
+                for _ in range(10_000):
+                    await session.send(np.zeros((1, 6), np.float32))
+
+            streaming = asyncio.create_task(keep_streaming())
+            await asyncio.sleep(0.2)
+            await client.delete_session(session_id)
+            try:
+                await asyncio.wait_for(streaming, 10)
+                raise AssertionError("the stream outlived its deleted session")
+            except LstmStreamError as err:
+                assert err.reason == "SESSION_NOT_FOUND"
+
+    with serve() as srv:
+        asyncio.run(run(srv.target, srv))
+        assert len(srv.server.runtime.sessions) == 0
+        assert srv.server.runtime.engine.pool.in_use == 0
+
+
+def test_shutdown_racing_everything_ends_cleanly(bundled_model):
+    """Streams, creates and deletes in flight when the server drains and stops: every answer
+    that arrived is right, every refusal is UNAVAILABLE or NOT_FOUND, and stop() returns."""
+    srv = serve().__enter__()
+    answered, refused = [], []
+
+    async def stream_one(client, i):
+        steps = random_steps(40, 6, seed=800 + i)
+        try:
+            session = await client.open_session()
+            for t in range(40):
+                out = await session.send(steps[t : t + 1])
+                answered.append((steps[: t + 1], out))
+        except LstmStreamError as err:
+            refused.append(err.reason or err.code.name)
+
+    async def churn(client):
+        for _ in range(50):
+            try:
+                session = await client.open_session()
+                await client.delete_session(session.session_id)
+            except LstmStreamError as err:
+                refused.append(err.reason or err.code.name)
+
+    async def run():
+        from client import ClientOptions
+
+        options = ClientOptions(target=srv.target, max_retries=0, deadline_s=5)
+        async with AsyncStreamingClient(options=options) as client:
+            tasks = [asyncio.create_task(stream_one(client, i)) for i in range(30)]
+            tasks.append(asyncio.create_task(churn(client)))
+            await asyncio.sleep(0.3)
+            stopping = asyncio.get_running_loop().run_in_executor(None, srv.stop, 5.0)
+            await asyncio.gather(*tasks)
+            await stopping
+
+    asyncio.run(run())
+    assert answered, "nothing was answered before the shutdown"
+    for history, out in answered[:200]:
+        np.testing.assert_allclose(out[0], offline(bundled_model, history)[-1], atol=1e-5)
+    assert set(refused) <= {"SHUTTING_DOWN", "UNAVAILABLE", "SESSION_NOT_FOUND", "CANCELLED"}
+
+
+def test_2000_concurrent_sessions_without_an_error_or_a_lost_step(bundled_model):
+    import torch
+
+    sessions, steps_each = 2000, 10
+    x = np.random.default_rng(11).standard_normal((sessions, steps_each, 6)).astype(np.float32)
+    with torch.inference_mode():
+        expected = bundled_model(torch.from_numpy(x))[0].numpy()  # (N, T, O) offline, at once
+
+    async def run(target):
+        async with AsyncStreamingClient(target) as client:
+
+            async def one(i):
+                session = await client.open_session()
+                outputs = [await session.send(x[i, t : t + 1]) for t in range(steps_each)]
+                await session.close()
+                return np.concatenate(outputs)
+
+            return await asyncio.gather(*(one(i) for i in range(sessions)))
+
+    with serve(max_sessions=sessions) as srv:
+        results = asyncio.run(run(srv.target))
+        assert len(srv.server.runtime.sessions) == 0
+    for i, got in enumerate(results):
+        np.testing.assert_allclose(got, expected[i], atol=1e-5, rtol=0)
