@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint proto train eval serve clean
+.PHONY: venv test lint proto train eval serve soak bench bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -39,6 +39,16 @@ eval: venv
 
 serve: venv
 	$(BIN)/lstm-serve
+
+# Not part of `make test`: minutes of load each.
+soak: venv
+	$(BIN)/python -m bench.soak --minutes 10 --out docs/soak.json
+
+bench: venv
+	$(BIN)/python -m bench.run --out-dir docs
+
+bench-gpu:
+	bash bench/gpu.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache

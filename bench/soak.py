@@ -1,0 +1,217 @@
+"""Soak: lstm-serve under steady churn for minutes, its memory and session count sampled.
+
+Workers open sessions, stream a few chunks, then end, delete, reset or abandon them (abandoned
+ones expire); a sample of sessions is checked against the model offline. Every few seconds
+the server's RSS and live sessions are sampled; at the end the RSS of the last third of the
+run must be within 10% (plus 10 MiB) of the middle third. Exit 1 when a check fails.
+
+    python -m bench.soak --minutes 10          # make soak
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client import AsyncStreamingClient, LstmStreamError
+from lstm_model import load_model
+
+
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    found = re.search(rf"^{name} ([\d.e+]+)$", text, flags=re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def start_server(metrics_port: int, idle_timeout_s: float, log_path: Path) -> tuple:
+    log = open(log_path, "w")  # noqa: SIM115 - lives as long as the server
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            str(metrics_port),
+            "--session-idle-timeout-s",
+            str(idle_timeout_s),
+            "--max-sessions",
+            "4096",
+        ],
+        stderr=log,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if found := re.search(r"serving on \S+:(\d+)", log_path.read_text()):
+            return server, int(found.group(1)), log
+        time.sleep(0.1)
+    raise RuntimeError("lstm-serve did not start:\n" + log_path.read_text())
+
+
+class Churn:
+    def __init__(self, target: str, seed: int) -> None:
+        self.target = target
+        self.random = random.Random(seed)
+        self.model = load_model().model
+        self.counts = {"sessions": 0, "timesteps": 0, "checked": 0, "mismatches": 0, "errors": 0}
+
+    async def worker(self, client: AsyncStreamingClient, until: float) -> None:
+        while time.monotonic() < until:
+            try:
+                await self.one_session(client)
+            except LstmStreamError as err:
+                self.counts["errors"] += 1
+                print(f"error: {err}", file=sys.stderr)
+
+    async def one_session(self, client: AsyncStreamingClient) -> None:
+        rng = self.random
+        session = await client.open_session()
+        steps = (
+            np.random.default_rng(rng.randrange(2**31))
+            .standard_normal((rng.randint(5, 60), 6))
+            .astype(np.float32)
+            * 3
+        )
+        outputs, start = [], 0
+        while start < len(steps):
+            size = rng.randint(1, 8)
+            outputs.append(await session.send(steps[start : start + size]))
+            start += size
+        self.counts["sessions"] += 1
+        self.counts["timesteps"] += len(steps)
+        if rng.random() < 0.1:  # check a sample against the model offline
+            with torch.inference_mode():
+                expected = self.model(torch.from_numpy(steps)[None])[0][0].numpy()
+            self.counts["checked"] += 1
+            if not np.allclose(np.concatenate(outputs), expected, atol=1e-5):
+                self.counts["mismatches"] += 1
+        fate = rng.random()
+        if fate < 0.5:
+            await session.close()
+        elif fate < 0.7:
+            await client.delete_session(session.session_id)
+            session.detach()
+        elif fate < 0.8:
+            await session.reset()
+            await session.close()
+        else:
+            session.detach()  # abandoned: the sweeper expires it
+
+
+async def drive(target: str, workers: int, seconds: float, seed: int) -> dict:
+    churn = Churn(target, seed)
+    until = time.monotonic() + seconds
+    async with AsyncStreamingClient(target) as client:
+        await asyncio.gather(*(churn.worker(client, until) for _ in range(workers)))
+    return churn.counts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, help="overrides --minutes (smoke tests)")
+    parser.add_argument("--workers", type=int, default=32)
+    parser.add_argument("--sample-every", type=float, default=5.0)
+    parser.add_argument("--idle-timeout", type=float, default=5.0)
+    parser.add_argument("--out", default="docs/soak.json")
+    args = parser.parse_args()
+    seconds = args.seconds or args.minutes * 60
+    metrics_port = _free_port()
+    log_path = Path(args.out).with_suffix(".server.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    server, port, log = start_server(metrics_port, args.idle_timeout, log_path)
+    samples: list[dict] = []
+    started = time.monotonic()
+
+    async def sample_loop(done: asyncio.Event) -> None:
+        while not done.is_set():
+            samples.append(
+                {
+                    "t_s": round(time.monotonic() - started, 1),
+                    "rss_mib": round(rss_bytes(server.pid) / 2**20, 1),
+                    "sessions_active": metric(metrics_port, "lstm_sessions_active"),
+                    "timesteps_total": metric(metrics_port, "lstm_timesteps_total"),
+                }
+            )
+            print(json.dumps(samples[-1]), flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), args.sample_every)
+
+    async def run() -> dict:
+        done = asyncio.Event()
+        sampler = asyncio.create_task(sample_loop(done))
+        counts = await drive(f"127.0.0.1:{port}", args.workers, seconds, seed=1)
+        done.set()
+        await sampler
+        return counts
+
+    try:
+        counts = asyncio.run(run())
+    finally:
+        server.send_signal(signal.SIGTERM)
+        exit_code = server.wait(60)
+        log.close()
+    third = max(1, len(samples) // 3)
+    middle = statistics.median(s["rss_mib"] for s in samples[third : 2 * third] or samples)
+    last = statistics.median(s["rss_mib"] for s in samples[-third:])
+    checks = {
+        "memory flat (last third <= 1.1 x middle third + 10 MiB)": last <= middle * 1.1 + 10,
+        "no errors": counts["errors"] == 0,
+        "sampled outputs equal offline": counts["mismatches"] == 0 and counts["checked"] > 0,
+        "sessions bounded": max(s["sessions_active"] for s in samples) <= 4096,
+        "server exited 0": exit_code == 0,
+    }
+    result = {
+        "seconds": seconds,
+        "workers": args.workers,
+        "counts": counts,
+        "rss_mib_middle_third": middle,
+        "rss_mib_last_third": last,
+        "checks": checks,
+        "samples": samples,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"\nsoak {seconds:.0f} s, {args.workers} workers: {counts['sessions']} sessions, "
+        f"{counts['timesteps']} timesteps, {counts['checked']} checked offline; RSS median "
+        f"{middle:.1f} MiB (middle third) -> {last:.1f} MiB (last third)"
+    )
+    for name, ok in checks.items():
+        print(f"  {'ok  ' if ok else 'FAIL'} {name}")
+    return 0 if all(checks.values()) else 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
