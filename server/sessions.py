@@ -24,6 +24,8 @@ from server.state_pool import SlotsExhausted, StatePool
 class ReplayBuffer:
     """The outputs of a session's last `capacity` steps, in a ring allocated at first use."""
 
+    __slots__ = ("_ring", "_steps", "capacity")
+
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._ring: np.ndarray | None = None  # (capacity, O): step s lives at row s % capacity
@@ -56,7 +58,7 @@ class ReplayBuffer:
         return self._ring[np.arange(start, end) % self.capacity]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: 100,000 idle sessions must stay small
 class Session:
     session_id: str
     slot: int
