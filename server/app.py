@@ -23,12 +23,12 @@ from server import metrics
 from server.config import ServerConfig, load_config
 from server.engine import default_torch_threads, resolve_device
 from server.runtime import Runtime
+from server.security import AuthInterceptor, TokenFileError, TokenStore, server_credentials
 from server.service import InferenceService
 from server.snapshot import SnapshotError, discard_snapshot, read_snapshot, write_snapshot
 
 log = logging.getLogger("lstm_serve")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Server:
     port: int
     runtime: Runtime
     health: health.aio.HealthServicer
+    tokens: TokenStore | None = None
 
     async def start(self) -> None:
         await self.restore_snapshot()
@@ -93,15 +94,11 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     torch.set_num_threads(config.torch_threads or default_torch_threads())
     loaded = load_model(config.model)
     runtime = Runtime(config, loaded, device)
-    grpc_server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_concurrent_streams", 100_000),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
-    )
+    tokens = TokenStore(config.auth_tokens) if config.auth_tokens else None
+    interceptors = [AuthInterceptor(tokens, config.auth_health)] if tokens else []
+    grpc_server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceService(runtime), grpc_server
+        InferenceService(runtime, tokens), grpc_server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
@@ -113,7 +110,12 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         ),
         grpc_server,
     )
-    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    credentials = server_credentials(config)
+    if credentials is None:
+        port = grpc_server.add_insecure_port(address)
+    else:
+        port = grpc_server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     model = runtime.model_config
@@ -137,7 +139,32 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         config.max_sessions,
         runtime.engine.pool.nbytes / 2**20,
     )
-    return Server(grpc_server, port, runtime, health_servicer), port
+    log.info(
+        "transport %s; auth %s",
+        _describe_tls(config),
+        f"tokens from {config.auth_tokens}" if tokens else "off",
+    )
+    return Server(grpc_server, port, runtime, health_servicer, tokens), port
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    ping_ms = int(config.min_ping_interval_s * 1000)
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        # Keepalive enforcement: pings closer together than this earn strikes; then GOAWAY.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", ping_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", ping_ms),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def _describe_tls(config: ServerConfig) -> str:
+    if not config.tls_cert:
+        return "plaintext"
+    return "mutual TLS" if config.tls_client_ca else "TLS"
 
 
 async def serve(config: ServerConfig) -> None:
@@ -149,6 +176,8 @@ async def serve(config: ServerConfig) -> None:
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host.strip("[]"))
         log.info("metrics on :%d/metrics", config.metrics_port)
+    if server.tokens is not None:
+        loop.add_signal_handler(signal.SIGHUP, server.tokens.reload)
     await server.start()
     log.info("serving on %s:%d", config.host, port)
     await stop.wait()
@@ -169,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         asyncio.run(serve(config))
-    except (ModelLoadError, SnapshotError, ValueError, OSError) as exc:
+    except (ModelLoadError, SnapshotError, TokenFileError, ValueError, OSError) as exc:
         print(f"lstm-serve: {exc}", file=sys.stderr)
         return 1
     return 0

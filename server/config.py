@@ -35,6 +35,17 @@ class ServerConfig:
     torch_threads: int = 0  # 0: all cores but the one the event loop runs on
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    # Security (docs/security.md)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""  # set: mutual TLS, clients must present a certificate it signed
+    auth_tokens: str = ""  # file of "TOKEN PRINCIPAL" lines; set: every call needs a token
+    auth_health: bool = False  # also require a token for health and reflection
+    max_sessions_per_principal: int = 0  # 0: no per-principal quota
+    rate_limit_steps_per_s: float = 0.0  # per principal; 0: unlimited
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_streams_per_connection: int = 4096
+    min_ping_interval_s: float = 10.0  # clients pinging more often are told to go away
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_sessions", "replay_steps", "max_chunk_steps"):
@@ -42,7 +53,21 @@ class ServerConfig:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
-        for name in ("max_batch_delay_us", "torch_threads", "port", "metrics_port"):
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in (
+            "max_batch_delay_us",
+            "torch_threads",
+            "port",
+            "metrics_port",
+            "max_sessions_per_principal",
+            "rate_limit_steps_per_s",
+            "max_message_bytes",
+            "max_streams_per_connection",
+            "min_ping_interval_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
@@ -74,6 +99,17 @@ _HELP = {
     "torch_threads": "torch intra-op threads (0: cores minus one)",
     "shutdown_grace_s": "how long in-flight work gets on shutdown",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "tls_cert": "PEM certificate chain: serve TLS",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle: require client certificates it signed (mutual TLS)",
+    "auth_tokens": "file of 'TOKEN PRINCIPAL' lines: require 'authorization: Bearer TOKEN' "
+    "(reloaded on SIGHUP)",
+    "auth_health": "require a token for health checks and reflection too",
+    "max_sessions_per_principal": "per-principal session quota (0: none)",
+    "rate_limit_steps_per_s": "per-principal timesteps per second (0: unlimited)",
+    "max_message_bytes": "largest request message accepted",
+    "max_streams_per_connection": "concurrent streams per HTTP/2 connection",
+    "min_ping_interval_s": "keepalive pings more frequent than this get GOAWAY",
 }
 
 

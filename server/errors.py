@@ -68,6 +68,16 @@ class SessionCapacity(ServiceError):
         )
 
 
+class SessionQuota(ServiceError):
+    code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_QUOTA"
+
+    def __init__(self, quota: int) -> None:
+        super().__init__(
+            f"session quota reached: this principal already has {quota} live sessions "
+            "(--max-sessions-per-principal); end or delete one first"
+        )
+
+
 class SessionTakenOver(ServiceError):
     code, reason = grpc.StatusCode.ABORTED, "SESSION_TAKEN_OVER"
 

@@ -26,6 +26,7 @@ from server.errors import (
     SessionTakenOver,
     ShuttingDown,
 )
+from server.security import RateLimiter
 from server.sessions import Session, SessionTable, plan_chunk
 
 log = logging.getLogger("lstm_serve")
@@ -61,7 +62,10 @@ class Runtime:
             loaded, config.max_sessions, device, DTYPES[config.dtype], config.max_batch_size
         )
         self.model_config = loaded.model.config
-        self.sessions = SessionTable(self.engine.pool, config.replay_steps)
+        self.sessions = SessionTable(
+            self.engine.pool, config.replay_steps, config.max_sessions_per_principal
+        )
+        self.rate_limiter = RateLimiter(config.rate_limit_steps_per_s)
         self.batcher = Batcher(self.engine, config.max_batch_size, config.max_batch_delay_us)
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
@@ -72,14 +76,14 @@ class Runtime:
 
     # Sessions
 
-    def create_session(self, session_id: str = "") -> Session:
+    def create_session(self, session_id: str = "", principal: str = "") -> Session:
         self._refuse_if_draining()
-        session = self.sessions.create(session_id)
+        session = self.sessions.create(session_id, principal)
         log.info("session %s created (slot %d)", short_id(session.session_id), session.slot)
         return session
 
-    def get_session(self, session_id: str) -> Session:
-        return self.sessions.get(session_id)
+    def get_session(self, session_id: str, principal: str = "") -> Session:
+        return self.sessions.get(session_id, principal)
 
     async def close_session(self, session: Session, reason: str) -> None:
         """Remove a session once its in-flight chunk is committed; zero and free its slot."""
@@ -98,15 +102,18 @@ class Runtime:
         await self.engine.call(self.engine.pool.zero, torch.tensor([slot]))
         self.sessions.release_slot(slot)
 
-    async def delete_session(self, session_id: str) -> None:
-        await self.close_session(self.sessions.get(session_id), "deleted")
+    async def delete_session(self, session_id: str, principal: str = "") -> None:
+        await self.close_session(self.sessions.get(session_id, principal), "deleted")
 
     # Streams
 
-    def attach(self, attachment: Attachment, session_id: str) -> Session:
+    def attach(self, attachment: Attachment, session_id: str, principal: str = "") -> Session:
         """Feed a new session (empty id) or take over an existing one."""
         self._refuse_if_draining()
-        session = self.create_session() if not session_id else self.sessions.get(session_id)
+        if session_id:
+            session = self.sessions.get(session_id, principal)
+        else:
+            session = self.create_session("", principal)
         previous = session.owner
         session.owner = attachment
         attachment.session = session
@@ -138,6 +145,7 @@ class Runtime:
             if attachment is not None and session.owner is not attachment:
                 raise SessionTakenOver(session.session_id)
             plan = plan_chunk(session, start_step, inputs, reset, self.model_config.output_size)
+            self.rate_limiter.take(session.principal, len(plan.new))
             self.sessions.touch(session)
         except BaseException:
             session.lock.release()
@@ -160,15 +168,17 @@ class Runtime:
 
     # Moving sessions
 
-    async def export_session(self, session_id: str) -> bytes:
-        session = self.sessions.get(session_id)
+    async def export_session(self, session_id: str, principal: str = "") -> bytes:
+        session = self.sessions.get(session_id, principal)
         async with session.lock:
             if session.closed:
                 raise SessionNotFound(session_id)
             h, c = await self.engine.call(self.engine.pool.read, [session.slot])
             return transfer.encode(self._record(session, h[0], c[0]))
 
-    async def import_session(self, data: bytes, session_id: str = "") -> Session:
+    async def import_session(
+        self, data: bytes, session_id: str = "", principal: str = ""
+    ) -> Session:
         record = transfer.decode(data)
         if record.fingerprint != self.engine.fingerprint:
             raise ModelMismatch(
@@ -181,14 +191,23 @@ class Runtime:
                 f"state: expected h and c of shape {list(expected)}, got "
                 f"{list(record.h.shape)} and {list(record.c.shape)}"
             )
-        (session,) = await self.restore([record], session_id)
+        (session,) = await self.restore([record], session_id, principal)
         return session
 
     async def restore(
-        self, records: list[transfer.SessionRecord], session_id: str = ""
+        self,
+        records: list[transfer.SessionRecord],
+        session_id: str = "",
+        principal: str | None = None,
     ) -> list[Session]:
-        """Sessions from records (an import, a snapshot), state written to their slots."""
-        sessions = [self.create_session(session_id or r.session_id) for r in records]
+        """Sessions from records (an import: owned by `principal`; a snapshot: by their own),
+        state written to their slots."""
+        sessions = [
+            self.create_session(
+                session_id or r.session_id, r.principal if principal is None else principal
+            )
+            for r in records
+        ]
         if not sessions:
             return []
         h = torch.stack([r.h for r in records], dim=1)  # (L, N, H)
@@ -219,6 +238,7 @@ class Runtime:
             replay=torch.from_numpy(np.ascontiguousarray(replay)),
             fingerprint=self.engine.fingerprint,
             create_time=session.create_time,
+            principal=session.principal,
         )
 
     # Lifecycle

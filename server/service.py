@@ -17,6 +17,7 @@ from server import metrics
 from server.codec import check_session_id, decode_steps, resolve_session_id
 from server.errors import BadInput, ServiceError
 from server.runtime import Attachment, Runtime
+from server.security import ANONYMOUS, TokenStore, Unauthenticated
 from server.sessions import Session
 
 Response = TypeVar("Response")
@@ -74,11 +75,21 @@ def metadata_session_id(context: Any) -> str | None:
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, tokens: TokenStore | None = None) -> None:
         self.runtime = runtime
+        self.tokens = tokens
         self.model = runtime.model_config
         self._stream_latency = metrics.STEP_LATENCY.labels("StreamSteps")
         self._stream_ok = metrics.REQUESTS.labels("StreamSteps", "OK")
+
+    def _principal(self, context: Any) -> str:
+        """Who is calling: the token's principal, or anonymous when auth is off."""
+        if self.tokens is None:
+            return ANONYMOUS
+        principal = self.tokens.principal(context.invocation_metadata())
+        if principal is None:  # the interceptor refuses these first; this is a second lock
+            raise Unauthenticated("expected 'authorization: Bearer <token>' with a valid token")
+        return principal
 
     def _session_id(self, request_id: str, context: Any) -> str:
         session_id = resolve_session_id(request_id, metadata_session_id(context))
@@ -108,17 +119,21 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     @unary("CreateSession")
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Any):
         session_id = resolve_session_id(request.session_id, metadata_session_id(context))
-        session = self.runtime.create_session(session_id)
+        session = self.runtime.create_session(session_id, self._principal(context))
         return pb.CreateSessionResponse(session=session_message(session))
 
     @unary("GetSession")
     async def GetSession(self, request: pb.GetSessionRequest, context: Any):
-        session = self.runtime.get_session(self._session_id(request.session_id, context))
+        session = self.runtime.get_session(
+            self._session_id(request.session_id, context), self._principal(context)
+        )
         return pb.GetSessionResponse(session=session_message(session))
 
     @unary("DeleteSession")
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Any):
-        await self.runtime.delete_session(self._session_id(request.session_id, context))
+        await self.runtime.delete_session(
+            self._session_id(request.session_id, context), self._principal(context)
+        )
         return pb.DeleteSessionResponse()
 
     @unary("Predict")
@@ -131,18 +146,23 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 f"num_steps: expected {len(inputs)} (inputs hold {len(request.inputs)} values of "
                 f"input_size {self.model.input_size}), got {request.num_steps}"
             )
+        self.runtime.rate_limiter.take(self._principal(context), len(inputs))
         outputs = await self.runtime.predict(inputs)
         return pb.PredictResponse(outputs=outputs.ravel().tolist())
 
     @unary("ExportSession")
     async def ExportSession(self, request: pb.ExportSessionRequest, context: Any):
-        state = await self.runtime.export_session(self._session_id(request.session_id, context))
+        state = await self.runtime.export_session(
+            self._session_id(request.session_id, context), self._principal(context)
+        )
         return pb.ExportSessionResponse(state=state)
 
     @unary("ImportSession")
     async def ImportSession(self, request: pb.ImportSessionRequest, context: Any):
         session_id = request.session_id and check_session_id(request.session_id)
-        session = await self.runtime.import_session(request.state, session_id)
+        session = await self.runtime.import_session(
+            request.state, session_id, self._principal(context)
+        )
         return pb.ImportSessionResponse(session=session_message(session))
 
     async def StreamSteps(
@@ -155,7 +175,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 received = time.perf_counter()
                 attachment.busy = True
                 try:
-                    response = await self._stream_message(request, attachment, metadata_id)
+                    response = await self._stream_message(request, attachment, metadata_id, context)
                 except ServiceError as err:
                     metrics.REQUESTS.labels("StreamSteps", err.code.name).inc()
                     self._stream_latency.observe(time.perf_counter() - received)
@@ -180,7 +200,11 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             self.runtime.detach(attachment)
 
     async def _stream_message(
-        self, request: pb.StreamStepsRequest, attachment: Attachment, metadata_id: str | None
+        self,
+        request: pb.StreamStepsRequest,
+        attachment: Attachment,
+        metadata_id: str | None,
+        context: Any,
     ) -> pb.StreamStepsResponse:
         if attachment.interruption is not None:
             raise attachment.interruption
@@ -188,7 +212,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         if session is None:
             session_id = resolve_session_id(request.session_id, metadata_id)
             inputs = self._decode(request)  # a bad first message creates nothing
-            session = self.runtime.attach(attachment, session_id)
+            session = self.runtime.attach(attachment, session_id, self._principal(context))
         else:
             if request.session_id and request.session_id != session.session_id:
                 raise BadInput(

@@ -10,14 +10,20 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from server import metrics
-from server.errors import SessionCapacity, SessionExists, SessionNotFound, StepOutOfOrder
+from server.errors import (
+    SessionCapacity,
+    SessionExists,
+    SessionNotFound,
+    SessionQuota,
+    StepOutOfOrder,
+)
 from server.state_pool import SlotsExhausted, StatePool
 
 
@@ -63,6 +69,7 @@ class Session:
     session_id: str
     slot: int
     replay: ReplayBuffer
+    principal: str = ""  # who created it; only they can see it
     next_step: int = 0
     create_time: float = field(default_factory=time.time)
     last_active_time: float = field(default_factory=time.time)
@@ -114,20 +121,21 @@ def plan_chunk(
             f"step the replay buffer holds) or the next step {next_step}, got {start}",
             expected_step=next_step,
         )
-    replayed = (
-        session.replay.read(start, start + already, output_size) if already else NO_OUTPUTS
-    )
+    replayed = session.replay.read(start, start + already, output_size) if already else NO_OUTPUTS
     # A resent message's reset was applied when it first arrived.
     return ChunkPlan(replayed, inputs[already:], start + already, reset and start == next_step)
 
 
 class SessionTable:
-    """Live sessions by id, bounded by the pool's capacity; least recently active first."""
+    """Live sessions, bounded by the pool's capacity, least recently active first. Sessions are
+    keyed by (principal, id): another principal's session is indistinguishable from none."""
 
-    def __init__(self, pool: StatePool, replay_steps: int) -> None:
+    def __init__(self, pool: StatePool, replay_steps: int, per_principal: int = 0) -> None:
         self._pool = pool
         self._replay_steps = replay_steps
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._per_principal = per_principal
+        self._sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
+        self._counts: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -135,34 +143,38 @@ class SessionTable:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
-    def create(self, session_id: str = "") -> Session:
+    def create(self, session_id: str = "", principal: str = "") -> Session:
         session_id = session_id or secrets.token_urlsafe(16)  # 128 random bits
-        if session_id in self._sessions:
+        if (principal, session_id) in self._sessions:
             raise SessionExists(session_id)
+        if self._per_principal and self._counts[principal] >= self._per_principal:
+            raise SessionQuota(self._per_principal)
         try:
             slot = self._pool.allocate()
         except SlotsExhausted:
             raise SessionCapacity(self._pool.capacity) from None
-        session = Session(session_id, slot, ReplayBuffer(self._replay_steps))
-        self._sessions[session_id] = session
+        session = Session(session_id, slot, ReplayBuffer(self._replay_steps), principal)
+        self._sessions[principal, session_id] = session
+        self._counts[principal] += 1
         metrics.SESSIONS_CREATED.inc()
         metrics.SESSIONS_ACTIVE.set(len(self._sessions))
         return session
 
-    def get(self, session_id: str) -> Session:
-        session = self._sessions.get(session_id)
+    def get(self, session_id: str, principal: str = "") -> Session:
+        session = self._sessions.get((principal, session_id))
         if session is None:
             raise SessionNotFound(session_id)
         return session
 
     def touch(self, session: Session) -> None:
         session.touch()
-        self._sessions.move_to_end(session.session_id)
+        self._sessions.move_to_end((session.principal, session.session_id))
 
     def detach(self, session: Session) -> int:
         """Remove a session from the table; its slot must be zeroed, then release_slot'ed."""
         session.closed = True
-        del self._sessions[session.session_id]
+        del self._sessions[session.principal, session.session_id]
+        self._counts[session.principal] -= 1
         metrics.SESSIONS_ACTIVE.set(len(self._sessions))
         return session.slot
 

@@ -36,6 +36,7 @@ def write_snapshot(directory: Path, records: list[SessionRecord], fingerprint: s
             "next_step": r.next_step,
             "replay": len(r.replay),
             "create_time": r.create_time,
+            "principal": r.principal,
         }
         for r in records
     ]
@@ -100,6 +101,7 @@ def read_snapshot(directory: Path, fingerprint: str) -> list[SessionRecord]:
                 replay,
                 fingerprint,
                 s["create_time"],
+                s.get("principal", ""),
             )
         )
     return records

@@ -31,6 +31,7 @@ class SessionRecord:
     replay: torch.Tensor  # (R, O) float32: outputs of steps next_step - R .. next_step - 1
     fingerprint: str
     create_time: float
+    principal: str = ""
 
 
 def encode(record: SessionRecord) -> bytes:
@@ -41,6 +42,7 @@ def encode(record: SessionRecord) -> bytes:
         "next_step": str(record.next_step),
         "fingerprint": record.fingerprint,
         "create_time": repr(record.create_time),
+        "principal": record.principal,
     }
     tensors = {"h": record.h, "c": record.c, "replay": record.replay}
     return save_tensors({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
@@ -79,6 +81,7 @@ def decode(data: bytes) -> SessionRecord:
             replay=tensors["replay"],
             fingerprint=metadata["fingerprint"],
             create_time=float(metadata["create_time"]),
+            principal=metadata.get("principal", ""),
         )
     except (KeyError, ValueError, RuntimeError, SafetensorError) as exc:
         raise BadInput(f"state: corrupt exported session ({exc})") from None
