@@ -15,7 +15,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from lstm_stream.v1 import inference_pb2, inference_pb2_grpc
+from lstm_stream.v1 import inference_pb2
 from prometheus_client import start_http_server
 
 from lstm_model.checkpoint import ModelLoadError, load_model
@@ -24,7 +24,7 @@ from server.config import ServerConfig, load_config
 from server.engine import default_torch_threads, resolve_device
 from server.runtime import Runtime
 from server.security import AuthInterceptor, TokenFileError, TokenStore, server_credentials
-from server.service import InferenceService
+from server.service import InferenceService, add_servicer
 from server.snapshot import SnapshotError, discard_snapshot, read_snapshot, write_snapshot
 
 log = logging.getLogger("lstm_serve")
@@ -97,9 +97,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     tokens = TokenStore(config.auth_tokens) if config.auth_tokens else None
     interceptors = [AuthInterceptor(tokens, config.auth_health)] if tokens else []
     grpc_server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceService(runtime, tokens), grpc_server
-    )
+    add_servicer(InferenceService(runtime, tokens), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(

@@ -80,7 +80,10 @@ class Batcher:
             if self._max_delay_s and len(self._queue) < self._max_batch_size:
                 await asyncio.sleep(self._max_delay_s)
             batch = self._take_batch()
-            await self._execute(batch)
+            try:
+                await self._execute(batch)
+            except Exception:  # the loop must outlive any one batch: every stream waits on it
+                log.exception("batcher: unexpected failure; carrying on")
 
     async def _execute(self, batch: list[Pending]) -> None:
         dispatched = time.perf_counter()
@@ -96,12 +99,24 @@ class Batcher:
         finished = time.perf_counter()
         steps = 0
         for pending, out in zip(batch, outputs, strict=True):
-            pending.session.commit(pending.start, out)
-            pending.session.lock.release()
-            steps += len(out)
-            if not pending.future.done():  # a caller that went away still had its chunk applied
-                pending.future.set_result(out)
+            steps += self._complete(pending, out)
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.QUEUE_WAIT.observe(dispatched - batch[0].enqueued)
         metrics.BATCH_COMPUTE.observe(finished - dispatched)
         metrics.TIMESTEPS.inc(steps)
+
+    @staticmethod
+    def _complete(pending: Pending, out: np.ndarray) -> int:
+        """Commit one chunk and answer its caller; a failure here fails that chunk alone."""
+        try:
+            pending.session.commit(pending.start, out)
+        except Exception as exc:
+            log.exception("committing a chunk of session %s failed", pending.session.session_id[:6])
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+            return 0
+        finally:
+            pending.session.lock.release()
+        if not pending.future.done():  # a caller that went away still had its chunk applied
+            pending.future.set_result(out)
+        return len(out)

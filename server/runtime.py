@@ -19,7 +19,6 @@ from server.batcher import Batcher
 from server.config import ServerConfig
 from server.engine import DTYPES, Engine, StepWork
 from server.errors import (
-    BadInput,
     ModelMismatch,
     ServiceError,
     SessionNotFound,
@@ -185,12 +184,8 @@ class Runtime:
                 f"state: exported from model {record.fingerprint[:12]}, this server runs "
                 f"{self.engine.fingerprint[:12]}; a session moves only between equal models"
             )
-        expected = (self.model_config.num_layers, self.model_config.hidden_size)
-        if tuple(record.h.shape) != expected or tuple(record.c.shape) != expected:
-            raise BadInput(
-                f"state: expected h and c of shape {list(expected)}, got "
-                f"{list(record.h.shape)} and {list(record.c.shape)}"
-            )
+        config = self.model_config
+        transfer.validate(record, config.num_layers, config.hidden_size, config.output_size)
         (session,) = await self.restore([record], session_id, principal)
         return session
 
@@ -202,12 +197,15 @@ class Runtime:
     ) -> list[Session]:
         """Sessions from records (an import: owned by `principal`; a snapshot: by their own),
         state written to their slots."""
-        sessions = [
-            self.create_session(
-                session_id or r.session_id, r.principal if principal is None else principal
-            )
-            for r in records
-        ]
+        sessions: list[Session] = []
+        try:
+            for r in records:
+                owner = r.principal if principal is None else principal
+                sessions.append(self.create_session(session_id or r.session_id, owner))
+        except ServiceError:
+            for session in sessions:  # all or nothing
+                await self.close_session(session, "deleted")
+            raise
         if not sessions:
             return []
         h = torch.stack([r.h for r in records], dim=1)  # (L, N, H)

@@ -8,14 +8,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
 from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import DecodeError
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
 from server import metrics
 from server.codec import check_session_id, decode_steps, resolve_session_id
-from server.errors import BadInput, ServiceError
+from server.errors import BadInput, ServiceError, StepOutOfOrder
 from server.runtime import Attachment, Runtime
 from server.security import ANONYMOUS, TokenStore, Unauthenticated
 from server.sessions import Session
@@ -37,6 +39,8 @@ def unary(rpc: str) -> Callable[..., Callable[..., Awaitable[Any]]]:
         async def wrapper(self: InferenceService, request: Any, context: Any) -> Response:
             received = time.perf_counter()
             try:
+                if isinstance(request, Malformed):
+                    raise request.error
                 response = await method(self, request, context)
             except ServiceError as err:
                 metrics.REQUESTS.labels(rpc, err.code.name).inc()
@@ -49,6 +53,49 @@ def unary(rpc: str) -> Callable[..., Callable[..., Awaitable[Any]]]:
         return wrapper
 
     return decorate
+
+
+class Malformed:
+    """A request body that does not decode as its message: answered BAD_INPUT by the servicer
+    (gRPC's own deserializer would fail the call UNKNOWN, with no reason)."""
+
+    def __init__(self, message: type, error: Exception) -> None:
+        self.error = BadInput(
+            f"request: expected a serialized {message.DESCRIPTOR.full_name}, got bytes that do "
+            f"not decode ({error})"
+        )
+
+
+def tolerant_deserializer(message: type) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError as exc:
+            return Malformed(message, exc)
+
+    return deserialize
+
+
+def add_servicer(servicer: InferenceService, server: Any) -> None:
+    """Register the servicer as the generated code would, with tolerant deserializers."""
+    service = pb.DESCRIPTOR.services_by_name["InferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=tolerant_deserializer(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -208,10 +255,18 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     ) -> pb.StreamStepsResponse:
         if attachment.interruption is not None:
             raise attachment.interruption
+        if isinstance(request, Malformed):
+            raise request.error
         session = attachment.session
-        if session is None:
+        start_step = request.start_step if request.HasField("start_step") else None
+        if session is None:  # a bad first message creates nothing
             session_id = resolve_session_id(request.session_id, metadata_id)
-            inputs = self._decode(request)  # a bad first message creates nothing
+            inputs = self._decode(request)
+            if not session_id and start_step:
+                raise StepOutOfOrder(
+                    f"start_step: expected 0 (or none) for a new session, got {start_step}",
+                    expected_step=0,
+                )
             session = self.runtime.attach(attachment, session_id, self._principal(context))
         else:
             if request.session_id and request.session_id != session.session_id:
@@ -220,7 +275,6 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     f"empty, got {request.session_id!r}"
                 )
             inputs = self._decode(request)
-        start_step = request.start_step if request.HasField("start_step") else None
         first, outputs = await self.runtime.step(
             session, inputs, start_step, request.reset, attachment
         )

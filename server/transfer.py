@@ -85,3 +85,34 @@ def decode(data: bytes) -> SessionRecord:
         )
     except (KeyError, ValueError, RuntimeError, SafetensorError) as exc:
         raise BadInput(f"state: corrupt exported session ({exc})") from None
+
+
+def validate(record: SessionRecord, num_layers: int, hidden_size: int, output_size: int) -> None:
+    """Refuse a record that would make a broken session; run before anything is created."""
+    from server.codec import check_session_id
+
+    check_session_id(record.session_id)
+    if not 0 <= record.next_step < 2**63:
+        raise BadInput(f"state: expected next_step in [0, 2**63), got {record.next_step}")
+    expected = (num_layers, hidden_size)
+    for name, tensor in (("h", record.h), ("c", record.c)):
+        if tuple(tensor.shape) != expected:
+            raise BadInput(
+                f"state: expected {name} of shape {list(expected)}, got {list(tensor.shape)}"
+            )
+    replay = record.replay
+    if replay.ndim != 2 or replay.shape[1] != output_size or len(replay) > record.next_step:
+        raise BadInput(
+            f"state: expected replay of shape [R, {output_size}] with R <= next_step "
+            f"({record.next_step}), got {list(replay.shape)}"
+        )
+    for name, tensor in (("h", record.h), ("c", record.c), ("replay", replay)):
+        if tensor.dtype != torch.float32 or not torch.isfinite(tensor).all():
+            raise BadInput(
+                f"state: expected finite float32 {name}, got {tensor.dtype} "
+                "with NaN, infinite or other values"
+            )
+    if not (0 <= record.create_time < 1e11):  # NaN fails this too
+        raise BadInput(
+            f"state: expected create_time in seconds since 1970, got {record.create_time}"
+        )

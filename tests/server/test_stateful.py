@@ -1,0 +1,485 @@
+"""Hypothesis stateful testing of sessions and streams against a real in-process server.
+
+A small server (4 sessions, an 8-step replay buffer) is driven through random sequences of
+creates (server-issued and client-chosen ids, by CreateSession and by a stream's first message),
+chunks (appended, at the next step, resent over the replay buffer, stale, past a gap; with and
+without reset and end_session), bad messages, takeovers, deletes, expiries and stream closes. A
+plain model says what each call must return: every output is held to the offline model run over
+the session's inputs since its last reset, every refusal to its code, ErrorInfo reason and
+`expected_step`, and after each rule every live session's next step and replay window and the
+number of live sessions must match the model.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from lstm_stream.v1 import inference_pb2 as pb
+from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
+
+from client.errors import from_rpc_error
+from tests.factories import offline, serve
+
+INPUT_SIZE, OUTPUT_SIZE = 6, 4  # the bundled model
+CAPACITY = 4
+REPLAY_STEPS = 8
+CHOSEN_IDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]  # few: ids collide
+TIMEOUT_S = 30.0
+
+Outcome = tuple[str, str, str | None]  # (status code name, ErrorInfo reason, expected_step)
+OK: Outcome = ("OK", "", None)
+BAD: Outcome = ("INVALID_ARGUMENT", "BAD_INPUT", None)
+NOT_FOUND: Outcome = ("NOT_FOUND", "SESSION_NOT_FOUND", None)
+EXISTS: Outcome = ("ALREADY_EXISTS", "SESSION_EXISTS", None)
+CAPACITY_REACHED: Outcome = ("RESOURCE_EXHAUSTED", "SESSION_CAPACITY", None)
+TAKEN_OVER: Outcome = ("ABORTED", "SESSION_TAKEN_OVER", None)
+
+
+def out_of_order(expected_step: int) -> Outcome:
+    return ("FAILED_PRECONDITION", "STEP_OUT_OF_ORDER", str(expected_step))
+
+
+def outcome_of(err: grpc.RpcError) -> Outcome:
+    error = from_rpc_error(err)
+    return (error.code.name, error.reason, error.metadata.get("expected_step"))
+
+
+def steps_from(seed: int, count: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((count, INPUT_SIZE)) * 3).astype(np.float32)  # (T, I)
+
+
+class Stream:
+    """One StreamSteps call: send a message, get its response or its error's outcome."""
+
+    def __init__(self, stub, metadata_id: str | None = None) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        metadata = (("x-session-id", metadata_id),) if metadata_id else None
+        self.call = stub.StreamSteps(
+            iter(self._requests.get, None), metadata=metadata, timeout=TIMEOUT_S
+        )
+        self._responses = iter(self.call)
+
+    def send(self, request: pb.StreamStepsRequest) -> tuple[Outcome, pb.StreamStepsResponse]:
+        self._requests.put(request)
+        try:
+            return OK, next(self._responses)
+        except grpc.RpcError as err:
+            return outcome_of(err), None
+        except StopIteration:
+            return ("ENDED", "the stream ended without answering", None), None
+
+    def finish(self) -> Outcome:
+        """Half-close and wait for the status: what the server ended the stream with."""
+        self._requests.put(None)
+        try:
+            extra = list(self._responses)
+        except grpc.RpcError as err:
+            return outcome_of(err)
+        return OK if not extra else ("EXTRA", f"{len(extra)} unasked responses", None)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self.call.cancel()
+
+
+@dataclass
+class SessionModel:
+    session_id: str
+    next_step: int = 0
+    history: list = field(default_factory=list)  # (I,) rows since the last reset
+    inputs: dict = field(default_factory=dict)  # step -> (I,) row, every step applied
+    outputs: dict = field(default_factory=dict)  # step -> (O,) row as the server answered it
+    owner: Stream | None = None  # the stream feeding it, if any
+
+    @property
+    def replay_start(self) -> int:
+        return self.next_step - min(self.next_step, REPLAY_STEPS)
+
+
+class SessionsMachine(RuleBasedStateMachine):
+    srv = None  # set by the test: one server for every example
+    model = None
+    seen: ClassVar[Counter] = Counter()  # outcomes checked, over all examples
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channel = grpc.insecure_channel(self.srv.target)
+        self.stub = pb_grpc.InferenceServiceStub(self.channel)
+        self.live: dict[str, SessionModel] = {}
+        self.dead: list[tuple[Stream, Outcome]] = []  # streams the server ended, and how
+        self.streams: list[Stream] = []
+        self.runtime = self.srv.server.runtime
+        assert len(self.runtime.sessions) == 0, "the previous example left sessions behind"
+
+    def teardown(self) -> None:
+        for stream in self.streams:
+            stream.close()
+        for session in list(self.runtime.sessions):  # every one, leaked ones too
+            self.srv.call(self.runtime.close_session(session, "deleted"))
+        self.channel.close()
+
+    # Helpers
+
+    def open_stream(self, metadata_id: str | None = None) -> Stream:
+        stream = Stream(self.stub, metadata_id)
+        self.streams.append(stream)
+        return stream
+
+    def expect(self, expected: Outcome, got: Outcome, what: str) -> None:
+        self.seen[expected[1] or expected[0]] += 1
+        assert got == expected, f"{what}: expected {expected}, got {got}"
+
+    def displace(self, session: SessionModel, by: Stream | None) -> None:
+        """A new stream attached: the previous one ends ABORTED SESSION_TAKEN_OVER."""
+        if session.owner is not None and session.owner is not by:
+            self.dead.append((session.owner, TAKEN_OVER))
+        session.owner = by
+
+    def close_model(self, session_id: str) -> None:
+        """The session is gone: a stream feeding it ends NOT_FOUND."""
+        session = self.live.pop(session_id)
+        if session.owner is not None:
+            self.dead.append((session.owner, NOT_FOUND))
+
+    def pick_live(self, data) -> SessionModel:
+        # In creation order: server-issued ids are random, so sorting them would make the same
+        # draws pick different sessions from one run to the next.
+        return self.live[data.draw(st.sampled_from(list(self.live)), label="session")]
+
+    def stream_to(self, session: SessionModel, data) -> tuple[Stream, dict, bool]:
+        """The owner stream, or a new one naming the session by message or metadata;
+        (stream, fields for the first message, whether it is new)."""
+        if session.owner is not None and data.draw(st.booleans(), label="via owner"):
+            return session.owner, {}, False
+        how = data.draw(st.sampled_from(["message", "metadata", "both"]), label="name by")
+        metadata_id = session.session_id if how != "message" else None
+        first = {"session_id": session.session_id} if how != "metadata" else {}
+        return self.open_stream(metadata_id), first, True
+
+    def check_outputs(self, session, response, start, inputs, reset) -> None:
+        """Check an accepted chunk's response against the model, then apply it to the model."""
+        already = min(session.next_step - start, len(inputs))
+        assert (response.session_id, response.start_step, response.num_steps) == (
+            session.session_id,
+            start,
+            len(inputs),
+        ), f"response header {response.session_id, response.start_step, response.num_steps}"
+        rows = np.asarray(response.outputs, dtype=np.float32).reshape(-1, OUTPUT_SIZE)
+        replayed = [session.outputs[s] for s in range(start, start + already)]
+        if already:
+            assert np.array_equal(rows[:already], np.stack(replayed)), "replayed outputs differ"
+        if reset and start == session.next_step:
+            session.history = []
+        new = inputs[already:]
+        if len(new):
+            history = np.asarray([*session.history, *new])
+            expected = offline(self.model, history)[-len(new) :]
+            np.testing.assert_allclose(rows[already:], expected, atol=1e-5, rtol=0)
+        for row_in, row_out in zip(new, rows[already:], strict=True):
+            session.inputs[session.next_step] = row_in
+            session.outputs[session.next_step] = row_out
+            session.history.append(row_in)
+            session.next_step += 1
+
+    # Rules: creating
+
+    @rule(data=st.data())
+    def create_by_rpc(self, data) -> None:
+        session_id = data.draw(st.sampled_from(["", *CHOSEN_IDS]), label="id")
+        try:
+            response = self.stub.CreateSession(
+                pb.CreateSessionRequest(session_id=session_id), timeout=TIMEOUT_S
+            )
+            got = OK
+        except grpc.RpcError as err:
+            got, response = outcome_of(err), None
+        if session_id in self.live:
+            expected = EXISTS
+        elif len(self.live) == CAPACITY:
+            expected = CAPACITY_REACHED
+        else:
+            expected = OK
+        self.expect(expected, got, f"CreateSession({session_id!r})")
+        if got == OK:
+            assert response.session.next_step == 0
+            created = response.session.session_id
+            assert created == session_id or (not session_id and len(created) >= 22)
+            self.live[created] = SessionModel(created)
+
+    @rule(data=st.data())
+    def create_by_stream(self, data) -> None:
+        """A stream whose first message names no session creates one, unless it is refused."""
+        count = data.draw(st.integers(0, 4), label="steps")
+        inputs = steps_from(data.draw(st.integers(0, 2**32 - 1), label="seed"), count)
+        request = pb.StreamStepsRequest(inputs=inputs.ravel().tolist())
+        start = data.draw(st.sampled_from([None, 0, 1, 5, 2**63]), label="start_step")
+        if start is not None:
+            request.start_step = start
+        stream = self.open_stream()
+        got, response = stream.send(request)
+        if start:  # the message's own numbering is checked before any session is made
+            expected = out_of_order(0)  # and no session is created
+        elif len(self.live) == CAPACITY:
+            expected = CAPACITY_REACHED
+        else:
+            expected = OK
+        self.expect(expected, got, f"a new session's first message, start_step={start}")
+        if got == OK:
+            session = SessionModel(response.session_id, owner=stream)
+            assert session.session_id not in self.live
+            self.check_outputs(session, response, 0, inputs, False)
+            self.live[session.session_id] = session
+
+    @rule(data=st.data())
+    def stream_to_unknown(self, data) -> None:
+        session_id = data.draw(st.sampled_from([*CHOSEN_IDS, "never-created"]), label="id")
+        if session_id in self.live:
+            return
+        by_metadata = data.draw(st.booleans(), label="by metadata")
+        stream = self.open_stream(session_id if by_metadata else None)
+        request = pb.StreamStepsRequest(inputs=[0.5] * INPUT_SIZE)
+        if not by_metadata:
+            request.session_id = session_id
+        got, _ = stream.send(request)
+        self.expect(NOT_FOUND, got, f"a stream to unknown session {session_id!r}")
+
+    # Rules: feeding
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def chunk(self, data) -> None:
+        session = self.pick_live(data)
+        stream, first, new_stream = self.stream_to(session, data)
+        next_step = session.next_step
+        mode = data.draw(
+            st.sampled_from(["append", "at next", "resend", "stale", "gap"]), label="mode"
+        )
+        if mode == "resend" and not next_step:
+            mode = "at next"
+        if mode == "stale" and not session.replay_start:
+            mode = "gap"
+        fresh = steps_from(
+            data.draw(st.integers(0, 2**32 - 1), label="seed"),
+            data.draw(st.integers(0, 5), label="steps"),
+        )
+        start: int | None = None
+        inputs = fresh
+        if mode == "at next":
+            start = next_step
+        elif mode == "resend":
+            start = data.draw(st.integers(session.replay_start, next_step - 1), label="from")
+            old = np.asarray([session.inputs[s] for s in range(start, next_step)])
+            inputs = np.concatenate([old, fresh])[: data.draw(st.integers(1, 13), label="keep")]
+        elif mode == "stale":
+            start = data.draw(st.integers(0, session.replay_start - 1), label="from")
+            inputs = np.concatenate([steps_from(start, 1), fresh])
+        elif mode == "gap":
+            start = next_step + data.draw(st.sampled_from([1, 2, 50, 2**63]), label="gap")
+        reset = data.draw(st.booleans(), label="reset")
+        end = data.draw(st.integers(0, 9), label="end") == 0
+        request = pb.StreamStepsRequest(
+            inputs=inputs.ravel().tolist(), reset=reset, end_session=end, **first
+        )
+        if start is not None:
+            request.start_step = start
+        got, response = stream.send(request)
+        if new_stream:  # it attached: the previous stream is displaced, refused or not
+            self.displace(session, stream)
+        what = f"{mode} chunk of {len(inputs)} steps at {start} (next {next_step})"
+        if mode in ("stale", "gap"):
+            self.expect(out_of_order(next_step), got, what)
+            session.owner = None  # the refused stream has ended
+            return
+        self.expect(OK, got, what)
+        self.check_outputs(session, response, next_step if start is None else start, inputs, reset)
+        if end:  # deleted once answered; the stream then ends OK
+            self.expect(OK, stream.finish(), "the stream after end_session")
+            session.owner = None
+            self.close_model(session.session_id)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def another_chunk(self, data) -> None:
+        """Chunks are most of real traffic: a second rule doubles their share."""
+        self.chunk(data)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def bad_message(self, data) -> None:
+        """Refused, and it changes nothing: no state, no step, no takeover, no delete."""
+        session = self.pick_live(data)
+        stream, first, new_stream = self.stream_to(session, data)
+        kind = data.draw(
+            st.sampled_from(["width", "nan", "inf", "too long", "other id"]), label="kind"
+        )
+        values = [0.5] * INPUT_SIZE * data.draw(st.integers(1, 3), label="steps")
+        if kind == "width":
+            values.append(0.5)
+        elif kind in ("nan", "inf"):
+            values[data.draw(st.integers(0, len(values) - 1), label="at")] = float(kind)
+        elif kind == "too long":
+            values = [0.5] * INPUT_SIZE * 513
+        request = pb.StreamStepsRequest(
+            inputs=values,
+            reset=data.draw(st.booleans(), label="reset"),
+            end_session=data.draw(st.booleans(), label="end"),
+            **first,
+        )
+        if kind == "other id":
+            others = [s for s in [*CHOSEN_IDS, "someone-else"] if s != session.session_id]
+            request.session_id = data.draw(st.sampled_from(others), label="other")
+            if new_stream and "session_id" in first:  # else it would just name another session
+                stream.close()
+                stream = self.open_stream(session.session_id)
+        if data.draw(st.booleans(), label="with start_step"):
+            request.start_step = session.next_step
+        got, _ = stream.send(request)
+        self.expect(BAD, got, f"bad message ({kind})")
+        if not new_stream:
+            session.owner = None  # its own stream ended with the error
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def takeover(self, data) -> None:
+        """A second stream on a session: it takes over, the first ends ABORTED."""
+        session = self.pick_live(data)
+        by_metadata = data.draw(st.booleans(), label="by metadata")
+        stream = self.open_stream(session.session_id if by_metadata else None)
+        request = pb.StreamStepsRequest(start_step=session.next_step)
+        if not by_metadata:
+            request.session_id = session.session_id
+        got, response = stream.send(request)
+        self.expect(OK, got, "a takeover's first message")
+        self.displace(session, stream)
+        self.check_outputs(session, response, session.next_step, np.zeros((0, INPUT_SIZE)), False)
+
+    @precondition(lambda self: self.dead)
+    @rule(data=st.data())
+    def send_on_ended_stream(self, data) -> None:
+        index = data.draw(st.integers(0, len(self.dead) - 1), label="stream")
+        stream, expected = self.dead.pop(index)
+        got, _ = stream.send(pb.StreamStepsRequest(inputs=[0.5] * INPUT_SIZE))
+        self.expect(expected, got, "a message on a stream the server ended")
+        stream.close()
+
+    @precondition(lambda self: any(s.owner for s in self.live.values()))
+    @rule(data=st.data())
+    def close_stream(self, data) -> None:
+        """The client hangs up; the session lives on."""
+        owned = [s for s, session in self.live.items() if session.owner]
+        session = self.live[data.draw(st.sampled_from(owned), label="session")]
+        session.owner.close()
+        session.owner = None
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def copy_by_export_and_import(self, data) -> None:
+        """Export a session and import it under another id: the copy continues identically."""
+        session = self.pick_live(data)
+        new_id = data.draw(st.sampled_from(CHOSEN_IDS), label="new id")
+        state = self.stub.ExportSession(
+            pb.ExportSessionRequest(session_id=session.session_id), timeout=TIMEOUT_S
+        ).state
+        try:
+            self.stub.ImportSession(
+                pb.ImportSessionRequest(state=state, session_id=new_id), timeout=TIMEOUT_S
+            )
+            got = OK
+        except grpc.RpcError as err:
+            got = outcome_of(err)
+        if new_id in self.live:
+            expected = EXISTS
+        elif len(self.live) == CAPACITY:
+            expected = CAPACITY_REACHED
+        else:
+            expected = OK
+        self.expect(expected, got, f"import {session.session_id!r} as {new_id!r}")
+        if got == OK:
+            replay = range(session.replay_start, session.next_step)
+            self.live[new_id] = SessionModel(
+                new_id,
+                next_step=session.next_step,
+                history=list(session.history),
+                inputs={s: session.inputs[s] for s in replay},
+                outputs={s: session.outputs[s] for s in replay},
+            )
+
+    # Rules: ending
+
+    @rule(data=st.data())
+    def delete(self, data) -> None:
+        choices = [*self.live, *(s for s in CHOSEN_IDS if s not in self.live)]
+        session_id = data.draw(st.sampled_from(choices), label="id")
+        try:
+            self.stub.DeleteSession(
+                pb.DeleteSessionRequest(session_id=session_id), timeout=TIMEOUT_S
+            )
+            got = OK
+        except grpc.RpcError as err:
+            got = outcome_of(err)
+        self.expect(OK if session_id in self.live else NOT_FOUND, got, f"delete {session_id!r}")
+        if session_id in self.live:
+            self.close_model(session_id)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def expire(self, data) -> None:
+        """What the idle sweeper does, without waiting for the clock."""
+        session = self.pick_live(data)
+        server_session = self.runtime.sessions.get(session.session_id)
+        self.srv.call(self.runtime.close_session(server_session, "expired"))
+        self.close_model(session.session_id)
+
+    # Invariants
+
+    @invariant()
+    def sessions_match_the_model(self) -> None:
+        assert len(self.runtime.sessions) == len(self.live), (
+            f"{len(self.runtime.sessions)} live sessions on the server, {len(self.live)} expected"
+        )
+        for session_id, session in self.live.items():
+            got = self.stub.GetSession(
+                pb.GetSessionRequest(session_id=session_id), timeout=TIMEOUT_S
+            ).session
+            assert (got.next_step, got.replay_start_step) == (
+                session.next_step,
+                session.replay_start,
+            ), f"GetSession({session_id!r})"
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    with serve(max_sessions=CAPACITY, replay_steps=REPLAY_STEPS) as srv:
+        yield srv
+
+
+@pytest.mark.timeout(180)
+def test_sessions_and_streams_follow_the_model(small_server, bundled_model):
+    SessionsMachine.srv = small_server
+    SessionsMachine.model = bundled_model
+    run_state_machine_as_test(
+        SessionsMachine,
+        settings=settings(
+            max_examples=50,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        ),
+    )
+    print("\noutcomes checked: " + ", ".join(f"{k} {n}" for k, n in SessionsMachine.seen.items()))
