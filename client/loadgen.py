@@ -46,7 +46,8 @@ class LoadResult:
 
 @dataclass
 class _Window:
-    """Messages that complete inside [start, end] are counted."""
+    """Messages that complete inside [start, end] are counted, and so is a session's first
+    completion after start even when it comes later (a message slower than the window)."""
 
     start: float
     end: float
@@ -61,6 +62,7 @@ class _Session:
     expected_outputs: int  # output values per answer: chunk_steps * output_size
     latencies: list[float] = field(default_factory=list)
     timesteps: int = 0
+    last_counted: float = 0.0
     error: str = ""
     call: grpc.aio.StreamStreamCall | None = None
 
@@ -86,7 +88,7 @@ class _Session:
         perf_counter, request, latencies = time.perf_counter, self.request, self.latencies
         try:
             now = perf_counter()
-            while now < window.end:
+            while now < window.end or not latencies:
                 sent = now
                 response = await self._exchange(request)
                 now = perf_counter()
@@ -95,9 +97,10 @@ class _Session:
                         f"expected {self.expected_outputs} output values, "
                         f"got {len(response.outputs)}"
                     )
-                if window.start <= now <= window.end:
+                if window.start <= now and (now <= window.end or not latencies):
                     latencies.append(now - sent)
                     self.timesteps += response.num_steps
+                    self.last_counted = now
         except (grpc.RpcError, RuntimeError) as exc:
             self.error = _describe(exc)
 
@@ -142,11 +145,13 @@ def _percentile(values: np.ndarray, q: float) -> float:
 
 
 def _summarise(
-    sessions: list[_Session], chunk_steps: int, duration_s: float, lost: int
+    sessions: list[_Session], chunk_steps: int, window: _Window, lost: int
 ) -> LoadResult:
     latencies = np.concatenate([np.asarray(s.latencies) for s in sessions])
     timesteps = sum(s.timesteps for s in sessions)
     errors = [s.error for s in sessions if s.error]
+    end = max([window.end, *(s.last_counted for s in sessions)])
+    duration_s = end - window.start  # longer than asked only when a message outlasted it
     return LoadResult(
         sessions=len(sessions),
         chunk_steps=chunk_steps,
@@ -173,7 +178,8 @@ async def run_load(
     """Drive `sessions` concurrent closed-loop streams of `chunk_steps`-step messages.
 
     All streams are opened (and their sessions created) first; then they run for
-    `warmup_s + duration_s`, and only messages answered in the last `duration_s` count.
+    `warmup_s + duration_s`, and only messages answered in the last `duration_s` count, plus
+    each session's first answer when none came in time (the duration then stretches to it).
     """
     channels = _channels(target, sessions)
     try:
@@ -204,7 +210,7 @@ async def run_load(
         await asyncio.gather(*(s.close() for s in streams))
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
-    return _summarise(streams, chunk_steps, duration_s, lost)
+    return _summarise(streams, chunk_steps, window, lost)
 
 
 def format_result(r: LoadResult) -> str:

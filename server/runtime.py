@@ -58,7 +58,12 @@ class Runtime:
     def __init__(self, config: ServerConfig, loaded: LoadedModel, device: torch.device) -> None:
         self.config = config
         self.engine = Engine(
-            loaded, config.max_sessions, device, DTYPES[config.dtype], config.max_batch_size
+            loaded,
+            config.max_sessions,
+            device,
+            DTYPES[config.dtype],
+            config.max_batch_size,
+            torch_threads=config.torch_threads,
         )
         self.model_config = loaded.model.config
         self.sessions = SessionTable(

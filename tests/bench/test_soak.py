@@ -11,9 +11,23 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_soak_smoke_run_passes_its_checks(tmp_path):
     out = tmp_path / "soak.json"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.soak", "--seconds", "6", "--sample-every", "1",
-         "--workers", "8", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "bench.soak",
+            "--seconds",
+            "6",
+            "--sample-every",
+            "1",
+            "--workers",
+            "8",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
