@@ -12,8 +12,13 @@ from tests.factories import console_script, offline, random_steps
 
 
 def lstm_client(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([console_script("lstm-client"), *args], input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [console_script("lstm-client"), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def to_csv(rows: np.ndarray) -> str:
@@ -41,8 +46,9 @@ def test_health_is_serving(server, monkeypatch):
 @pytest.mark.parametrize("chunk", ["1", "7"])
 def test_stream_prints_one_output_row_per_timestep(server, bundled_model, chunk):
     steps = random_steps(20, 6, seed=90)
-    result = lstm_client("stream", "--target", server.target, "--chunk", chunk,
-                         stdin="# a comment\n" + to_csv(steps))
+    result = lstm_client(
+        "stream", "--target", server.target, "--chunk", chunk, stdin="# a comment\n" + to_csv(steps)
+    )
     assert result.returncode == 0, result.stderr
     np.testing.assert_allclose(from_csv(result.stdout), offline(bundled_model, steps), atol=1e-5)
 
@@ -53,8 +59,9 @@ def test_stream_from_a_file_then_resume_the_session(server, bundled_model, tmp_p
     first = lstm_client("stream", str(tmp_path / "first.csv"), "--keep", "--target", server.target)
     assert first.returncode == 0, first.stderr
     session_id = re.search(r"resume with --session (\S+)", first.stderr).group(1)
-    rest = lstm_client("stream", "--session", session_id, "--target", server.target,
-                       stdin=to_csv(steps[5:]))
+    rest = lstm_client(
+        "stream", "--session", session_id, "--target", server.target, stdin=to_csv(steps[5:])
+    )
     assert rest.returncode == 0, rest.stderr
     assert f"session {session_id} from step 5" in rest.stderr
     outputs = np.concatenate([from_csv(first.stdout), from_csv(rest.stdout)])
@@ -96,8 +103,18 @@ def test_demo_reports_the_model_cards_accuracy_and_latency(server):
 
 
 def test_bench_prints_json_for_machines(server):
-    result = lstm_client("bench", "--target", server.target, "--sessions", "3", "--chunk", "4",
-                         "--duration", "1", "--json")
+    result = lstm_client(
+        "bench",
+        "--target",
+        server.target,
+        "--sessions",
+        "3",
+        "--chunk",
+        "4",
+        "--duration",
+        "1",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert (report["sessions"], report["chunk_steps"], report["errors"]) == (3, 4, 0)

@@ -44,8 +44,9 @@ def test_takeover_racing_a_batch_in_flight_applies_each_step_once(bundled_model)
             old = RawStream(srv.target)
             old.send(steps[:10])
             # The old stream's 490-step chunk and the new stream's attach arrive together.
-            old._requests.put(old._pb.StreamStepsRequest(inputs=steps[10:500].ravel(),
-                                                         start_step=10))
+            old._requests.put(
+                old._pb.StreamStepsRequest(inputs=steps[10:500].ravel(), start_step=10)
+            )
             with RawStream(srv.target, old.session_id) as new:
                 start, got = new.send(steps[10:520], start_step=10)
             # Whether the old chunk ran first (and is replayed) or not, every step is right.
