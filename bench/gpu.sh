@@ -4,12 +4,12 @@
 # under several load generators. Prints one table last.
 #   bash bench/gpu.sh                  # on a GPU host, from the repository root
 #   bash bench/gpu.sh --device cpu --quick   # smoke test anywhere
-# Wheels for packages the host lacks can be put in .whl/ (installed to /tmp/site first).
+# Wheels for packages the host lacks: WHEELS=dir bash bench/gpu.sh (installed to /tmp/site).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+if [ -n "${WHEELS:-}" ]; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$WHEELS"/*.whl
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 # Run from the source tree, installed or not (lstm_stream lives under proto/).
