@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.process import lstm_serve, running_server
 from lstm_model.checkpoint import LoadedModel, save_model
 from lstm_model.cli import init_model
 from server.engine import Engine, StepWork, resolve_device
@@ -157,67 +156,34 @@ def engine_checks(args: argparse.Namespace, device: torch.device) -> None:
         )
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_load(args: argparse.Namespace, device: torch.device) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(init_model(32, args.hidden, 2, 8, seed=0), Path(tmp) / "m")
-        log_path = Path(tmp) / "server.log"
-        with open(log_path, "w") as log_file:  # a file, not a pipe nobody drains
-            server = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "server.app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    "0",
-                    "--metrics-port",
-                    "0",
-                    "--model",
-                    str(model_dir),
-                    "--device",
-                    str(device),
-                    "--max-sessions",
-                    "8192",
-                    "--max-batch-size",
-                    str(args.sessions),
-                ],
-                stderr=log_file,
-            )
-            try:
-                port = wait_for_port(log_path, server)
-                for chunk in (1, 32):
-                    load_round(args, port, chunk)
-            finally:
-                server.send_signal(signal.SIGTERM)
-                server.wait(60)
+        command = lstm_serve(
+            "--metrics-port",
+            "0",
+            "--model",
+            str(model_dir),
+            "--device",
+            str(device),
+            "--max-sessions",
+            "8192",
+            "--max-batch-size",
+            str(args.sessions),
+        )
+        with running_server(command, Path(tmp) / "server.log") as (target, _):
+            for chunk in (1, 32):
+                load_round(args, target, chunk)
 
 
-def wait_for_port(log_path: Path, server: subprocess.Popen) -> int:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and server.poll() is None:
-        if found := re.search(r"serving on \S+:(\d+)", log_path.read_text()):
-            return int(found.group(1))
-        time.sleep(0.1)
-    raise RuntimeError("lstm-serve did not start:\n" + log_path.read_text())
-
-
-def load_round(args: argparse.Namespace, port: int, chunk: int) -> None:
+def load_round(args: argparse.Namespace, target: str, chunk: int) -> None:
     cmd = [
         sys.executable,
         "-m",
         "client.cli",
         "bench",
         "--target",
-        f"127.0.0.1:{port}",
+        target,
         "--sessions",
         str(args.load_sessions),
         "--chunk",

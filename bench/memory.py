@@ -11,9 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,46 +18,12 @@ from pathlib import Path
 
 from lstm_stream.v1 import inference_pb2 as pb
 
+from bench.process import lstm_serve, rss_bytes, running_server
 from client import AsyncStreamingClient
 from lstm_model.checkpoint import save_model
 from lstm_model.cli import init_model
 
 HIDDEN, LAYERS = 256, 2
-
-
-def rss_bytes(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
-
-
-def start(model_dir: Path, capacity: int, log_path: Path) -> tuple[subprocess.Popen, int]:
-    log = open(log_path, "w")  # noqa: SIM115 - the server's stderr, kept until it exits
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--model",
-            str(model_dir),
-            "--max-sessions",
-            str(capacity),
-            "--session-idle-timeout-s",
-            "3600",
-        ],
-        stderr=log,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if found := re.search(r"serving on \S+:(\d+)", log_path.read_text()):
-            return server, int(found.group(1))
-        time.sleep(0.2)
-    raise RuntimeError("lstm-serve did not start:\n" + log_path.read_text())
 
 
 async def create_sessions(target: str, count: int, concurrency: int = 256) -> None:
@@ -88,19 +51,27 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(init_model(32, HIDDEN, LAYERS, 8, seed=0), Path(tmp) / "m")
-        baseline, _ = start(model_dir, 1, Path(tmp) / "a.log")
-        base_rss = settle(baseline.pid)
-        baseline.send_signal(signal.SIGTERM)
-        baseline.wait(60)
-
-        server, port = start(model_dir, args.sessions, Path(tmp) / "b.log")
-        empty_rss = settle(server.pid)
-        started = time.monotonic()
-        asyncio.run(create_sessions(f"127.0.0.1:{port}", args.sessions))
-        seconds = time.monotonic() - started
-        full_rss = settle(server.pid)
-        server.send_signal(signal.SIGTERM)
-        server.wait(120)
+        serve = (
+            "--model",
+            str(model_dir),
+            "--metrics-port",
+            "0",
+            "--session-idle-timeout-s",
+            "3600",
+        )
+        with running_server(lstm_serve(*serve, "--max-sessions", "1"), Path(tmp) / "a.log") as (
+            _,
+            pid,
+        ):
+            base_rss = settle(pid)
+        with running_server(
+            lstm_serve(*serve, "--max-sessions", str(args.sessions)), Path(tmp) / "b.log"
+        ) as (target, pid):
+            empty_rss = settle(pid)
+            started = time.monotonic()
+            asyncio.run(create_sessions(target, args.sessions))
+            seconds = time.monotonic() - started
+            full_rss = settle(pid)
     state = args.sessions * LAYERS * HIDDEN * 2 * 4
     growth = full_rss - base_rss
     budget = 1.5 * state + 1024 * args.sessions

@@ -19,26 +19,22 @@ import os
 import platform
 import re
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench.process import running_server
 from client.loadgen import LoadResult, format_result, run_load
 
 VARIANTS = ("shipped", "unbatched", "echo")
 MODELS = ("init256", "bundled")
-PORT_PATTERN = re.compile(r"serving on \S+:(\d+)")
-START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0
 COMPUTE_BATCH, COMPUTE_STEPS = 64, 32  # the bare-model forward: (64, 32, input_size)
 INIT256 = {"input_size": 32, "hidden_size": 256, "num_layers": 2, "output_size": 8}
 Row = dict[str, Any]
@@ -143,38 +139,6 @@ def server_command(
     if variant == "unbatched":
         command += ["--max-batch-size", "1"]
     return command
-
-
-def _wait_for_port(process: subprocess.Popen, log_path: Path) -> int:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        match = PORT_PATTERN.search(log_path.read_text(errors="replace"))
-        if match:
-            return int(match.group(1))
-        if process.poll() is not None:
-            break
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"server did not start: {log_path.read_text(errors='replace')[-2000:]}")
-
-
-@contextmanager
-def running_server(command: list[str], log_path: Path) -> Iterator[tuple[str, int]]:
-    """Start a server whose stderr goes to log_path; yield (target, pid); SIGTERM it after."""
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=log)
-    try:
-        port = _wait_for_port(process, log_path)
-        yield f"127.0.0.1:{port}", process.pid
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            code = process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = process.wait()
-        if code != 0:
-            print(f"warning: {command[0]} exited {code}; log {log_path}", file=sys.stderr)
 
 
 def _machine_busy_s() -> float:

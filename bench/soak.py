@@ -16,9 +16,7 @@ import contextlib
 import json
 import random
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -27,47 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.process import free_port, lstm_serve, rss_bytes, running_server
 from client import AsyncStreamingClient, LstmStreamError
 from lstm_model import load_model
-
-
-def rss_bytes(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
 
 
 def metric(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     found = re.search(rf"^{name} ([\d.e+]+)$", text, flags=re.M)
     return float(found.group(1)) if found else 0.0
-
-
-def start_server(metrics_port: int, idle_timeout_s: float, log_path: Path) -> tuple:
-    log = open(log_path, "w")  # noqa: SIM115 - lives as long as the server
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            str(metrics_port),
-            "--session-idle-timeout-s",
-            str(idle_timeout_s),
-            "--max-sessions",
-            "4096",
-        ],
-        stderr=log,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if found := re.search(r"serving on \S+:(\d+)", log_path.read_text()):
-            return server, int(found.group(1)), log
-        time.sleep(0.1)
-    raise RuntimeError("lstm-serve did not start:\n" + log_path.read_text())
 
 
 class Churn:
@@ -140,19 +106,26 @@ def main() -> int:
     parser.add_argument("--out", default="docs/soak.json")
     args = parser.parse_args()
     seconds = args.seconds or args.minutes * 60
-    metrics_port = _free_port()
+    metrics_port = free_port()
     log_path = Path(args.out).with_suffix(".server.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    server, port, log = start_server(metrics_port, args.idle_timeout, log_path)
+    command = lstm_serve(
+        "--metrics-port",
+        str(metrics_port),
+        "--max-sessions",
+        "4096",
+        "--session-idle-timeout-s",
+        str(args.idle_timeout),
+    )
     samples: list[dict] = []
     started = time.monotonic()
 
-    async def sample_loop(done: asyncio.Event) -> None:
+    async def sample_loop(pid: int, done: asyncio.Event) -> None:
         while not done.is_set():
             samples.append(
                 {
                     "t_s": round(time.monotonic() - started, 1),
-                    "rss_mib": round(rss_bytes(server.pid) / 2**20, 1),
+                    "rss_mib": round(rss_bytes(pid) / 2**20, 1),
                     "sessions_active": metric(metrics_port, "lstm_sessions_active"),
                     "timesteps_total": metric(metrics_port, "lstm_timesteps_total"),
                 }
@@ -161,20 +134,17 @@ def main() -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), args.sample_every)
 
-    async def run() -> dict:
+    async def run(target: str, pid: int) -> dict:
         done = asyncio.Event()
-        sampler = asyncio.create_task(sample_loop(done))
-        counts = await drive(f"127.0.0.1:{port}", args.workers, seconds, seed=1)
+        sampler = asyncio.create_task(sample_loop(pid, done))
+        counts = await drive(target, args.workers, seconds, seed=1)
         done.set()
         await sampler
         return counts
 
-    try:
-        counts = asyncio.run(run())
-    finally:
-        server.send_signal(signal.SIGTERM)
-        exit_code = server.wait(60)
-        log.close()
+    exit_codes: list[int] = []
+    with running_server(command, log_path, exit_codes) as (target, pid):
+        counts = asyncio.run(run(target, pid))
     third = max(1, len(samples) // 3)
     middle = statistics.median(s["rss_mib"] for s in samples[third : 2 * third] or samples)
     last = statistics.median(s["rss_mib"] for s in samples[-third:])
@@ -183,7 +153,7 @@ def main() -> int:
         "no errors": counts["errors"] == 0,
         "sampled outputs equal offline": counts["mismatches"] == 0 and counts["checked"] > 0,
         "sessions bounded": max(s["sessions_active"] for s in samples) <= 4096,
-        "server exited 0": exit_code == 0,
+        "server exited 0": exit_codes == [0],
     }
     result = {
         "seconds": seconds,
@@ -203,14 +173,6 @@ def main() -> int:
     for name, ok in checks.items():
         print(f"  {'ok  ' if ok else 'FAIL'} {name}")
     return 0 if all(checks.values()) else 1
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

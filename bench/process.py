@@ -1,0 +1,71 @@
+"""Servers as subprocesses for the benchmarks: start, learn the port from the log, stop."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+PORT_PATTERN = re.compile(r"serving on \S+:(\d+)")
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 60.0
+
+
+def lstm_serve(*args: str) -> list[str]:
+    """The lstm-serve command on a free loopback port, installed or run from the tree."""
+    return [sys.executable, "-m", "server.app", "--host", "127.0.0.1", "--port", "0", *args]
+
+
+def wait_for_port(process: subprocess.Popen, log_path: Path) -> int:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        match = PORT_PATTERN.search(log_path.read_text(errors="replace"))
+        if match:
+            return int(match.group(1))
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"server did not start: {log_path.read_text(errors='replace')[-2000:]}")
+
+
+@contextmanager
+def running_server(
+    command: list[str], log_path: Path, exit_codes: list[int] | None = None
+) -> Iterator[tuple[str, int]]:
+    """Start a server whose output goes to log_path (a file: a pipe nobody drains stalls it);
+    yield (target, pid); SIGTERM it after, and warn if it did not exit 0 (its exit code is
+    appended to `exit_codes` when given)."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=log)
+    try:
+        port = wait_for_port(process, log_path)
+        yield f"127.0.0.1:{port}", process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+        if exit_codes is not None:
+            exit_codes.append(code)
+        if code != 0:
+            print(f"warning: {command[0]} exited {code}; log {log_path}", file=sys.stderr)
+
+
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
