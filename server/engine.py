@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -33,17 +32,6 @@ class StepWork:
     slot: int
     inputs: np.ndarray  # (T, input_size) float32; T may be 0 (a reset alone)
     reset: bool = False
-
-
-@contextmanager
-def onednn(enabled: bool) -> Iterator[None]:
-    """oneDNN on or off around a call (only the engine thread runs the model)."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,11 +124,7 @@ class Engine:
         if self.one_step is not None and longest == 1:
             return self.one_step.run(x_dev, slots).float().cpu().numpy()  # (B, 1, O)
         h, c = self.pool.gather(slots)  # (L, B, H)
-        # On the CPU, oneDNN's LSTM has a fixed cost per call that dominates one-step batches
-        # (measured: 1.8 ms vs 0.4 ms for 1 x 1, 5.9 vs 3.6 ms for 64 x 1 on hidden 256) but
-        # wins on long chunks (51 vs 70 ms for 64 x 32): use it for chunks only.
-        with onednn(longest > 1 or self.device.type != "cpu"):
-            y, (h, c) = self.model(x_dev, (h, c), packed_lengths)  # y (B, T_max, O)
+        y, (h, c) = self.model(x_dev, (h, c), packed_lengths)  # y (B, T_max, O)
         self.pool.scatter(slots, h, c)
         return y.float().cpu().numpy()
 
