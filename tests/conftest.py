@@ -2,14 +2,16 @@ import pytest
 
 from client import StreamingClient
 from lstm_model import load_model
-from tests.factories import serve
+from tests.factories import ServeProcess
 
 
 @pytest.fixture(scope="module")
 def server():
-    """The bundled model behind a real server on a free port, shared by a module's tests."""
-    with serve() as srv:
-        yield srv
+    """The bundled model behind lstm-serve on a free port, shared by a module's tests. A
+    subprocess: gRPC's asyncio layer serves one event loop per process, and the tests run
+    asyncio clients of their own."""
+    with ServeProcess("--max-sessions", "4096") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")

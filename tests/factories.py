@@ -326,3 +326,12 @@ class RawStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def metric_value(port: int, name: str) -> float:
+    """One sample of a server's /metrics (e.g. 'lstm_sessions_active')."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return float(re.search(rf"^{re.escape(name)} (\S+)$", text, flags=re.M).group(1))

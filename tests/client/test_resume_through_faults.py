@@ -8,7 +8,15 @@ import threading
 import numpy as np
 
 from client import AsyncStreamingClient, ClientOptions, StreamingClient
-from tests.factories import offline, random_chunks, random_steps, serve
+from tests.factories import (
+    ServeProcess,
+    free_port,
+    metric_value,
+    offline,
+    random_chunks,
+    random_steps,
+    serve,
+)
 
 OPTIONS = dict(deadline_s=3.0, max_retries=100, backoff_initial_s=0.01, backoff_max_s=0.2)
 
@@ -75,9 +83,10 @@ def test_100_sessions_of_500_steps_through_a_connection_cutting_proxy(bundled_mo
         await proxy.stop()
         return results, proxy.cuts
 
-    with serve(max_sessions=256) as srv:
+    metrics_port = free_port()  # a subprocess: this process's asyncio loop is the client's
+    with ServeProcess("--max-sessions", "256", "--metrics-port", str(metrics_port)) as srv:
         results, cuts = asyncio.run(run(srv.port))
-        assert len(srv.server.runtime.sessions) == 0  # every session ended, none leaked
+        assert metric_value(metrics_port, "lstm_sessions_active") == 0  # none leaked
     for steps, (outputs, reconnects) in zip(inputs, results, strict=True):
         assert outputs.shape == (steps_each, 4)  # none lost, none repeated
         np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
