@@ -42,6 +42,7 @@ from safetensors.torch import save as save_tensors
 from client.errors import from_rpc_error
 from server.config import ServerConfig
 from tests.factories import ServeProcess, free_port, offline
+from tests.outcomes import BAD, EXISTS, NOT_FOUND, OK, Outcome
 
 INPUT_SIZE, OUTPUT_SIZE = 6, 4  # the bundled model
 MAX_CHUNK_STEPS = 512
@@ -64,11 +65,6 @@ BAD_MESSAGES = 10_500  # at least 10,000, with a margin
 GAPS_ON_NEW_SESSIONS = 120  # capped: each one leaks a session if the server is wrong
 TIMEOUT_S = 30.0
 
-Outcome = tuple[str, str, str | None]  # (status code name, ErrorInfo reason, expected_step)
-OK: Outcome = ("OK", "", None)
-BAD: Outcome = ("INVALID_ARGUMENT", "BAD_INPUT", None)
-NOT_FOUND: Outcome = ("NOT_FOUND", "SESSION_NOT_FOUND", None)
-EXISTS: Outcome = ("ALREADY_EXISTS", "SESSION_EXISTS", None)
 MODEL_MISMATCH: Outcome = ("FAILED_PRECONDITION", "MODEL_MISMATCH", None)
 TOO_LARGE: Outcome = ("RESOURCE_EXHAUSTED", "", None)  # gRPC's own limit, before the servicer
 

@@ -34,6 +34,7 @@ from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
 from client.errors import from_rpc_error
 from tests.factories import offline, serve
+from tests.outcomes import BAD, EXISTS, NOT_FOUND, OK, Outcome
 
 INPUT_SIZE, OUTPUT_SIZE = 6, 4  # the bundled model
 CAPACITY = 4
@@ -41,11 +42,6 @@ REPLAY_STEPS = 8
 CHOSEN_IDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]  # few: ids collide
 TIMEOUT_S = 30.0
 
-Outcome = tuple[str, str, str | None]  # (status code name, ErrorInfo reason, expected_step)
-OK: Outcome = ("OK", "", None)
-BAD: Outcome = ("INVALID_ARGUMENT", "BAD_INPUT", None)
-NOT_FOUND: Outcome = ("NOT_FOUND", "SESSION_NOT_FOUND", None)
-EXISTS: Outcome = ("ALREADY_EXISTS", "SESSION_EXISTS", None)
 CAPACITY_REACHED: Outcome = ("RESOURCE_EXHAUSTED", "SESSION_CAPACITY", None)
 TAKEN_OVER: Outcome = ("ABORTED", "SESSION_TAKEN_OVER", None)
 
