@@ -1,7 +1,8 @@
 """The batcher: what runs next. One loop takes the oldest waiting chunk of each session (at most
 one per session), up to --max-batch-size of them, hands the batch to the engine as soon as the
 engine is free, and completes every chunk's future. When a batch fails, every future in it gets
-the error and no session's state or step index moves.
+the error and no session's state or step index moves. With a state store, each committed
+chunk's new state is staged for the store's write-behind.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from server import metrics
 from server.engine import Engine, StepWork
 from server.sessions import Session
+from server.state_store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,15 @@ class Pending:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch_size: int, max_batch_delay_us: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch_size: int,
+        max_batch_delay_us: int,
+        store: StateStore | None = None,
+    ) -> None:
         self._engine = engine
+        self._store = store
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_batch_delay_us / 1e6
         self._queue: deque[Pending] = deque()
@@ -87,8 +96,12 @@ class Batcher:
 
     async def _execute(self, batch: list[Pending]) -> None:
         dispatched = time.perf_counter()
+        work = [p.work for p in batch]
         try:
-            outputs = await self._engine.call(self._engine.step, [p.work for p in batch])
+            if self._store is None:
+                outputs = await self._engine.call(self._engine.step, work)
+            else:
+                outputs, h, c = await self._engine.call(self._engine.step_and_read, work)
         except Exception as exc:
             log.exception("batch of %d failed", len(batch))
             for pending in batch:
@@ -98,15 +111,19 @@ class Batcher:
             return
         finished = time.perf_counter()
         steps = 0
-        for pending, out in zip(batch, outputs, strict=True):
-            steps += self._complete(pending, out)
+        for i, (pending, out) in enumerate(zip(batch, outputs, strict=True)):
+            if not self._complete(pending, out):
+                continue
+            steps += len(out)
+            if self._store is not None:
+                self._store.stage(pending.session, h[i], c[i])
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.QUEUE_WAIT.observe(dispatched - batch[0].enqueued)
         metrics.BATCH_COMPUTE.observe(finished - dispatched)
         metrics.TIMESTEPS.inc(steps)
 
     @staticmethod
-    def _complete(pending: Pending, out: np.ndarray) -> int:
+    def _complete(pending: Pending, out: np.ndarray) -> bool:
         """Commit one chunk and answer its caller; a failure here fails that chunk alone."""
         try:
             pending.session.commit(pending.start, out)
@@ -114,9 +131,9 @@ class Batcher:
             log.exception("committing a chunk of session %s failed", pending.session.session_id[:6])
             if not pending.future.done():
                 pending.future.set_exception(exc)
-            return 0
+            return False
         finally:
             pending.session.lock.release()
         if not pending.future.done():  # a caller that went away still had its chunk applied
             pending.future.set_result(out)
-        return len(out)
+        return True

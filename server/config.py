@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from lstm_model.checkpoint import BUNDLED_MODEL_DIR
 
 ENV_PREFIX = "LSTM_SERVE_"
+STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ServerConfig:
     max_chunk_steps: int = 512
     snapshot_dir: str = ""
     snapshot_discard_invalid: bool = False  # start empty instead of refusing a bad snapshot
+    state_store: str = ""  # redis://HOST:PORT/DB: durable sessions shared by replicas
     torch_threads: int = 0  # 0: all cores but the one the event loop runs on
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
@@ -76,6 +78,11 @@ class ServerConfig:
             raise ValueError(
                 f"--session-idle-timeout-s must be > 0, got {self.session_idle_timeout_s}"
             )
+        if self.state_store and not self.state_store.startswith(STORE_SCHEMES):
+            raise ValueError(
+                "--state-store: expected a URL redis://HOST:PORT/DB (or rediss://, unix://), "
+                f"got {self.state_store!r}"
+            )
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 
@@ -96,6 +103,8 @@ _HELP = {
     "snapshot_dir": "write sessions here on shutdown, restore them at start",
     "snapshot_discard_invalid": "move a mismatched or corrupt snapshot aside and start empty "
     "(default: refuse to start)",
+    "state_store": "redis://HOST:PORT/DB: write session state behind to Redis, so another "
+    "replica can continue a session after this one is lost (default: off)",
     "torch_threads": "torch intra-op threads (0: cores minus one)",
     "shutdown_grace_s": "how long in-flight work gets on shutdown",
     "log_level": "DEBUG, INFO, WARNING or ERROR",

@@ -94,3 +94,15 @@ class ShuttingDown(ServiceError):
 
 class ModelMismatch(ServiceError):
     code, reason = grpc.StatusCode.FAILED_PRECONDITION, "MODEL_MISMATCH"
+
+
+class StoreUnavailable(ServiceError):
+    """A session this replica does not hold may be in the state store, which cannot be read."""
+
+    code, reason = grpc.StatusCode.UNAVAILABLE, "STATE_STORE_UNAVAILABLE"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"session not held by this replica and the state store is unreachable ({detail}); "
+            "retry shortly"
+        )

@@ -40,12 +40,32 @@ SESSIONS_CAPACITY = Gauge("lstm_sessions_capacity", "Most live sessions (--max-s
 SESSIONS_CREATED = Counter("lstm_sessions_created", "Sessions created (imports included).")
 SESSIONS_CLOSED = Counter(
     "lstm_sessions_closed",
-    "Sessions closed, by reason: ended, deleted, expired, taken_over, shutdown.",
+    "Sessions closed, by reason: ended, deleted, expired, taken_over, shutdown, superseded "
+    "(a newer state of it came from the state store).",
     ["reason"],
 )
 STATE_BYTES = Gauge("lstm_state_bytes", "Bytes of the preallocated session state pool (h and c).")
+# Labelled by the store's URL (password removed): a server without a store exports no sample.
+STATE_STORE_UP = Gauge(
+    "lstm_state_store_up",
+    "1 while the --state-store answers writes, 0 while it does not.",
+    ["store"],
+)
+STATE_STORE_WRITES = Counter("lstm_state_store_writes", "Session records written to the store.")
+STATE_STORE_ERRORS = Counter("lstm_state_store_errors", "Store writes that failed (retried).")
+STATE_STORE_LOADS = Counter(
+    "lstm_state_store_loads", "Sessions this replica did not hold, loaded from the store."
+)
+STATE_STORE_PENDING = Gauge(
+    "lstm_state_store_pending_sessions", "Sessions whose newest state is not written yet."
+)
+STATE_STORE_FLUSH = Histogram(
+    "lstm_state_store_flush_seconds",
+    "Per pipelined write: encoding the records and Redis's reply.",
+    buckets=LATENCY_BUCKETS,
+)
 MODEL_INFO = Info("lstm_model", "The served model.")
 
-CLOSE_REASONS = ("ended", "deleted", "expired", "taken_over", "shutdown")
+CLOSE_REASONS = ("ended", "deleted", "expired", "taken_over", "shutdown", "superseded")
 for _reason in CLOSE_REASONS:
     SESSIONS_CLOSED.labels(_reason)

@@ -21,12 +21,15 @@ from server.engine import DTYPES, Engine, StepWork
 from server.errors import (
     ModelMismatch,
     ServiceError,
+    SessionExists,
     SessionNotFound,
     SessionTakenOver,
     ShuttingDown,
+    StoreUnavailable,
 )
 from server.security import RateLimiter
 from server.sessions import Session, SessionTable, plan_chunk
+from server.state_store import StateStore
 
 log = logging.getLogger("lstm_serve")
 
@@ -70,11 +73,28 @@ class Runtime:
             self.engine.pool, config.replay_steps, config.max_sessions_per_principal
         )
         self.rate_limiter = RateLimiter(config.rate_limit_steps_per_s)
-        self.batcher = Batcher(self.engine, config.max_batch_size, config.max_batch_delay_us)
+        self.store = (
+            StateStore(
+                config.state_store,
+                config.session_idle_timeout_s,
+                self.engine.fingerprint,
+                self.model_config.output_size,
+                config.replay_steps,
+            )
+            if config.state_store
+            else None
+        )
+        self.batcher = Batcher(
+            self.engine, config.max_batch_size, config.max_batch_delay_us, self.store
+        )
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._loading: dict[tuple[str, str], asyncio.Future[Session]] = {}
 
     async def start(self) -> None:
+        if self.store is not None:
+            self.store.stage_all = self._stage_all
+            await self.store.start()
         self.batcher.start()
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="sweeper")
 
@@ -86,8 +106,79 @@ class Runtime:
         log.info("session %s created (slot %d)", short_id(session.session_id), session.slot)
         return session
 
-    def get_session(self, session_id: str, principal: str = "") -> Session:
-        return self.sessions.get(session_id, principal)
+    async def open_session(self, session_id: str = "", principal: str = "") -> Session:
+        """CreateSession: a new session, which (with a state store) no replica holds yet."""
+        self._refuse_if_draining()
+        if session_id and self.store is not None:
+            try:
+                stored = await self.store.holds(session_id, principal)
+            except StoreUnavailable:
+                stored = False  # serve from memory: a client-chosen id is random anyway
+            if stored:
+                raise SessionExists(session_id)
+        session = self.create_session(session_id, principal)
+        if self.store is not None:  # so another replica can continue it before its first step
+            zeros = torch.zeros(self.model_config.num_layers, self.model_config.hidden_size)
+            self.store.stage(session, zeros, zeros)
+        return session
+
+    async def get_session(self, session_id: str, principal: str = "") -> Session:
+        """A session this replica holds or, with a state store, loads from there. A held one
+        the store has newer state for (it was served by another replica meanwhile) is replaced."""
+        try:
+            held: Session | None = self.sessions.get(session_id, principal)
+        except SessionNotFound:
+            if self.store is None:
+                raise
+            held = None
+        if self.store is None:
+            assert held is not None
+            return held
+        key = (principal, session_id)
+        loading = self._loading.get(key)
+        if loading is None:  # one load per session at a time; later callers share it
+            loading = asyncio.ensure_future(self._load(session_id, principal, held))
+            self._loading[key] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(loading)
+
+    async def _load(self, session_id: str, principal: str, held: Session | None) -> Session:
+        assert self.store is not None
+        try:
+            record = await self.store.load(session_id, principal)
+        except StoreUnavailable:
+            if held is None:
+                raise
+            return held  # serve from memory
+        if record is None or (held is not None and record.next_step <= held.next_step):
+            if held is None:
+                raise SessionNotFound(session_id)
+            return held
+        self._check_record(record, "stored state")
+        if held is not None:
+            await self.close_session(held, "superseded")
+        (session,) = await self.restore([record], session_id, principal)
+        session.durable_step = record.next_step
+        metrics.STATE_STORE_LOADS.inc()
+        log.info(
+            "session %s loaded from the state store at step %d",
+            short_id(session_id),
+            record.next_step,
+        )
+        return session
+
+    async def _stage_all(self) -> None:
+        """Stage every live session for the store (after an outage, which may have wiped it)."""
+        assert self.store is not None
+        sessions = list(self.sessions)
+        if not sessions:
+            return
+        # Read on the engine's thread after every batch already handed to it; the batcher has
+        # committed those batches by the time this await returns, so steps and state agree.
+        h, c = await self.engine.call(self.engine.pool.read, [s.slot for s in sessions])
+        for i, session in enumerate(sessions):
+            if not session.closed:
+                self.store.stage(session, h[i], c[i])
 
     async def close_session(self, session: Session, reason: str) -> None:
         """Remove a session once its in-flight chunk is committed; zero and free its slot."""
@@ -97,6 +188,10 @@ class Runtime:
             slot = self.sessions.detach(session)
         if isinstance(session.owner, Attachment) and reason != "ended":
             session.owner.interrupt(SessionNotFound(session.session_id))
+        if self.store is not None and reason in ("ended", "deleted"):
+            # Not on expiry: a replica whose copy went stale must not delete the live record
+            # (records expire in the store on their own, with the same idle timeout).
+            self.store.forget(session)
         metrics.SESSIONS_CLOSED.labels(reason).inc()
         log.info("session %s closed: %s", short_id(session.session_id), reason)
         # Shielded: a caller cancelled now (a client hanging up) must not leak the slot.
@@ -107,17 +202,17 @@ class Runtime:
         self.sessions.release_slot(slot)
 
     async def delete_session(self, session_id: str, principal: str = "") -> None:
-        await self.close_session(self.sessions.get(session_id, principal), "deleted")
+        await self.close_session(await self.get_session(session_id, principal), "deleted")
 
     # Streams
 
-    def attach(self, attachment: Attachment, session_id: str, principal: str = "") -> Session:
+    async def attach(self, attachment: Attachment, session_id: str, principal: str = "") -> Session:
         """Feed a new session (empty id) or take over an existing one."""
         self._refuse_if_draining()
         if session_id:
-            session = self.sessions.get(session_id, principal)
+            session = await self.get_session(session_id, principal)
         else:
-            session = self.create_session("", principal)
+            session = await self.open_session("", principal)
         previous = session.owner
         session.owner = attachment
         attachment.session = session
@@ -173,7 +268,7 @@ class Runtime:
     # Moving sessions
 
     async def export_session(self, session_id: str, principal: str = "") -> bytes:
-        session = self.sessions.get(session_id, principal)
+        session = await self.get_session(session_id, principal)
         async with session.lock:
             if session.closed:
                 raise SessionNotFound(session_id)
@@ -184,15 +279,20 @@ class Runtime:
         self, data: bytes, session_id: str = "", principal: str = ""
     ) -> Session:
         record = transfer.decode(data)
+        self._check_record(record, "state")
+        (session,) = await self.restore([record], session_id, principal)
+        if self.store is not None:
+            self.store.stage(session, record.h, record.c)
+        return session
+
+    def _check_record(self, record: transfer.SessionRecord, what: str) -> None:
         if record.fingerprint != self.engine.fingerprint:
             raise ModelMismatch(
-                f"state: exported from model {record.fingerprint[:12]}, this server runs "
+                f"{what}: from model {record.fingerprint[:12]}, this server runs "
                 f"{self.engine.fingerprint[:12]}; a session moves only between equal models"
             )
         config = self.model_config
         transfer.validate(record, config.num_layers, config.hidden_size, config.output_size)
-        (session,) = await self.restore([record], session_id, principal)
-        return session
 
     async def restore(
         self,
@@ -268,6 +368,8 @@ class Runtime:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         await self.batcher.stop()
+        if self.store is not None:
+            await self.store.stop()
         metrics.SESSIONS_CLOSED.labels("shutdown").inc(len(self.sessions))
         self.engine.close()
 

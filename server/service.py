@@ -161,17 +161,18 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             max_chunk_steps=self.runtime.config.max_chunk_steps,
             fingerprint=engine.fingerprint,
             replay_steps=self.runtime.config.replay_steps,
+            durable_sessions=self.runtime.store is not None,
         )
 
     @unary("CreateSession")
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Any):
         session_id = resolve_session_id(request.session_id, metadata_session_id(context))
-        session = self.runtime.create_session(session_id, self._principal(context))
+        session = await self.runtime.open_session(session_id, self._principal(context))
         return pb.CreateSessionResponse(session=session_message(session))
 
     @unary("GetSession")
     async def GetSession(self, request: pb.GetSessionRequest, context: Any):
-        session = self.runtime.get_session(
+        session = await self.runtime.get_session(
             self._session_id(request.session_id, context), self._principal(context)
         )
         return pb.GetSessionResponse(session=session_message(session))
@@ -267,7 +268,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     f"start_step: expected 0 (or none) for a new session, got {start_step}",
                     expected_step=0,
                 )
-            session = self.runtime.attach(attachment, session_id, self._principal(context))
+            session = await self.runtime.attach(attachment, session_id, self._principal(context))
         else:
             if request.session_id and request.session_id != session.session_id:
                 raise BadInput(
@@ -283,6 +284,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             start_step=first,
             num_steps=len(outputs),
             outputs=outputs.ravel().tolist(),
+            durable_step=session.durable_step,
         )
 
     def _decode(self, request: pb.StreamStepsRequest) -> np.ndarray:

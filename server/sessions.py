@@ -71,6 +71,7 @@ class Session:
     replay: ReplayBuffer
     principal: str = ""  # who created it; only they can see it
     next_step: int = 0
+    durable_step: int = 0  # the state store holds the session up to here (--state-store)
     create_time: float = field(default_factory=time.time)
     last_active_time: float = field(default_factory=time.time)
     last_active_monotonic: float = field(default_factory=time.monotonic)

@@ -38,7 +38,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("name", "version", "input_size", "output_size", "hidden_size", "num_layers", "output_kind", "labels", "device", "dtype", "max_chunk_steps", "fingerprint", "replay_steps")
+    __slots__ = ("name", "version", "input_size", "output_size", "hidden_size", "num_layers", "output_kind", "labels", "device", "dtype", "max_chunk_steps", "fingerprint", "replay_steps", "durable_sessions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_CHUNK_STEPS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     REPLAY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     input_size: int
@@ -65,7 +66,8 @@ class GetModelInfoResponse(_message.Message):
     max_chunk_steps: int
     fingerprint: str
     replay_steps: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., output_kind: _Optional[_Union[OutputKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_chunk_steps: _Optional[int] = ..., fingerprint: _Optional[str] = ..., replay_steps: _Optional[int] = ...) -> None: ...
+    durable_sessions: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., output_kind: _Optional[_Union[OutputKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_chunk_steps: _Optional[int] = ..., fingerprint: _Optional[str] = ..., replay_steps: _Optional[int] = ..., durable_sessions: _Optional[bool] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id",)
