@@ -124,7 +124,13 @@ class AsyncStreamSession:
         self._client = client
         self._options = client.options
         self.input_size, self.output_size = info.input_size, info.output_size
-        self._ledger = Ledger(session_id, info.output_size, next_step)
+        self._ledger = Ledger(
+            session_id,
+            info.output_size,
+            next_step,
+            keep_until_durable=info.durable_sessions,
+            max_kept_steps=self._options.max_unstored_steps,
+        )
         self._call: grpc.aio.StreamStreamCall | None = None
         self.reconnects = 0
 
@@ -140,6 +146,17 @@ class AsyncStreamSession:
     @property
     def session_id(self) -> str:
         return self._ledger.session_id
+
+    @property
+    def durable_step(self) -> int:
+        """With durable sessions: the step up to which the server's state store holds this
+        session (what a lost replica cannot take with it)."""
+        return self._ledger.durable_step
+
+    @property
+    def resent_steps(self) -> int:
+        """Timesteps sent again after a replica was lost before it stored them."""
+        return self._ledger.resent_steps
 
     @property
     def next_step(self) -> int:
@@ -195,7 +212,7 @@ class AsyncStreamSession:
 
     async def _open(self) -> None:
         self._call = self._client.stub.StreamSteps(metadata=self._options.metadata(self.session_id))
-        for chunk in self._ledger.pending:
+        for chunk in self._ledger.to_send():
             try:
                 await self._call.write(chunk.request(self.session_id))
             except (grpc.RpcError, asyncio.InvalidStateError):
@@ -226,16 +243,30 @@ class AsyncStreamSession:
         attempt = 0
         while True:
             try:
-                return self._ledger.accept(await self._read())
+                accepted = self._ledger.accept(await self._read())
             except LstmStreamError as err:
-                if not is_retryable(err.code, err.reason) or attempt >= self._options.max_retries:
+                rewound = self._rewind(err)
+                if not (rewound or is_retryable(err.code, err.reason)) or (
+                    attempt >= self._options.max_retries
+                ):
                     self.detach()
                     raise
                 attempt += 1
                 self.reconnects += 1
                 self.detach()
-                await asyncio.sleep(self._options.backoff(attempt))
+                if not rewound:
+                    await asyncio.sleep(self._options.backoff(attempt))
                 await self._open()
+                continue
+            if accepted is not None:  # None: the answer to a chunk resent after a rewind
+                return accepted
+
+    def _rewind(self, err: LstmStreamError) -> bool:
+        try:
+            return self._ledger.rewind(err)
+        except LstmStreamError:
+            self.detach()
+            raise
 
 
 def _finished_error(code: grpc.StatusCode, details: str, trailers: Any) -> grpc.RpcError:

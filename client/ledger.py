@@ -4,6 +4,12 @@ Every chunk is numbered with the step index of its first timestep (`start_step`)
 its answer arrives. After a reconnect the unanswered chunks are sent again with the same numbers:
 the server applies what it had not applied and answers the rest from its replay buffer, so the
 caller sees each timestep's output once, in order.
+
+With durable sessions (a server with a state store), answered chunks are kept too, until a
+response's `durable_step` says the store holds them. Should the replica be lost, the replica that
+continues the session has the stored state only, and refuses the next chunk as a gap naming the
+step it holds; the client then resends the kept chunks from that step (their answers, given
+once already, are dropped), and goes on.
 """
 
 from __future__ import annotations
@@ -11,8 +17,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 from lstm_stream.v1 import inference_pb2 as pb
+
+from client.errors import LstmStreamError
 
 
 @dataclass(frozen=True)
@@ -21,6 +30,10 @@ class Chunk:
     rows: np.ndarray  # (T, input_size) float32
     reset: bool = False
     end_session: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.rows)
 
     def request(self, session_id: str) -> pb.StreamStepsRequest:
         return pb.StreamStepsRequest(
@@ -31,14 +44,40 @@ class Chunk:
             end_session=self.end_session,
         )
 
+    def missing_from(self, step: int) -> bool:
+        """Whether a server whose session is at `step` lacks some of this chunk's effect (a
+        reset at `step` itself may or may not be in the state stored there)."""
+        return self.end > step or (self.reset and self.start >= step)
+
+    def tail(self, step: int) -> Chunk:
+        """The part from `step` on; the part before it is applied already."""
+        if step <= self.start:
+            return self
+        return Chunk(step, self.rows[step - self.start :], False, self.end_session)
+
 
 class Ledger:
-    def __init__(self, session_id: str, output_size: int, next_step: int = 0) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        output_size: int,
+        next_step: int = 0,
+        keep_until_durable: bool = False,
+        max_kept_steps: int = 8192,
+    ) -> None:
         self.session_id = session_id
         self.output_size = output_size
         self.next_step = next_step  # step index the next new timestep gets
         self.answered_step = next_step  # outputs delivered to the caller up to here
-        self.pending: deque[Chunk] = deque()
+        self.pending: deque[Chunk] = deque()  # sent (or to send), unanswered
+        self.keep_until_durable = keep_until_durable
+        self.max_kept_steps = max_kept_steps
+        self.durable_step = next_step
+        self.kept: deque[Chunk] = deque()  # answered, not yet stored
+        self._kept_steps = 0
+        self._resending: deque[Chunk] = deque()  # kept chunks sent again; answers dropped
+        self.resent_steps = 0  # timesteps applied again after a lost replica
+        self.unkept_steps = 0  # answered timesteps no longer kept although not stored
 
     def add(self, rows: np.ndarray, reset: bool = False, end_session: bool = False) -> Chunk:
         chunk = Chunk(self.next_step, rows, reset, end_session)
@@ -46,16 +85,81 @@ class Ledger:
         self.next_step += len(rows)
         return chunk
 
-    def accept(self, response: pb.StreamStepsResponse) -> tuple[Chunk, np.ndarray]:
-        """Match a response to the oldest unanswered chunk; that chunk and its outputs."""
+    def to_send(self) -> list[Chunk]:
+        """What a new stream carries, in order: kept chunks being resent, then every
+        unanswered chunk."""
+        if not self._resending:
+            # A reset with no timesteps leaves the step index alone, so a successor that lost
+            # it shows no gap: resend it (where it was applied, no step has followed it, and
+            # zeroing again changes nothing; where steps followed, it is answered as a replay).
+            self._resending = deque(c for c in self.kept if c.reset and not len(c.rows))
+        return [*self._resending, *self.pending]
+
+    def accept(self, response: pb.StreamStepsResponse) -> tuple[Chunk, np.ndarray] | None:
+        """Match a response to the oldest chunk awaiting one; that chunk and its outputs, or
+        None for the answer to a resent chunk whose outputs the caller has had."""
+        if self.keep_until_durable:
+            self._stored(response.durable_step)
+        if self._resending:
+            chunk = self._resending.popleft()
+            _check(response, chunk)
+            self.resent_steps += len(chunk.rows)
+            return None
         chunk = self.pending.popleft()
-        if response.start_step != chunk.start or response.num_steps != len(chunk.rows):
-            raise RuntimeError(
-                f"response for steps {response.start_step}+{response.num_steps} does not answer "
-                f"the chunk at {chunk.start}+{len(chunk.rows)}"
-            )
+        _check(response, chunk)
         outputs = np.asarray(response.outputs, dtype=np.float32).reshape(
             response.num_steps, self.output_size
         )
-        self.answered_step = chunk.start + len(chunk.rows)
+        self.answered_step = chunk.end
+        if self.keep_until_durable and not chunk.end_session:
+            self._keep(chunk)
         return chunk, outputs
+
+    def rewind(self, error: LstmStreamError) -> bool:
+        """After a gap refusal (STEP_OUT_OF_ORDER naming the step the server holds): whether
+        resending the kept chunks from that step continues the session. A server behind what
+        this client still keeps lost answered steps the client no longer has: DATA_LOSS."""
+        if not self.keep_until_durable or error.reason != "STEP_OUT_OF_ORDER":
+            return False
+        try:
+            step = int(error.metadata["expected_step"])
+        except (KeyError, ValueError):
+            return False
+        first_unsent = self.pending[0].start if self.pending else self.next_step
+        if step >= first_unsent:
+            return False  # not a rewind: the server is not behind what was answered
+        held_from = self.kept[0].start if self.kept else first_unsent
+        if step < held_from:
+            raise LstmStreamError(
+                grpc.StatusCode.DATA_LOSS,
+                f"session {self.session_id!r}: the server holds it up to step {step}, but steps "
+                f"{step}..{held_from - 1} were answered and not yet stored when its replica was "
+                f"lost, and this client no longer keeps them (ClientOptions.max_unstored_steps)",
+                reason="STATE_LOST",
+                metadata={"expected_step": step, "kept_from": held_from},
+            )
+        self._resending = deque(c.tail(step) for c in self.kept if c.missing_from(step))
+        return True
+
+    def _keep(self, chunk: Chunk) -> None:
+        if not chunk.missing_from(self.durable_step):
+            return
+        self.kept.append(chunk)
+        self._kept_steps += len(chunk.rows)
+        while self._kept_steps > self.max_kept_steps:  # the store is far behind (or down)
+            dropped = self.kept.popleft()
+            self._kept_steps -= len(dropped.rows)
+            self.unkept_steps += len(dropped.rows)
+
+    def _stored(self, durable_step: int) -> None:
+        self.durable_step = max(self.durable_step, durable_step)
+        while self.kept and not self.kept[0].missing_from(self.durable_step):
+            self._kept_steps -= len(self.kept.popleft().rows)
+
+
+def _check(response: pb.StreamStepsResponse, chunk: Chunk) -> None:
+    if response.start_step != chunk.start or response.num_steps != len(chunk.rows):
+        raise RuntimeError(
+            f"response for steps {response.start_step}+{response.num_steps} does not answer "
+            f"the chunk at {chunk.start}+{len(chunk.rows)}"
+        )

@@ -53,6 +53,9 @@ class ClientOptions:
     deadline_s: float | None = 30.0  # per unary call, and per stream message's answer
     keepalive_s: float = 30.0  # HTTP/2 pings on idle connections (0: off)
     max_retries: int = 10  # stream reconnects in a row before giving up
+    # Durable sessions: answered timesteps kept until the server's store holds them, to resend
+    # if the replica is lost; beyond this many (the store far behind), the oldest are dropped.
+    max_unstored_steps: int = 8192
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 2.0
     extra_metadata: tuple[tuple[str, str], ...] = field(default_factory=tuple)

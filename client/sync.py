@@ -184,7 +184,13 @@ class StreamSession:
         self._options = client.options
         info = client.info()
         self.input_size, self.output_size = info.input_size, info.output_size
-        self._ledger = Ledger(session_id, info.output_size, next_step)
+        self._ledger = Ledger(
+            session_id,
+            info.output_size,
+            next_step,
+            keep_until_durable=info.durable_sessions,
+            max_kept_steps=self._options.max_unstored_steps,
+        )
         self._stream: _Stream | None = None
         self.reconnects = 0
 
@@ -200,6 +206,17 @@ class StreamSession:
     @property
     def session_id(self) -> str:
         return self._ledger.session_id
+
+    @property
+    def durable_step(self) -> int:
+        """With durable sessions: the step up to which the server's state store holds this
+        session (what a lost replica cannot take with it)."""
+        return self._ledger.durable_step
+
+    @property
+    def resent_steps(self) -> int:
+        """Timesteps sent again after a replica was lost before it stored them."""
+        return self._ledger.resent_steps
 
     @property
     def next_step(self) -> int:
@@ -252,7 +269,7 @@ class StreamSession:
 
     def _open(self) -> None:
         self._stream = _Stream(self._client.stub, self._options.metadata(self.session_id))
-        for chunk in self._ledger.pending:
+        for chunk in self._ledger.to_send():
             self._stream.write(chunk.request(self.session_id))
 
     def _receive(self) -> tuple[Chunk, np.ndarray]:
@@ -260,14 +277,27 @@ class StreamSession:
         while True:
             try:
                 assert self._stream is not None
-                response = self._stream.read(self._options.deadline_s)
-                return self._ledger.accept(response)
+                accepted = self._ledger.accept(self._stream.read(self._options.deadline_s))
             except LstmStreamError as err:
-                if not is_retryable(err.code, err.reason) or attempt >= self._options.max_retries:
+                rewound = self._rewind(err)
+                if not (rewound or is_retryable(err.code, err.reason)) or (
+                    attempt >= self._options.max_retries
+                ):
                     self.detach()
                     raise
                 attempt += 1
                 self.reconnects += 1
                 self.detach()
-                time.sleep(self._options.backoff(attempt))
+                if not rewound:
+                    time.sleep(self._options.backoff(attempt))
                 self._open()
+                continue
+            if accepted is not None:  # None: the answer to a chunk resent after a rewind
+                return accepted
+
+    def _rewind(self, err: LstmStreamError) -> bool:
+        try:
+            return self._ledger.rewind(err)
+        except LstmStreamError:
+            self.detach()
+            raise
