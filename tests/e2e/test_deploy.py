@@ -25,7 +25,7 @@ def run(*args: str) -> str:
 def test_promtool_accepts_the_config_and_rules():
     promtool = require_binary("promtool")
     assert "SUCCESS" in run(promtool, "check", "config", str(DEPLOY / "prometheus/prometheus.yml"))
-    assert "SUCCESS: 5 rules found" in run(
+    assert "SUCCESS: 6 rules found" in run(
         promtool, "check", "rules", str(DEPLOY / "prometheus/rules.yml")
     )
 
@@ -44,6 +44,7 @@ def test_every_alert_passes_its_promtool_unit_test():
             "LstmErrorRatioHigh",
             "LstmSessionsNearCapacity",
             "LstmTargetDown",
+            "LstmStateStoreDown",
         }
     )
     assert "SUCCESS" in run(promtool, "test", "rules", str(DEPLOY / "prometheus/rules.test.yml"))
@@ -67,6 +68,29 @@ def test_docker_compose_accepts_both_variants(profile):
         assert server["build"]["args"]["TORCH_VARIANT"] == "cpu"
         assert server["environment"]["LSTM_SERVE_DEVICE"] == "cpu"
     assert {"prometheus", "grafana"} <= set(services)
+
+
+def test_docker_compose_scale_profile_is_replicas_behind_nginx_with_redis():
+    compose = require_binary("docker-compose")
+    services = yaml.safe_load(run(compose, "--profile", "scale", "config"))["services"]
+    replicas = sorted(name for name in services if name.startswith("replica-"))
+    assert replicas == ["replica-1", "replica-2", "replica-3"]
+    for name in replicas:
+        replica = services[name]
+        assert replica["profiles"] == ["scale"]
+        assert replica["environment"]["LSTM_SERVE_STATE_STORE"] == "redis://redis:6379/0"
+        assert "ports" not in replica  # reached through nginx only
+        assert "lstm-serve" in replica["networks"]["default"]["aliases"]  # scraped by DNS
+    nginx = services["nginx"]
+    assert [p["target"] for p in nginx["ports"]] == [50051]
+    assert any(
+        v.endswith("deploy/nginx/nginx.conf:/etc/nginx/nginx.conf:ro") for v in nginx["volumes"]
+    )
+    conf = (DEPLOY / "nginx/nginx.conf").read_text()
+    assert "hash $http_x_session_id consistent;" in conf and "grpc_pass grpc://" in conf
+    upstreams = re.findall(r"^\s*server (replica-\d+):50051", conf, flags=re.M)
+    assert upstreams == replicas
+    assert "redis" in services
 
 
 def test_dockerfile_is_multi_stage_non_root_with_a_grpc_healthcheck():
@@ -96,11 +120,14 @@ def promql_metric_names(expr: str) -> set[str]:
 
 
 def exported_names(metrics_text: str) -> set[str]:
-    return {
-        line.split("{")[0].split(" ")[0]
-        for line in metrics_text.splitlines()
-        if line and not line.startswith("#")
-    } | {"up"}
+    """Names with samples, and those declared (# TYPE) with none yet, e.g. labelled ones."""
+    names = {"up"}
+    for line in metrics_text.splitlines():
+        if line.startswith("# TYPE "):
+            names.add(line.split()[2])
+        elif line and not line.startswith("#"):
+            names.add(line.split("{")[0].split(" ")[0])
+    return names
 
 
 def test_dashboard_queries_name_only_exported_metrics(served):
