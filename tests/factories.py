@@ -237,7 +237,7 @@ def require_binary(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    message = f"{name} is not installed (apt-get install prometheus docker-compose; see .ci/run)"
+    message = f"{name} is not installed (.ci/run installs it with apt-get; see there)"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)

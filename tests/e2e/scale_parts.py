@@ -1,0 +1,104 @@
+"""The real parts of a scaled-out deployment on loopback: redis-server and nginx (with the
+shipped deploy/nginx/nginx.conf, its upstreams pointed at local replicas)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+from tests.factories import free_port, require_binary, wait_for
+
+NGINX_CONF = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "nginx.conf"
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class RedisServer:
+    """redis-server on a free loopback port, no persistence; stop() and start() again on the
+    same port (empty, as a restarted Redis without persistence is)."""
+
+    def __init__(self) -> None:
+        self.binary = require_binary("redis-server")
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), *options],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: port_open(self.port), 10, what="redis-server to listen")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port)
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def nginx_config(listen_port: int, replica_ports: list[int]) -> str:
+    """The shipped config with its upstream servers and listen address made local."""
+    text = NGINX_CONF.read_text()
+    servers = re.findall(r"^( *)server replica-\d+:50051( [^;]*)?;\n", text, re.M)
+    assert servers, "deploy/nginx/nginx.conf names no replica-N upstream servers"
+    indent, options = servers[0][0], servers[0][1]
+    local = "".join(f"{indent}server 127.0.0.1:{port}{options};\n" for port in replica_ports)
+    text = re.sub(r"^ *server replica-\d+:50051[^;]*;\n", "", text, flags=re.M)
+    text = text.replace("keepalive 256;", "keepalive 256;\n" + local.rstrip("\n"), 1)
+    text, count = re.subn(r"listen 50051 http2;", f"listen 127.0.0.1:{listen_port} http2;", text)
+    assert count == 1, "deploy/nginx/nginx.conf: expected one 'listen 50051 http2;'"
+    return text
+
+
+class Nginx:
+    def __init__(self, directory: Path, replica_ports: list[int]) -> None:
+        binary = require_binary("nginx")
+        self.port = free_port()
+        (directory / "logs").mkdir(parents=True, exist_ok=True)
+        conf = directory / "nginx.conf"
+        conf.write_text(nginx_config(self.port, replica_ports))
+        self.error_log = directory / "logs" / "error.log"
+        globals_ = f"daemon off; pid {directory}/nginx.pid; error_log {self.error_log} notice;"
+        self.process = subprocess.Popen(
+            [binary, "-p", str(directory), "-c", str(conf), "-g", globals_],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: port_open(self.port), 10, what="nginx to listen")
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def __enter__(self) -> Nginx:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,227 @@
+"""Scale-out with real parts on loopback: lstm-serve replicas behind nginx (the shipped config)
+sharing a redis-server state store. Sessions stay on one replica; a replica killed mid-stream
+loses nothing; Redis going away costs durability, not service."""
+
+import asyncio
+import signal
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from lstm_stream.v1 import inference_pb2 as pb
+
+from client import AsyncStreamingClient, ClientOptions, LstmStreamError, StreamingClient
+from server import transfer
+from tests.e2e.scale_parts import Nginx, RedisServer
+from tests.factories import (
+    ServeProcess,
+    free_port,
+    metric_value,
+    offline,
+    random_chunks,
+    random_steps,
+    wait_for,
+)
+
+REPLICAS, SESSIONS, STEPS = 3, 200, 48
+OPTIONS = dict(deadline_s=10.0, max_retries=50, backoff_initial_s=0.02, backoff_max_s=0.5)
+
+
+def start_replica(store_url: str, *args: str) -> ServeProcess:
+    metrics_port = free_port()
+    replica = ServeProcess(
+        "--state-store", store_url, "--metrics-port", str(metrics_port), "--max-sessions", "512",
+        *args,
+    )  # fmt: skip
+    replica.metrics_port = metrics_port
+    return replica
+
+
+def counts(replicas, name: str) -> list[float]:
+    return [metric_value(r.metrics_port, name) for r in replicas]
+
+
+class Phases:
+    """Sessions stream their chunks in three thirds; the test acts between them."""
+
+    def __init__(self, sessions: int) -> None:
+        self.sessions = sessions
+        self.reached = [0, 0]
+        self.events = [asyncio.Event(), asyncio.Event()]
+        self.go = [asyncio.Event(), asyncio.Event()]
+
+    async def arrive(self, phase: int, wait: bool) -> None:
+        self.reached[phase] += 1
+        if self.reached[phase] == self.sessions:
+            self.events[phase].set()
+        if wait:
+            await self.go[phase].wait()
+
+
+def test_sessions_stay_on_one_replica_and_survive_a_killed_one(bundled_model, tmp_path):
+    inputs = [random_steps(STEPS, 6, seed=9000 + i) for i in range(SESSIONS)]
+    plans = [random_chunks(STEPS, 4, seed=9000 + i) for i in range(SESSIONS)]
+    with RedisServer() as store:
+        replicas = [start_replica(store.url) for _ in range(REPLICAS)]
+        try:
+            with Nginx(tmp_path / "nginx", [r.port for r in replicas]) as nginx:
+                results, observed = asyncio.run(drive(nginx.target, inputs, plans, replicas, store))
+            survivors = replicas[1:]
+            assert sum(counts(survivors, "lstm_sessions_active")) == 0  # all ended
+            for replica in survivors:  # a clean stop writes what is staged
+                assert replica.finish()[0] == 0
+        finally:
+            for r in replicas:
+                r.__exit__()
+        assert store.client().dbsize() == 0  # ended sessions leave no record behind
+
+    created, loads_before, victim_sessions, loads_after = observed
+    assert sum(created) == SESSIONS  # each session created on exactly one replica
+    assert all(c >= SESSIONS / REPLICAS / 3 for c in created), created  # spread over all
+    assert loads_before == [0] * REPLICAS  # no session touched a second replica
+    assert victim_sessions > 0
+    # Each of the killed replica's sessions moved once, to one other replica; no other moved.
+    assert sum(loads_after) == victim_sessions, (loads_after, victim_sessions)
+    resent = 0
+    for steps, (outputs, session_resent) in zip(inputs, results, strict=True):
+        assert outputs.shape == (STEPS, 4)  # none lost, none repeated
+        np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
+        resent += session_resent
+    # Answered steps the killed replica had not stored were applied again on the new one.
+    assert resent > 0
+
+
+async def drive(target, inputs, plans, replicas, store):
+    phases = Phases(SESSIONS)
+
+    async def one(i, client):
+        session = await client.open_session()
+        chunks = np.split(inputs[i], np.cumsum(plans[i])[:-1])
+        thirds = np.array_split(np.arange(len(chunks)), 3)
+        outputs = []
+        for phase, part in enumerate(thirds):
+            async for out in session.stream([chunks[j] for j in part], window=2):
+                outputs.append(out)
+            if phase < 2:
+                # Between the first and second third every session waits; after the second,
+                # each goes straight on, so the kill finds streams mid-flight.
+                await phases.arrive(phase, wait=phase == 0)
+        resent = session.resent_steps
+        await session.close()
+        return np.concatenate(outputs), resent
+
+    async def act():
+        await phases.events[0].wait()  # every session created and a third streamed
+        created = counts(replicas, "lstm_sessions_created_total")
+        loads_before = counts(replicas, "lstm_state_store_loads_total")
+        # Hold Redis's writes: the steps streamed from now on are answered but not stored.
+        store.client().execute_command("CLIENT", "PAUSE", "4000", "WRITE")
+        phases.go[0].set()
+        await wait_event(phases.events[1], 60)
+        victim = replicas[0]
+        victim_sessions = metric_value(victim.metrics_port, "lstm_sessions_active")
+        victim.process.send_signal(signal.SIGKILL)
+        return created, loads_before, victim_sessions
+
+    options = ClientOptions(target=target, **OPTIONS)
+    async with AsyncStreamingClient(options=options) as client:
+        acting = asyncio.create_task(act())
+        results = await asyncio.gather(*(one(i, client) for i in range(SESSIONS)))
+        created, loads_before, victim_sessions = await acting
+    loads_after = counts(replicas[1:], "lstm_state_store_loads_total")
+    return results, (created, loads_before, victim_sessions, loads_after)
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    await asyncio.wait_for(event.wait(), timeout)
+
+
+def stored(store: RedisServer, session_id: str) -> transfer.SessionRecord | None:
+    data = store.client().hget(f"lstm-stream:session::{session_id}", "state")
+    return None if data is None else transfer.decode(data)
+
+
+def test_redis_down_keeps_serving_says_so_and_catches_up(bundled_model):
+    steps = random_steps(40, 6, seed=31)
+    idle_steps = random_steps(5, 6, seed=32)
+    with RedisServer() as store, start_replica(store.url) as replica:
+        store_up = f'lstm_state_store_up{{store="{store.url}"}}'
+        with StreamingClient(replica.target) as client:
+            busy, idle = client.open_session(), client.open_session()
+            idle.send(idle_steps)
+            outputs = [busy.send(steps[:10])]
+            wait_for(lambda: (r := stored(store, busy.session_id)) and r.next_step == 10)
+
+            store.stop()
+            outputs.append(busy.send(steps[10:20]))  # answered from memory
+            wait_for(lambda: metric_value(replica.metrics_port, store_up) == 0)
+            assert metric_value(replica.metrics_port, "lstm_state_store_errors_total") >= 1
+            outputs.append(busy.send(steps[20:30]))
+
+            store.start()  # empty: what it held is gone
+            wait_for(lambda: metric_value(replica.metrics_port, store_up) == 1)
+            # Caught up: both sessions are stored anew, the idle one too, at their steps.
+            busy_record = wait_for(lambda: stored(store, busy.session_id), what="busy stored")
+            idle_record = wait_for(lambda: stored(store, idle.session_id), what="idle stored")
+            assert busy_record.next_step == 30 and idle_record.next_step == 5
+            request = pb.ExportSessionRequest(session_id=busy.session_id)
+            exported = transfer.decode(client.call("ExportSession", request).state)
+            np.testing.assert_array_equal(busy_record.h.numpy(), exported.h.numpy())
+            np.testing.assert_array_equal(busy_record.replay.numpy(), exported.replay.numpy())
+            outputs.append(busy.send(steps[30:]))
+            assert busy.durable_step >= 30  # responses say how far the store holds it again
+            busy.close()
+            idle.close()
+        code, log = replica.finish()
+    assert code == 0
+    np.testing.assert_allclose(
+        np.concatenate(outputs), offline(bundled_model, steps), atol=1e-5, rtol=0
+    )
+    assert "unreachable" in log and "serving from memory" in log
+    assert "reachable again" in log
+
+
+def test_a_replica_holding_a_stale_copy_takes_the_newer_state_from_the_store(bundled_model):
+    steps = random_steps(30, 6, seed=33)
+    expected = offline(bundled_model, steps)
+    with RedisServer() as store, start_replica(store.url) as a, start_replica(store.url) as b:
+        with StreamingClient(a.target) as on_a, StreamingClient(b.target) as on_b:
+            first = on_a.open_session("moving-session")
+            np.testing.assert_allclose(first.send(steps[:10]), expected[:10], atol=1e-5)
+            wait_for(lambda: (r := stored(store, "moving-session")) and r.next_step == 10)
+            with pytest.raises(LstmStreamError) as raised:  # another replica's session
+                on_b.open_session("moving-session")
+            assert raised.value.reason == "SESSION_EXISTS"
+            assert on_b.attach("moving-session").next_step == 10  # B loads a copy
+            np.testing.assert_allclose(first.send(steps[10:20]), expected[10:20], atol=1e-5)
+            wait_for(lambda: stored(store, "moving-session").next_step == 20)
+            # The session comes back to B, whose copy is 10 steps old: the store's wins.
+            again = on_b.attach("moving-session")
+            assert again.next_step == 20
+            np.testing.assert_allclose(again.send(steps[20:]), expected[20:], atol=1e-5)
+            again.close()
+        superseded = 'lstm_sessions_closed_total{reason="superseded"}'
+        assert metric_value(b.metrics_port, superseded) == 1
+        assert metric_value(b.metrics_port, "lstm_state_store_loads_total") == 2
+
+
+def test_a_stored_session_of_another_model_is_refused_by_name(bundled_model):
+    record = transfer.SessionRecord(
+        session_id="old-model-session",
+        next_step=3,
+        h=torch.zeros(2, 48),
+        c=torch.zeros(2, 48),
+        replay=torch.zeros(3, 4),
+        fingerprint="0" * 64,
+        create_time=time.time(),
+    )
+    with RedisServer() as store, start_replica(store.url) as replica:
+        key = "lstm-stream:session::old-model-session"
+        store.client().hset(key, mapping={"step": 3, "state": transfer.encode(record)})
+        with StreamingClient(replica.target) as client, pytest.raises(LstmStreamError) as raised:
+            client.get_session("old-model-session")
+    err = raised.value
+    assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_MISMATCH")
+    assert "stored state: from model 000000000000" in err.details
