@@ -13,13 +13,16 @@ from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
 from bench.echo_server import create_echo_server
+from tests.factories import require_binary
 
 REPO = Path(__file__).resolve().parents[2]
-QUICK_SESSIONS, QUICK_CHUNKS, VARIANTS = (1, 4), (1, 32), ("shipped", "unbatched", "echo")
+QUICK_SESSIONS, QUICK_CHUNKS = (1, 4), (1, 32)
+VARIANTS = ("shipped", "durable", "unbatched", "echo")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def test_quick_run_writes_json_markdown_and_plot(tmp_path):
+    require_binary("redis-server")  # the durable variant's store
     result = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--out-dir", str(tmp_path)],
         cwd=REPO,
@@ -38,13 +41,14 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
                 assert row["errors"] == 0, row
                 assert row["timesteps"] > 0 and row["messages"] > 0, row
                 assert row["latency_p99_s"] >= row["latency_p50_s"] > 0, row
-                if variant == "shipped":
+                if variant in ("shipped", "durable"):
                     assert row["timesteps"] == row["messages"] * chunk, row
 
     markdown = (tmp_path / "benchmarks.md").read_text()
     table_rows = {line.split("|")[1].strip() for line in markdown.splitlines() if line[:2] == "| "}
     assert {str(s) for s in QUICK_SESSIONS} <= table_rows
     assert f"{doc['machine']['cores']} cores" in markdown
+    assert "## The cost of durable sessions" in markdown
 
     png = (tmp_path / "img" / "benchmarks.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1024
