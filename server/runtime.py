@@ -80,6 +80,7 @@ class Runtime:
                 self.engine.fingerprint,
                 self.model_config.output_size,
                 config.replay_steps,
+                config.state_store_interval_ms / 1000,
             )
             if config.state_store
             else None

@@ -61,7 +61,10 @@ class ReplayBuffer:
         """Outputs of steps [start, end), which must all be held: (end - start, O)."""
         if end <= start or self._ring is None:
             return np.zeros((0, output_size), dtype=np.float32)
-        return self._ring[np.arange(start, end) % self.capacity]
+        first, stop = start % self.capacity, start % self.capacity + (end - start)
+        if stop <= self.capacity:
+            return self._ring[first:stop].copy()
+        return np.concatenate((self._ring[first:], self._ring[: stop - self.capacity]))
 
 
 @dataclass(eq=False, slots=True)  # slots: 100,000 idle sessions must stay small

@@ -1,11 +1,12 @@
 """Durable sessions: a write-behind copy of every session's state in Redis (--state-store).
 
 After each batch the batcher stages the changed sessions' state here; one writer task sends all
-that is staged in one pipeline, off the response path. A session staged again before its write
-goes out is written once, at its newest step, so the store's load follows the write rate Redis
-sustains, not the batch rate. A record holds what ExportSession returns (h, c, step index,
-replay buffer, model fingerprint) and expires with the idle timeout. Each response says
-`durable_step`: the step up to which the store holds its session.
+that is staged in one call (one round trip), off the response path, then waits
+--state-store-interval-ms. A session staged again before its write goes out is written once, at
+its newest step, so the store's load follows the write rate, not the batch rate. A record holds
+what ExportSession returns (h, c, step index, replay buffer, model fingerprint) and expires with
+the idle timeout. Each response says `durable_step`: the step up to which the store holds its
+session.
 
 While Redis is unreachable the server keeps serving from memory (lstm_state_store_up 0, a
 warning in the log) and retries; once Redis answers again, every live session is written anew,
@@ -33,13 +34,38 @@ from server.sessions import Session
 
 log = logging.getLogger("lstm_serve")
 KEY_PREFIX = "lstm-stream:session:"
-# A record is a hash {step, state}. A write lands only if it is not older than what is stored:
-# a write a lost replica had in flight cannot overwrite what its successor wrote since.
-WRITE_IF_NEWER = """
-local stored = redis.call('HGET', KEYS[1], 'step')
-if stored and tonumber(stored) > tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'step', ARGV[1], 'state', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+# A record is a hash: transfer.to_fields (step, meta, state) and `born`, the session's create
+# time, which tells one incarnation of an id from the next. Writes are ordered by (born, step):
+# a write a lost replica had in flight cannot overwrite what its successor wrote since, nor
+# bring back a session that ended (an end leaves a tombstone: born, step, ended). One call
+# writes a whole flush; KEYS are the sessions, ARGV the TTL and then, per key, 5 values:
+# kind ("put" or "end"), born, step, meta, state.
+WRITE_IN_ORDER = """
+local ttl = ARGV[1]
+for i, key in ipairs(KEYS) do
+  local a = 2 + (i - 1) * 5
+  local kind, born, step = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local stored = redis.call('HMGET', key, 'born', 'step', 'ended')
+  local stored_born = tonumber(stored[1])
+  local stale = false
+  if stored_born then
+    if born < stored_born then
+      stale = true
+    elseif born == stored_born then
+      stale = stored[3] ~= false or (kind == 'put' and tonumber(stored[2]) > step)
+    end
+  end
+  if not stale then
+    redis.call('DEL', key)
+    if kind == 'end' then
+      redis.call('HSET', key, 'born', ARGV[a + 1], 'step', ARGV[a + 2], 'ended', '1')
+    else
+      redis.call('HSET', key, 'born', ARGV[a + 1], 'step', ARGV[a + 2],
+                 'meta', ARGV[a + 3], 'state', ARGV[a + 4])
+    end
+    redis.call('PEXPIRE', key, ttl)
+  end
+end
 return 1
 """
 # Unreachable for longer than this: fail the command, serve from memory, retry later.
@@ -56,17 +82,28 @@ def session_key(principal: str, session_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Staged:
-    """A session's state after a batch: to be written unless a newer one replaces it."""
+    """A session's state after a batch (or its end): to be written unless a newer one
+    replaces it."""
 
     session: Session
     next_step: int
-    h: torch.Tensor  # (L, H) float32, on the CPU
-    c: torch.Tensor  # (L, H) float32, on the CPU
+    h: np.ndarray | None = None  # (L, H) float32
+    c: np.ndarray | None = None  # (L, H) float32
+
+    @property
+    def ended(self) -> bool:
+        return self.h is None
 
 
 class StateStore:
     def __init__(
-        self, url: str, ttl_s: float, fingerprint: str, output_size: int, replay_steps: int
+        self,
+        url: str,
+        ttl_s: float,
+        fingerprint: str,
+        output_size: int,
+        replay_steps: int,
+        interval_s: float = 0.0,
     ) -> None:
         self.url = url
         self._redis = Redis.from_url(
@@ -76,10 +113,11 @@ class StateStore:
             retry=Retry(NoBackoff(), 0),  # the writer retries on its own schedule
         )
         self._ttl_ms = max(1, int(ttl_s * 1000))
+        self._interval_s = interval_s
         self._fingerprint = fingerprint
         self._output_size = output_size
         self._replay_steps = replay_steps
-        self._staged: dict[str, Staged | None] = {}  # key -> newest state, or None: delete
+        self._staged: dict[str, Staged] = {}  # key -> the session's newest state, or its end
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -113,27 +151,31 @@ class StateStore:
 
     # Called on the event loop by the batcher and the runtime
 
-    def stage(self, session: Session, h: torch.Tensor, c: torch.Tensor) -> None:
+    def stage(
+        self, session: Session, h: np.ndarray | torch.Tensor, c: np.ndarray | torch.Tensor
+    ) -> None:
+        """The session's state as of now (h and c (L, H), on the CPU), to be written."""
         key = session_key(session.principal, session.session_id)
-        self._staged[key] = Staged(session, session.next_step, h, c)
+        self._staged[key] = Staged(session, session.next_step, np.asarray(h), np.asarray(c))
         metrics.STATE_STORE_PENDING.set(len(self._staged))
         self._wakeup.set()
 
     def forget(self, session: Session) -> None:
-        """The session ended: delete its record, so no replica brings it back."""
-        self._staged[session_key(session.principal, session.session_id)] = None
+        """The session ended: replace its record by a tombstone, so no replica brings it back."""
+        key = session_key(session.principal, session.session_id)
+        self._staged[key] = Staged(session, session.next_step)
         self._wakeup.set()
 
     async def load(self, session_id: str, principal: str) -> transfer.SessionRecord | None:
         try:
-            data = await self._redis.hget(session_key(principal, session_id), "state")
+            fields = await self._redis.hgetall(session_key(principal, session_id))
         except StoreFailure as exc:
             raise StoreUnavailable(describe(exc)) from None
-        return None if data is None else transfer.decode(data)
+        return transfer.from_fields(fields) if b"state" in fields else None  # else: none, or ended
 
     async def holds(self, session_id: str, principal: str) -> bool:
         try:
-            return bool(await self._redis.exists(session_key(principal, session_id)))
+            return bool(await self._redis.hexists(session_key(principal, session_id), "state"))
         except StoreFailure as exc:
             raise StoreUnavailable(describe(exc)) from None
 
@@ -162,28 +204,29 @@ class StateStore:
             delay = RETRY_INITIAL_S
             if not self.up:
                 await self._came_back()
+            if self._interval_s:  # let the next write gather what the batches stage meanwhile
+                await asyncio.sleep(self._interval_s)
 
-    async def _write(self, batch: dict[str, Staged | None]) -> None:
+    async def _write(self, batch: dict[str, Staged]) -> None:
         started = time.perf_counter()
-        pipe = self._redis.pipeline(transaction=False)
-        for key, staged in batch.items():
-            if staged is None:
-                pipe.delete(key)
-            else:
-                pipe.eval(
-                    WRITE_IF_NEWER, 1, key, staged.next_step, self._encode(staged), self._ttl_ms
-                )
-        await pipe.execute()
-        written = 0
+        args: list[object] = [self._ttl_ms]
         for staged in batch.values():
-            if staged is not None:
-                staged.session.durable_step = max(staged.session.durable_step, staged.next_step)
-                written += 1
-        metrics.STATE_STORE_WRITES.inc(written)
+            born = repr(staged.session.create_time)
+            if staged.ended:
+                args += ("end", born, staged.next_step, "", "")
+            else:
+                fields = self._fields(staged)
+                args += ("put", born, staged.next_step, fields["meta"], fields["state"])
+        await self._redis.eval(WRITE_IN_ORDER, len(batch), *batch, *args)
+        written = [staged for staged in batch.values() if not staged.ended]
+        for staged in written:
+            staged.session.durable_step = max(staged.session.durable_step, staged.next_step)
+        metrics.STATE_STORE_WRITES.inc(len(written))
         metrics.STATE_STORE_FLUSH.observe(time.perf_counter() - started)
         metrics.STATE_STORE_PENDING.set(len(self._staged))
 
-    def _encode(self, staged: Staged) -> bytes:
+    def _fields(self, staged: Staged) -> dict[str, bytes | str | int]:
+        assert staged.h is not None and staged.c is not None
         session = staged.session
         # The replay rows still held for steps before staged.next_step (the session may have
         # moved on since it was staged; the ring then holds fewer of them).
@@ -194,16 +237,16 @@ class StateStore:
         record = transfer.SessionRecord(
             session_id=session.session_id,
             next_step=staged.next_step,
-            h=staged.h,
-            c=staged.c,
-            replay=torch.from_numpy(np.ascontiguousarray(replay)),
+            h=torch.from_numpy(staged.h),  # zero-copy views
+            c=torch.from_numpy(staged.c),
+            replay=torch.from_numpy(replay),
             fingerprint=self._fingerprint,
             create_time=session.create_time,
             principal=session.principal,
         )
-        return transfer.encode(record)
+        return transfer.to_fields(record)
 
-    def _put_back(self, batch: dict[str, Staged | None]) -> None:
+    def _put_back(self, batch: dict[str, Staged]) -> None:
         """Return a failed batch to the staging area, behind anything staged since."""
         self._staged = {**batch, **self._staged}
         metrics.STATE_STORE_PENDING.set(len(self._staged))

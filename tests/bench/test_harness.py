@@ -17,7 +17,7 @@ from tests.factories import require_binary
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK_SESSIONS, QUICK_CHUNKS = (1, 4), (1, 32)
-VARIANTS = ("shipped", "durable", "unbatched", "echo")
+VARIANTS = ("shipped", "durable", "durable-eager", "unbatched", "echo")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -41,7 +41,7 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
                 assert row["errors"] == 0, row
                 assert row["timesteps"] > 0 and row["messages"] > 0, row
                 assert row["latency_p99_s"] >= row["latency_p50_s"] > 0, row
-                if variant in ("shipped", "durable"):
+                if variant.startswith(("shipped", "durable")):
                     assert row["timesteps"] == row["messages"] * chunk, row
 
     markdown = (tmp_path / "benchmarks.md").read_text()

@@ -1,0 +1,118 @@
+"""The state store's writer and reader against a real redis-server."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from server.errors import StoreUnavailable
+from server.sessions import ReplayBuffer, Session
+from server.state_store import StateStore, session_key
+from tests.e2e.scale_parts import RedisServer
+from tests.factories import free_port
+
+FINGERPRINT = "f" * 64
+
+
+def make_session(
+    steps: int, value: float, session_id: str = "s1", replay: int = 4, born: float = 1000.0
+) -> Session:
+    session = Session(
+        session_id, slot=0, replay=ReplayBuffer(replay), principal="alice", create_time=born
+    )
+    outputs = value + np.arange(steps * 2, dtype=np.float32).reshape(steps, 2)  # (T, O)
+    session.commit(0, outputs)
+    return session
+
+
+def make_store(url: str, ttl_s: float = 60.0) -> StateStore:
+    return StateStore(url, ttl_s, FINGERPRINT, output_size=2, replay_steps=4)
+
+
+def test_a_record_round_trips_with_its_replay_and_expires_with_the_idle_timeout():
+    async def run(url):
+        store = make_store(url, ttl_s=30)
+        await store.start()
+        session = make_session(steps=6, value=10.0)
+        store.stage(session, torch.full((1, 3), 0.5), torch.full((1, 3), -0.5))
+        await store.flush()
+        record = await store.load("s1", "alice")
+        other_principal = await store.load("s1", "bob")
+        await store.stop()
+        return session, record, other_principal
+
+    with RedisServer() as redis:
+        session, record, other_principal = asyncio.run(run(redis.url))
+        ttl_ms = redis.client().pttl(session_key("alice", "s1"))
+    assert record.next_step == 6 and session.durable_step == 6
+    assert record.fingerprint == FINGERPRINT and record.principal == "alice"
+    np.testing.assert_array_equal(record.h.numpy(), np.full((1, 3), 0.5, np.float32))
+    np.testing.assert_array_equal(record.c.numpy(), np.full((1, 3), -0.5, np.float32))
+    np.testing.assert_array_equal(record.replay.numpy(), session.replay.read(2, 6, 2))  # last 4
+    assert other_principal is None  # keyed by principal too
+    assert 25_000 < ttl_ms <= 30_000
+
+
+def test_an_older_write_never_replaces_a_newer_one():
+    async def run(url):
+        successor, lost = make_store(url), make_store(url)
+        await successor.start()
+        await lost.start()
+        successor.stage(make_session(9, 1.0), torch.ones(1, 3), torch.ones(1, 3))
+        await successor.flush()
+        # A lost replica's write of an older step arrives late.
+        lost.stage(make_session(5, 2.0), torch.zeros(1, 3), torch.zeros(1, 3))
+        await lost.flush()
+        record = await successor.load("s1", "alice")
+        await successor.stop()
+        await lost.stop()
+        return record
+
+    with RedisServer() as redis:
+        record = asyncio.run(run(redis.url))
+    assert record.next_step == 9
+    np.testing.assert_array_equal(record.h.numpy(), np.ones((1, 3), np.float32))
+
+
+def test_reading_an_unreachable_store_is_unavailable_not_not_found():
+    async def run():
+        store = make_store(f"redis://127.0.0.1:{free_port()}/0")
+        try:
+            with pytest.raises(StoreUnavailable) as raised:
+                await store.load("s1", "alice")
+            with pytest.raises(StoreUnavailable):
+                await store.holds("s1", "alice")
+        finally:
+            await store.stop()
+        return raised.value
+
+    err = asyncio.run(run())
+    assert (err.code.name, err.reason) == ("UNAVAILABLE", "STATE_STORE_UNAVAILABLE")
+    assert "state store is unreachable (ConnectionError" in err.message
+
+
+def test_an_ended_session_stays_ended_until_a_new_one_takes_its_id():
+    async def run(url):
+        successor, lost = make_store(url), make_store(url)
+        await successor.start()
+        await lost.start()
+        ended = make_session(9, 1.0)
+        successor.forget(ended)  # the client ended it on the successor
+        await successor.flush()
+        # The lost replica's last write of it lands afterwards: it must not bring it back.
+        lost.stage(make_session(5, 2.0), torch.zeros(1, 3), torch.zeros(1, 3))
+        await lost.flush()
+        after_end = await successor.load("s1", "alice"), await successor.holds("s1", "alice")
+        reborn = make_session(2, 3.0, born=2000.0)  # a new session with the same id
+        successor.stage(reborn, torch.ones(1, 3), torch.ones(1, 3))
+        await successor.flush()
+        record = await successor.load("s1", "alice")
+        await successor.stop()
+        await lost.stop()
+        return after_end, record
+
+    with RedisServer() as redis:
+        (loaded, held), record = asyncio.run(run(redis.url))
+    assert loaded is None and held is False
+    assert record.next_step == 2 and record.create_time == 2000.0
