@@ -483,10 +483,10 @@ DURABILITY_INTRO = [
     "",
     "**durable** is `lstm-serve --state-store redis://…` against a redis-server on the same",
     "machine (no persistence), as it ships: the changed sessions' state is written behind to",
-    "Redis in one pipelined call, then the writer waits `--state-store-interval-ms` (100) so the",
-    "next write gathers the batches run meanwhile. **durable-eager** sets the interval to 0: a",
-    "write after every batch, as soon as the previous one is done. Redis's CPU counts as the",
-    "server's. The target is at most 15% less throughput than **shipped** at 64 sessions.",
+    "Redis in one call (one round trip), then the writer waits `--state-store-interval-ms` (100)",
+    "so the next write gathers the batches run meanwhile. **durable-eager** sets the interval to",
+    "0: a write after every batch, as soon as the previous one is done. Redis's CPU counts as",
+    "the server's. The target is at most 15% less throughput than **shipped** at 64 sessions.",
 ]
 
 
