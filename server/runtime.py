@@ -111,17 +111,21 @@ class Runtime:
         """CreateSession: a new session, which (with a state store) no replica holds yet."""
         self._refuse_if_draining()
         if session_id and self.store is not None:
-            try:
-                stored = await self.store.holds(session_id, principal)
-            except StoreUnavailable:
-                stored = False  # serve from memory: a client-chosen id is random anyway
-            if stored:
-                raise SessionExists(session_id)
+            await self._refuse_if_stored(session_id, principal)
         session = self.create_session(session_id, principal)
         if self.store is not None:  # so another replica can continue it before its first step
             zeros = torch.zeros(self.model_config.num_layers, self.model_config.hidden_size)
             self.store.stage(session, zeros, zeros)
         return session
+
+    async def _refuse_if_stored(self, session_id: str, principal: str) -> None:
+        assert self.store is not None
+        try:
+            stored = await self.store.holds(session_id, principal)
+        except StoreUnavailable:
+            stored = False  # serve from memory: a client-chosen id is random anyway
+        if stored:
+            raise SessionExists(session_id)
 
     async def get_session(self, session_id: str, principal: str = "") -> Session:
         """A session this replica holds or, with a state store, loads from there. A held one
@@ -145,6 +149,8 @@ class Runtime:
 
     async def _load(self, session_id: str, principal: str, held: Session | None) -> Session:
         assert self.store is not None
+        if held is None and self.store.ending(session_id, principal):
+            raise SessionNotFound(session_id)  # ended here; the store has not heard yet
         try:
             record = await self.store.load(session_id, principal)
         except StoreUnavailable:
@@ -281,8 +287,13 @@ class Runtime:
     ) -> Session:
         record = transfer.decode(data)
         self._check_record(record, "state")
+        if self.store is not None:  # an id live on another replica is taken, as for a create
+            await self._refuse_if_stored(session_id or record.session_id, principal)
         (session,) = await self.restore([record], session_id, principal)
         if self.store is not None:
+            # A new incarnation: the store orders writes by create time, and an export of
+            # a session that then ended must not be refused as that session's late write.
+            session.create_time = time.time()
             self.store.stage(session, record.h, record.c)
         return session
 

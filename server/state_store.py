@@ -16,7 +16,9 @@ since a restarted Redis may have lost them all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,7 +28,9 @@ import torch
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server import metrics, transfer
 from server.errors import StoreUnavailable
@@ -37,13 +41,22 @@ KEY_PREFIX = "lstm-stream:session:"
 # A record is a hash: transfer.to_fields (step, meta, state) and `born`, the session's create
 # time, which tells one incarnation of an id from the next. Writes are ordered by (born, step):
 # a write a lost replica had in flight cannot overwrite what its successor wrote since, nor
-# bring back a session that ended (an end leaves a tombstone: born, step, ended). One call
-# writes a whole flush; KEYS are the sessions, ARGV the TTL and then, per key, 5 values:
-# kind ("put" or "end"), born, step, meta, state.
+# bring back a session that ended (an end leaves a tombstone: born, step, ended).
+#
+# One call writes up to WRITES_PER_CALL sessions. KEYS[1] is this replica's marker, which
+# exists while the store keeps what the replica wrote (a Redis restarted empty, or flushed, has
+# none; it expires with the sessions' TTL and every write renews it). KEYS[2..] are the
+# sessions; ARGV is the TTL, then 5 values per session: kind ("put" or "end"), born, step, meta,
+# state. It returns {1 if the marker was missing, then 1 or 0 per session: applied}.
+MARKER_PREFIX = "lstm-stream:replica-marker:"
+WRITES_PER_CALL = 256
 WRITE_IN_ORDER = """
 local ttl = ARGV[1]
-for i, key in ipairs(KEYS) do
-  local a = 2 + (i - 1) * 5
+local result = {0}
+if redis.call('SET', KEYS[1], '1', 'NX') then result[1] = 1 end
+redis.call('PEXPIRE', KEYS[1], ttl)
+for i = 2, #KEYS do
+  local key, a = KEYS[i], 2 + (i - 2) * 5
   local kind, born, step = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local stored = redis.call('HMGET', key, 'born', 'step', 'ended')
   local stored_born = tonumber(stored[1])
@@ -55,7 +68,9 @@ for i, key in ipairs(KEYS) do
       stale = stored[3] ~= false or (kind == 'put' and tonumber(stored[2]) > step)
     end
   end
-  if not stale then
+  if stale then
+    result[i] = 0
+  else
     redis.call('DEL', key)
     if kind == 'end' then
       redis.call('HSET', key, 'born', ARGV[a + 1], 'step', ARGV[a + 2], 'ended', '1')
@@ -64,15 +79,18 @@ for i, key in ipairs(KEYS) do
                  'meta', ARGV[a + 3], 'state', ARGV[a + 4])
     end
     redis.call('PEXPIRE', key, ttl)
+    result[i] = 1
   end
 end
-return 1
+return result
 """
 # Unreachable for longer than this: fail the command, serve from memory, retry later.
 SOCKET_TIMEOUT_S = 2.0
 RETRY_INITIAL_S, RETRY_MAX_S = 0.1, 2.0
 SHUTDOWN_FLUSH_S = 5.0
-StoreFailure = (RedisError, OSError, asyncio.TimeoutError)
+HEARTBEAT_S = 5.0  # with nothing to write, check this often that the store still answers
+# Connection trouble: retried. A ResponseError (the store refusing the command) is not.
+StoreFailure = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 
 
 def session_key(principal: str, session_id: str) -> str:
@@ -118,6 +136,8 @@ class StateStore:
         self._output_size = output_size
         self._replay_steps = replay_steps
         self._staged: dict[str, Staged] = {}  # key -> the session's newest state, or its end
+        self._writing: dict[str, Staged] = {}  # the batch being written
+        self._marker = MARKER_PREFIX + secrets.token_hex(8)
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -169,14 +189,21 @@ class StateStore:
     async def load(self, session_id: str, principal: str) -> transfer.SessionRecord | None:
         try:
             fields = await self._redis.hgetall(session_key(principal, session_id))
-        except StoreFailure as exc:
+        except RedisError as exc:
             raise StoreUnavailable(describe(exc)) from None
         return transfer.from_fields(fields) if b"state" in fields else None  # else: none, or ended
+
+    def ending(self, session_id: str, principal: str) -> bool:
+        """Whether the session's end is staged or being written: its record, until then still
+        in the store, must not bring it back."""
+        key = session_key(principal, session_id)
+        staged = self._staged.get(key) or self._writing.get(key)
+        return staged is not None and staged.ended
 
     async def holds(self, session_id: str, principal: str) -> bool:
         try:
             return bool(await self._redis.hexists(session_key(principal, session_id), "state"))
-        except StoreFailure as exc:
+        except RedisError as exc:
             raise StoreUnavailable(describe(exc)) from None
 
     # The writer
@@ -187,43 +214,58 @@ class StateStore:
             if not self._staged:
                 self._idle.set()
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                with contextlib.suppress(TimeoutError):  # a quiet while: write nothing, check
+                    await asyncio.wait_for(self._wakeup.wait(), HEARTBEAT_S)
             self._idle.clear()
-            batch, self._staged = self._staged, {}
+            self._writing, self._staged = self._staged, {}
             try:
-                await self._write(batch)
+                emptied = await self._write(self._writing)
+                if emptied or not self.up:
+                    await self._came_back(emptied)
             except StoreFailure as exc:
-                self._put_back(batch)
+                self._put_back(self._writing)
                 self._went_down(exc)
+                self._writing = {}
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
-            except Exception:  # the writer must outlive any one record
-                log.exception("state store: writing %d records failed", len(batch))
-                continue
+            except Exception:  # ResponseError or a bug: retrying the same batch cannot help
+                metrics.STATE_STORE_ERRORS.inc()
+                log.exception("state store: %d records not written", len(self._writing))
+            self._writing = {}
             delay = RETRY_INITIAL_S
-            if not self.up:
-                await self._came_back()
             if self._interval_s:  # let the next write gather what the batches stage meanwhile
                 await asyncio.sleep(self._interval_s)
 
-    async def _write(self, batch: dict[str, Staged]) -> None:
+    async def _write(self, batch: dict[str, Staged]) -> bool:
+        """Write a batch; whether the store had lost everything before (its marker was gone)."""
         started = time.perf_counter()
-        args: list[object] = [self._ttl_ms]
-        for staged in batch.values():
-            born = repr(staged.session.create_time)
-            if staged.ended:
-                args += ("end", born, staged.next_step, "", "")
-            else:
-                fields = self._fields(staged)
-                args += ("put", born, staged.next_step, fields["meta"], fields["state"])
-        await self._redis.eval(WRITE_IN_ORDER, len(batch), *batch, *args)
-        written = [staged for staged in batch.values() if not staged.ended]
-        for staged in written:
-            staged.session.durable_step = max(staged.session.durable_step, staged.next_step)
-        metrics.STATE_STORE_WRITES.inc(len(written))
+        items = list(batch.items())
+        pipe = self._redis.pipeline(transaction=False)
+        for first in range(0, max(len(items), 1), WRITES_PER_CALL):
+            part = items[first : first + WRITES_PER_CALL]
+            args: list[object] = [self._ttl_ms]
+            for _, staged in part:
+                born = repr(staged.session.create_time)
+                if staged.ended:
+                    args += ("end", born, staged.next_step, "", "")
+                else:
+                    fields = self._fields(staged)
+                    args += ("put", born, staged.next_step, fields["meta"], fields["state"])
+            keys = [self._marker, *(key for key, _ in part)]
+            pipe.eval(WRITE_IN_ORDER, len(keys), *keys, *args)
+        results = await pipe.execute()
+        written = 0
+        for first, result in zip(range(0, len(items), WRITES_PER_CALL), results, strict=False):
+            for (_, staged), applied in zip(items[first:], result[1:], strict=False):
+                if applied and not staged.ended:
+                    session = staged.session
+                    session.durable_step = max(session.durable_step, staged.next_step)
+                    written += 1
+        metrics.STATE_STORE_WRITES.inc(written)
         metrics.STATE_STORE_FLUSH.observe(time.perf_counter() - started)
         metrics.STATE_STORE_PENDING.set(len(self._staged))
+        return any(result[0] for result in results)
 
     def _fields(self, staged: Staged) -> dict[str, bytes | str | int]:
         assert staged.h is not None and staged.c is not None
@@ -264,11 +306,17 @@ class StateStore:
                 len(self._staged),
             )
 
-    async def _came_back(self) -> None:
-        self.up = True
-        self._up_gauge.set(1)
-        log.info("state store %s reachable again: writing every live session", redacted(self.url))
+    async def _came_back(self, emptied: bool) -> None:
+        """The store answers again, or answers but has lost what it held: write every live
+        session again."""
+        if not self.up:
+            self.up = True
+            self._up_gauge.set(1)
+            log.info("state store %s reachable again", redacted(self.url))
+        if emptied:
+            log.warning("state store %s holds nothing written before", redacted(self.url))
         if self.stage_all is not None:
+            log.info("state store: writing every live session again")
             await self.stage_all()
 
 

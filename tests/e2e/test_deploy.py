@@ -81,8 +81,11 @@ def test_docker_compose_scale_profile_is_replicas_behind_nginx_with_redis():
         assert replica["environment"]["LSTM_SERVE_STATE_STORE"] == "redis://redis:6379/0"
         assert "ports" not in replica  # reached through nginx only
         assert "lstm-serve" in replica["networks"]["default"]["aliases"]  # scraped by DNS
+    addresses = {services[name]["networks"]["default"]["ipv4_address"] for name in replicas}
+    assert len(addresses) == 3  # fixed, distinct: nginx resolves the names once
     nginx = services["nginx"]
     assert [p["target"] for p in nginx["ports"]] == [50051]
+    assert nginx["ulimits"]["nofile"]["soft"] >= 65536
     assert any(
         v.endswith("deploy/nginx/nginx.conf:/etc/nginx/nginx.conf:ro") for v in nginx["volumes"]
     )

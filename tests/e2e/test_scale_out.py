@@ -77,7 +77,8 @@ def test_sessions_stay_on_one_replica_and_survive_a_killed_one(bundled_model, tm
             for r in replicas:
                 r.__exit__()
         redis = store.client()
-        live = [key for key in redis.scan_iter() if redis.hexists(key, "state")]
+        sessions = redis.scan_iter("lstm-stream:session:*")
+        live = [key for key in sessions if redis.hexists(key, "state")]
         assert live == []  # ended sessions leave tombstones only, whatever landed late
 
     created, loads_before, victim_sessions, loads_after = observed
@@ -149,7 +150,7 @@ async def wait_event(event: asyncio.Event, timeout: float) -> None:
 
 def stored(store: RedisServer, session_id: str) -> transfer.SessionRecord | None:
     fields = store.client().hgetall(f"lstm-stream:session::{session_id}")
-    return transfer.from_fields(fields) if fields else None
+    return transfer.from_fields(fields) if b"state" in fields else None  # else none, or ended
 
 
 def test_redis_down_keeps_serving_says_so_and_catches_up(bundled_model):
@@ -181,6 +182,10 @@ def test_redis_down_keeps_serving_says_so_and_catches_up(bundled_model):
             np.testing.assert_array_equal(busy_record.replay.numpy(), exported.replay.numpy())
             outputs.append(busy.send(steps[30:]))
             assert busy.durable_step >= 30  # responses say how far the store holds it again
+
+            store.client().flushall()  # answers, but has lost everything: noticed, rewritten
+            idle_again = wait_for(lambda: stored(store, idle.session_id), 20, what="rewrite")
+            assert idle_again.next_step == 5
             busy.close()
             idle.close()
         code, log = replica.finish()
@@ -234,3 +239,48 @@ def test_a_stored_session_of_another_model_is_refused_by_name(bundled_model):
     err = raised.value
     assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_MISMATCH")
     assert "stored state: from model 000000000000" in err.details
+
+
+def test_an_ended_session_is_not_loaded_back_before_its_end_is_written(bundled_model):
+    steps = random_steps(4, 6, seed=34)
+    slow_writes = ("--state-store-interval-ms", "3000")
+    with (
+        RedisServer() as store,
+        start_replica(store.url, *slow_writes) as replica,
+        StreamingClient(replica.target) as client,
+    ):
+        session = client.open_session()
+        session.send(steps)
+        wait_for(lambda: (rec := stored(store, session.session_id)) and rec.next_step == 4)
+        client.delete_session(session.session_id)  # its end waits for the next write
+        assert stored(store, session.session_id) is not None  # still there, for now
+        with pytest.raises(LstmStreamError) as raised:
+            client.get_session(session.session_id)
+        assert raised.value.reason == "SESSION_NOT_FOUND"
+        wait_for(lambda: stored(store, session.session_id) is None, what="the tombstone")
+
+
+def test_an_import_takes_a_free_id_only_and_is_stored_as_a_new_session(bundled_model):
+    steps = random_steps(6, 6, seed=35)
+    expected = offline(bundled_model, steps)
+    with (
+        RedisServer() as store,
+        start_replica(store.url) as a,
+        start_replica(store.url) as b,
+        StreamingClient(a.target) as on_a,
+        StreamingClient(b.target) as on_b,
+    ):
+        session = on_a.open_session("imported")
+        session.send(steps[:3])
+        wait_for(lambda: (rec := stored(store, "imported")) and rec.next_step == 3)
+        request = pb.ExportSessionRequest(session_id="imported")
+        state = on_a.call("ExportSession", request, "imported").state
+        with pytest.raises(LstmStreamError) as raised:  # live on replica A
+            on_b.call("ImportSession", pb.ImportSessionRequest(state=state))
+        assert raised.value.reason == "SESSION_EXISTS"
+        session.close()  # ended on A: its tombstone must not refuse the import's writes
+        wait_for(lambda: stored(store, "imported") is None, what="the tombstone")
+        on_b.call("ImportSession", pb.ImportSessionRequest(state=state))
+        moved = on_b.attach("imported")
+        np.testing.assert_allclose(moved.send(steps[3:]), expected[3:], atol=1e-5, rtol=0)
+        wait_for(lambda: (rec := stored(store, "imported")) and rec.next_step == 6)

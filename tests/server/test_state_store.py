@@ -62,16 +62,18 @@ def test_an_older_write_never_replaces_a_newer_one():
         successor.stage(make_session(9, 1.0), torch.ones(1, 3), torch.ones(1, 3))
         await successor.flush()
         # A lost replica's write of an older step arrives late.
-        lost.stage(make_session(5, 2.0), torch.zeros(1, 3), torch.zeros(1, 3))
+        late = make_session(5, 2.0)
+        lost.stage(late, torch.zeros(1, 3), torch.zeros(1, 3))
         await lost.flush()
         record = await successor.load("s1", "alice")
         await successor.stop()
         await lost.stop()
-        return record
+        return record, late.durable_step
 
     with RedisServer() as redis:
-        record = asyncio.run(run(redis.url))
+        record, late_durable_step = asyncio.run(run(redis.url))
     assert record.next_step == 9
+    assert late_durable_step == 0  # a refused write is not reported durable
     np.testing.assert_array_equal(record.h.numpy(), np.ones((1, 3), np.float32))
 
 
