@@ -138,6 +138,7 @@ class StateStore:
         self._staged: dict[str, Staged] = {}  # key -> the session's newest state, or its end
         self._writing: dict[str, Staged] = {}  # the batch being written
         self._marker = MARKER_PREFIX + secrets.token_hex(8)
+        self._marked = False  # whether a write has set the marker yet
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -219,7 +220,9 @@ class StateStore:
             self._idle.clear()
             self._writing, self._staged = self._staged, {}
             try:
-                emptied = await self._write(self._writing)
+                # The marker is missing at the first write, and after the store lost data.
+                emptied = await self._write(self._writing) and self._marked
+                self._marked = True
                 if emptied or not self.up:
                     await self._came_back(emptied)
             except StoreFailure as exc:
