@@ -379,6 +379,8 @@ class Runtime:
         if self._sweeper:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        # Loads from the store nobody waits for any more must not outlive the engine.
+        await asyncio.gather(*self._loading.values(), return_exceptions=True)
         await self.batcher.stop()
         if self.store is not None:
             await self.store.stop()
