@@ -1,8 +1,8 @@
 """The batcher: what runs next. One loop takes the oldest waiting chunk of each session (at most
 one per session), up to --max-batch-size of them, hands the batch to the engine as soon as the
 engine is free, and completes every chunk's future. When a batch fails, every future in it gets
-the error and no session's state or step index moves. With a state store, each committed
-chunk's new state is staged for the store's write-behind.
+the error and no session's state or step index moves. With a state store, each session a batch
+changed is staged for the store's write-behind.
 """
 
 from __future__ import annotations
@@ -96,12 +96,8 @@ class Batcher:
 
     async def _execute(self, batch: list[Pending]) -> None:
         dispatched = time.perf_counter()
-        work = [p.work for p in batch]
         try:
-            if self._store is None:
-                outputs = await self._engine.call(self._engine.step, work)
-            else:
-                outputs, h, c = await self._engine.call(self._engine.step_and_read, work)
+            outputs = await self._engine.call(self._engine.step, [p.work for p in batch])
         except Exception as exc:
             log.exception("batch of %d failed", len(batch))
             for pending in batch:
@@ -111,12 +107,12 @@ class Batcher:
             return
         finished = time.perf_counter()
         steps = 0
-        for i, (pending, out) in enumerate(zip(batch, outputs, strict=True)):
+        for pending, out in zip(batch, outputs, strict=True):
             if not self._complete(pending, out):
                 continue
             steps += len(out)
             if self._store is not None:
-                self._store.stage(pending.session, h[i], c[i])
+                self._store.stage(pending.session)
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.QUEUE_WAIT.observe(dispatched - batch[0].enqueued)
         metrics.BATCH_COMPUTE.observe(finished - dispatched)

@@ -108,16 +108,6 @@ class Engine:
                 outputs[i] = y_row[: len(batch[i].inputs)].copy()
         return outputs
 
-    @torch.inference_mode()
-    def step_and_read(
-        self, batch: Sequence[StepWork]
-    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        """step(), and each row's new state for the state store: (outputs, h, c), h and c
-        (B, L, H) float32."""
-        outputs = self.step(batch)
-        h, c = self.pool.read([w.slot for w in batch])  # (B, L, H) each
-        return outputs, h.numpy(), c.numpy()
-
     def _forward(self, rows: list[StepWork]) -> np.ndarray:
         lengths = [len(w.inputs) for w in rows]
         longest = max(lengths)

@@ -95,6 +95,7 @@ class Runtime:
     async def start(self) -> None:
         if self.store is not None:
             self.store.stage_all = self._stage_all
+            self.store.read_states = self._read_states
             await self.store.start()
         self.batcher.start()
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="sweeper")
@@ -114,8 +115,7 @@ class Runtime:
             await self._refuse_if_stored(session_id, principal)
         session = self.create_session(session_id, principal)
         if self.store is not None:  # so another replica can continue it before its first step
-            zeros = torch.zeros(self.model_config.num_layers, self.model_config.hidden_size)
-            self.store.stage(session, zeros, zeros)
+            self.store.stage(session)
         return session
 
     async def _refuse_if_stored(self, session_id: str, principal: str) -> None:
@@ -174,18 +174,18 @@ class Runtime:
         )
         return session
 
-    async def _stage_all(self) -> None:
+    def _stage_all(self) -> None:
         """Stage every live session for the store (after an outage, which may have wiped it)."""
         assert self.store is not None
-        sessions = list(self.sessions)
-        if not sessions:
-            return
-        # Read on the engine's thread after every batch already handed to it; the batcher has
-        # committed those batches by the time this await returns, so steps and state agree.
+        for session in self.sessions:
+            self.store.stage(session)
+
+    async def _read_states(self, sessions: list[Session]) -> tuple[np.ndarray, np.ndarray]:
+        """Sessions' h and c, (N, L, H) each, read on the engine's thread after every batch
+        already handed to it; the batcher has committed those batches by the time this await
+        returns, so each session's next_step agrees with the state read."""
         h, c = await self.engine.call(self.engine.pool.read, [s.slot for s in sessions])
-        for i, session in enumerate(sessions):
-            if not session.closed:
-                self.store.stage(session, h[i], c[i])
+        return h.numpy(), c.numpy()
 
     async def close_session(self, session: Session, reason: str) -> None:
         """Remove a session once its in-flight chunk is committed; zero and free its slot."""
@@ -294,7 +294,7 @@ class Runtime:
             # A new incarnation: the store orders writes by create time, and an export of
             # a session that then ended must not be refused as that session's late write.
             session.create_time = time.time()
-            self.store.stage(session, record.h, record.c)
+            self.store.stage(session)
         return session
 
     def _check_record(self, record: transfer.SessionRecord, what: str) -> None:

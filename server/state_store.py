@@ -1,9 +1,10 @@
 """Durable sessions: a write-behind copy of every session's state in Redis (--state-store).
 
-After each batch the batcher stages the changed sessions' state here; one writer task sends all
-that is staged in one call (one round trip), off the response path, then waits
---state-store-interval-ms. A session staged again before its write goes out is written once, at
-its newest step, so the store's load follows the write rate, not the batch rate. A record holds
+After each batch the batcher stages the sessions it changed here; one writer task reads the
+state of all that are staged from the engine's pool (one gather), sends them in one call (one
+round trip), off the response path, then waits --state-store-interval-ms. A session staged
+again before its write goes out is written once, at its newest step, so the cost follows the
+write rate, not the batch rate. A record holds
 what ExportSession returns (h, c, step index, replay buffer, model fingerprint) and expires with
 the idle timeout. Each response says `durable_step`: the step up to which the store holds its
 session.
@@ -100,17 +101,27 @@ def session_key(principal: str, session_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Staged:
-    """A session's state after a batch (or its end): to be written unless a newer one
-    replaces it."""
+    """A session to write (its state as of the write), or its end (a tombstone)."""
+
+    session: Session
+    ended: bool = False
+    end_step: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What one write stores of a session: read together, so step and state agree."""
 
     session: Session
     next_step: int
-    h: np.ndarray | None = None  # (L, H) float32
-    c: np.ndarray | None = None  # (L, H) float32
+    h: np.ndarray  # (L, H) float32
+    c: np.ndarray  # (L, H) float32
 
-    @property
-    def ended(self) -> bool:
-        return self.h is None
+
+# Reads the state of some sessions from the engine's pool: h and c, (N, L, H) each. Runs after
+# every batch already handed to the engine, and the batcher commits those before the read's
+# result arrives, so the sessions' next_step values agree with the state read.
+StateReader = Callable[[list[Session]], Awaitable[tuple[np.ndarray, np.ndarray]]]
 
 
 class StateStore:
@@ -144,9 +155,10 @@ class StateStore:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self.up = True
+        self.read_states: StateReader | None = None  # set by the runtime
         self._up_gauge = metrics.STATE_STORE_UP.labels(redacted(url))
         # Set by the runtime: stage every live session (after an outage).
-        self.stage_all: Callable[[], Awaitable[None]] | None = None
+        self.stage_all: Callable[[], None] | None = None
 
     async def start(self) -> None:
         self._up_gauge.set(1)
@@ -172,19 +184,19 @@ class StateStore:
 
     # Called on the event loop by the batcher and the runtime
 
-    def stage(
-        self, session: Session, h: np.ndarray | torch.Tensor, c: np.ndarray | torch.Tensor
-    ) -> None:
-        """The session's state as of now (h and c (L, H), on the CPU), to be written."""
+    def stage(self, session: Session) -> None:
+        """The session changed (its state in the pool is newer than what is stored)."""
         key = session_key(session.principal, session.session_id)
-        self._staged[key] = Staged(session, session.next_step, np.asarray(h), np.asarray(c))
-        metrics.STATE_STORE_PENDING.set(len(self._staged))
+        staged = self._staged.get(key)
+        if staged is None or staged.session is not session or staged.ended:
+            self._staged[key] = Staged(session)
+            metrics.STATE_STORE_PENDING.set(len(self._staged))
         self._wakeup.set()
 
     def forget(self, session: Session) -> None:
         """The session ended: replace its record by a tombstone, so no replica brings it back."""
         key = session_key(session.principal, session.session_id)
-        self._staged[key] = Staged(session, session.next_step)
+        self._staged[key] = Staged(session, ended=True, end_step=session.next_step)
         self._wakeup.set()
 
     async def load(self, session_id: str, principal: str) -> transfer.SessionRecord | None:
@@ -240,50 +252,68 @@ class StateStore:
             if self._interval_s:  # let the next write gather what the batches stage meanwhile
                 await asyncio.sleep(self._interval_s)
 
+    async def _snapshots(self, batch: dict[str, Staged]) -> dict[str, Snapshot]:
+        """The staged sessions' state, read from the pool now (the closed ones left out)."""
+        sessions = {key: s.session for key, s in batch.items() if not s.ended}
+        if not sessions or self.read_states is None:
+            return {}
+        h, c = await self.read_states(list(sessions.values()))  # (N, L, H) each
+        return {
+            key: Snapshot(session, session.next_step, h[i], c[i])
+            for i, (key, session) in enumerate(sessions.items())
+            if not session.closed  # closed meanwhile: its slot may be another's now
+        }
+
     async def _write(self, batch: dict[str, Staged]) -> bool:
         """Write a batch; whether the store had lost everything before (its marker was gone)."""
         started = time.perf_counter()
-        items = list(batch.items())
+        snapshots = await self._snapshots(batch)
+        items: list[tuple[str, Staged | Snapshot]] = [
+            (key, snapshots.get(key, staged))
+            for key, staged in batch.items()
+            if staged.ended or key in snapshots
+        ]
         pipe = self._redis.pipeline(transaction=False)
         for first in range(0, max(len(items), 1), WRITES_PER_CALL):
             part = items[first : first + WRITES_PER_CALL]
             args: list[object] = [self._ttl_ms]
-            for _, staged in part:
-                born = repr(staged.session.create_time)
-                if staged.ended:
-                    args += ("end", born, staged.next_step, "", "")
+            for _, item in part:
+                born = repr(item.session.create_time)
+                if isinstance(item, Snapshot):
+                    fields = self._fields(item)
+                    args += ("put", born, item.next_step, fields["meta"], fields["state"])
                 else:
-                    fields = self._fields(staged)
-                    args += ("put", born, staged.next_step, fields["meta"], fields["state"])
+                    args += ("end", born, item.end_step, "", "")
             keys = [self._marker, *(key for key, _ in part)]
             pipe.eval(WRITE_IN_ORDER, len(keys), *keys, *args)
         results = await pipe.execute()
         written = 0
         for first, result in zip(range(0, len(items), WRITES_PER_CALL), results, strict=False):
-            for (_, staged), applied in zip(items[first:], result[1:], strict=False):
-                if applied and not staged.ended:
-                    session = staged.session
-                    session.durable_step = max(session.durable_step, staged.next_step)
+            for (_, item), applied in zip(items[first:], result[1:], strict=False):
+                if applied and isinstance(item, Snapshot):
+                    session = item.session
+                    session.durable_step = max(session.durable_step, item.next_step)
                     written += 1
         metrics.STATE_STORE_WRITES.inc(written)
         metrics.STATE_STORE_FLUSH.observe(time.perf_counter() - started)
         metrics.STATE_STORE_PENDING.set(len(self._staged))
         return any(result[0] for result in results)
 
-    def _fields(self, staged: Staged) -> dict[str, bytes | str | int]:
-        assert staged.h is not None and staged.c is not None
-        session = staged.session
-        # The replay rows still held for steps before staged.next_step (the session may have
-        # moved on since it was staged; the ring then holds fewer of them).
+    def _fields(self, snapshot: Snapshot) -> dict[str, bytes | str | int]:
+        session = snapshot.session
+        # The replay rows still held for steps before the snapshot's next_step (the session
+        # may have moved on since; the ring then holds fewer of them).
         oldest = max(
-            session.replay.first_step(session.next_step), staged.next_step - self._replay_steps, 0
+            session.replay.first_step(session.next_step),
+            snapshot.next_step - self._replay_steps,
+            0,
         )
-        replay = session.replay.read(oldest, staged.next_step, self._output_size)  # (R, O)
+        replay = session.replay.read(oldest, snapshot.next_step, self._output_size)  # (R, O)
         record = transfer.SessionRecord(
             session_id=session.session_id,
-            next_step=staged.next_step,
-            h=torch.from_numpy(staged.h),  # zero-copy views
-            c=torch.from_numpy(staged.c),
+            next_step=snapshot.next_step,
+            h=torch.from_numpy(snapshot.h),  # zero-copy views
+            c=torch.from_numpy(snapshot.c),
             replay=torch.from_numpy(replay),
             fingerprint=self._fingerprint,
             create_time=session.create_time,
@@ -320,7 +350,7 @@ class StateStore:
             log.warning("state store %s holds nothing written before", redacted(self.url))
         if self.stage_all is not None:
             log.info("state store: writing every live session again")
-            await self.stage_all()
+            self.stage_all()
 
 
 def describe(exc: BaseException) -> str:

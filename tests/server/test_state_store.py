@@ -26,16 +26,36 @@ def make_session(
     return session
 
 
-def make_store(url: str, ttl_s: float = 60.0) -> StateStore:
-    return StateStore(url, ttl_s, FINGERPRINT, output_size=2, replay_steps=4)
+class FakePool:
+    """The engine's pool as the store reads it: each session's (h, c), as stage() set it."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stage(self, store: StateStore, session: Session, h: torch.Tensor, c: torch.Tensor):
+        """A batch changed the session: its state is now (h, c)."""
+        self.states[id(session)] = (h, c)
+        store.stage(session)
+
+    async def read_states(self, sessions):
+        h = np.stack([self.states[id(s)][0].numpy() for s in sessions])  # (N, L, H)
+        c = np.stack([self.states[id(s)][1].numpy() for s in sessions])  # (N, L, H)
+        return h, c
+
+
+def make_store(url: str, pool: FakePool | None = None, ttl_s: float = 60.0) -> StateStore:
+    store = StateStore(url, ttl_s, FINGERPRINT, output_size=2, replay_steps=4)
+    store.read_states = (pool or FakePool()).read_states
+    return store
 
 
 def test_a_record_round_trips_with_its_replay_and_expires_with_the_idle_timeout():
     async def run(url):
-        store = make_store(url, ttl_s=30)
+        pool = FakePool()
+        store = make_store(url, pool, ttl_s=30)
         await store.start()
         session = make_session(steps=6, value=10.0)
-        store.stage(session, torch.full((1, 3), 0.5), torch.full((1, 3), -0.5))
+        pool.stage(store, session, torch.full((1, 3), 0.5), torch.full((1, 3), -0.5))
         await store.flush()
         record = await store.load("s1", "alice")
         other_principal = await store.load("s1", "bob")
@@ -56,14 +76,15 @@ def test_a_record_round_trips_with_its_replay_and_expires_with_the_idle_timeout(
 
 def test_an_older_write_never_replaces_a_newer_one():
     async def run(url):
-        successor, lost = make_store(url), make_store(url)
+        pool = FakePool()
+        successor, lost = make_store(url, pool), make_store(url, pool)
         await successor.start()
         await lost.start()
-        successor.stage(make_session(9, 1.0), torch.ones(1, 3), torch.ones(1, 3))
+        pool.stage(successor, make_session(9, 1.0), torch.ones(1, 3), torch.ones(1, 3))
         await successor.flush()
         # A lost replica's write of an older step arrives late.
         late = make_session(5, 2.0)
-        lost.stage(late, torch.zeros(1, 3), torch.zeros(1, 3))
+        pool.stage(lost, late, torch.zeros(1, 3), torch.zeros(1, 3))
         await lost.flush()
         record = await successor.load("s1", "alice")
         await successor.stop()
@@ -96,18 +117,19 @@ def test_reading_an_unreachable_store_is_unavailable_not_not_found():
 
 def test_an_ended_session_stays_ended_until_a_new_one_takes_its_id():
     async def run(url):
-        successor, lost = make_store(url), make_store(url)
+        pool = FakePool()
+        successor, lost = make_store(url, pool), make_store(url, pool)
         await successor.start()
         await lost.start()
         ended = make_session(9, 1.0)
         successor.forget(ended)  # the client ended it on the successor
         await successor.flush()
         # The lost replica's last write of it lands afterwards: it must not bring it back.
-        lost.stage(make_session(5, 2.0), torch.zeros(1, 3), torch.zeros(1, 3))
+        pool.stage(lost, make_session(5, 2.0), torch.zeros(1, 3), torch.zeros(1, 3))
         await lost.flush()
         after_end = await successor.load("s1", "alice"), await successor.holds("s1", "alice")
         reborn = make_session(2, 3.0, born=2000.0)  # a new session with the same id
-        successor.stage(reborn, torch.ones(1, 3), torch.ones(1, 3))
+        pool.stage(successor, reborn, torch.ones(1, 3), torch.ones(1, 3))
         await successor.flush()
         record = await successor.load("s1", "alice")
         await successor.stop()
