@@ -80,6 +80,8 @@ class Runtime:
                 self.engine.fingerprint,
                 self.model_config.output_size,
                 config.replay_steps,
+                self._read_states,
+                lambda: self.sessions,
                 config.state_store_interval_ms / 1000,
             )
             if config.state_store
@@ -94,8 +96,6 @@ class Runtime:
 
     async def start(self) -> None:
         if self.store is not None:
-            self.store.stage_all = self._stage_all
-            self.store.read_states = self._read_states
             await self.store.start()
         self.batcher.start()
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="sweeper")
@@ -152,12 +152,13 @@ class Runtime:
         if held is None and self.store.ending(session_id, principal):
             raise SessionNotFound(session_id)  # ended here; the store has not heard yet
         try:
-            record = await self.store.load(session_id, principal)
+            newer_than = -1 if held is None else held.next_step
+            record = await self.store.load(session_id, principal, newer_than)
         except StoreUnavailable:
             if held is None:
                 raise
             return held  # serve from memory
-        if record is None or (held is not None and record.next_step <= held.next_step):
+        if record is None:
             if held is None:
                 raise SessionNotFound(session_id)
             return held
@@ -173,12 +174,6 @@ class Runtime:
             record.next_step,
         )
         return session
-
-    def _stage_all(self) -> None:
-        """Stage every live session for the store (after an outage, which may have wiped it)."""
-        assert self.store is not None
-        for session in self.sessions:
-            self.store.stage(session)
 
     async def _read_states(self, sessions: list[Session]) -> tuple[np.ndarray, np.ndarray]:
         """Sessions' h and c, (N, L, H) each, read on the engine's thread after every batch

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,9 +132,15 @@ class StateStore:
         fingerprint: str,
         output_size: int,
         replay_steps: int,
+        read_states: StateReader,
+        live_sessions: Callable[[], Iterable[Session]],
         interval_s: float = 0.0,
     ) -> None:
+        """read_states reads sessions' h and c from the engine's pool; live_sessions lists the
+        sessions to write again after the store lost data."""
         self.url = url
+        self._read_states = read_states
+        self._live_sessions = live_sessions
         self._redis = Redis.from_url(
             url,
             socket_timeout=SOCKET_TIMEOUT_S,
@@ -155,10 +161,7 @@ class StateStore:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self.up = True
-        self.read_states: StateReader | None = None  # set by the runtime
         self._up_gauge = metrics.STATE_STORE_UP.labels(redacted(url))
-        # Set by the runtime: stage every live session (after an outage).
-        self.stage_all: Callable[[], None] | None = None
 
     async def start(self) -> None:
         self._up_gauge.set(1)
@@ -199,9 +202,18 @@ class StateStore:
         self._staged[key] = Staged(session, ended=True, end_step=session.next_step)
         self._wakeup.set()
 
-    async def load(self, session_id: str, principal: str) -> transfer.SessionRecord | None:
+    async def load(
+        self, session_id: str, principal: str, newer_than: int = -1
+    ) -> transfer.SessionRecord | None:
+        """The stored session, if there is one past step `newer_than` (a held copy's step:
+        then only the step is read, unless the store is ahead)."""
+        key = session_key(principal, session_id)
         try:
-            fields = await self._redis.hgetall(session_key(principal, session_id))
+            if newer_than >= 0:
+                step, state = await self._redis.hmget(key, "step", "meta")
+                if state is None or int(step) <= newer_than:
+                    return None
+            fields = await self._redis.hgetall(key)
         except RedisError as exc:
             raise StoreUnavailable(describe(exc)) from None
         return transfer.from_fields(fields) if b"state" in fields else None  # else: none, or ended
@@ -255,9 +267,9 @@ class StateStore:
     async def _snapshots(self, batch: dict[str, Staged]) -> dict[str, Snapshot]:
         """The staged sessions' state, read from the pool now (the closed ones left out)."""
         sessions = {key: s.session for key, s in batch.items() if not s.ended}
-        if not sessions or self.read_states is None:
+        if not sessions:
             return {}
-        h, c = await self.read_states(list(sessions.values()))  # (N, L, H) each
+        h, c = await self._read_states(list(sessions.values()))  # (N, L, H) each
         return {
             key: Snapshot(session, session.next_step, h[i], c[i])
             for i, (key, session) in enumerate(sessions.items())
@@ -348,9 +360,9 @@ class StateStore:
             log.info("state store %s reachable again", redacted(self.url))
         if emptied:
             log.warning("state store %s holds nothing written before", redacted(self.url))
-        if self.stage_all is not None:
-            log.info("state store: writing every live session again")
-            self.stage_all()
+        log.info("state store: writing every live session again")
+        for session in self._live_sessions():
+            self.stage(session)
 
 
 def describe(exc: BaseException) -> str:

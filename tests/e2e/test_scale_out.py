@@ -50,7 +50,7 @@ class Phases:
         self.sessions = sessions
         self.reached = [0, 0]
         self.events = [asyncio.Event(), asyncio.Event()]
-        self.go = [asyncio.Event(), asyncio.Event()]
+        self.go = asyncio.Event()
         self.killed = asyncio.Event()
 
     async def arrive(self, phase: int, wait: bool) -> None:
@@ -58,7 +58,7 @@ class Phases:
         if self.reached[phase] == self.sessions:
             self.events[phase].set()
         if wait:
-            await self.go[phase].wait()
+            await self.go.wait()
 
 
 def test_sessions_stay_on_one_replica_and_survive_a_killed_one(bundled_model, tmp_path):
@@ -127,7 +127,7 @@ async def drive(target, inputs, plans, replicas, store):
         loads_before = counts(replicas, "lstm_state_store_loads_total")
         # Hold Redis's writes: the steps streamed from now on are answered but not stored.
         store.client().execute_command("CLIENT", "PAUSE", "4000", "WRITE")
-        phases.go[0].set()
+        phases.go.set()
         await wait_event(phases.events[1], 60)
         victim = replicas[0]
         victim_sessions = metric_value(victim.metrics_port, "lstm_sessions_active")

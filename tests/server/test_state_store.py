@@ -44,9 +44,15 @@ class FakePool:
 
 
 def make_store(url: str, pool: FakePool | None = None, ttl_s: float = 60.0) -> StateStore:
-    store = StateStore(url, ttl_s, FINGERPRINT, output_size=2, replay_steps=4)
-    store.read_states = (pool or FakePool()).read_states
-    return store
+    return StateStore(
+        url,
+        ttl_s,
+        FINGERPRINT,
+        output_size=2,
+        replay_steps=4,
+        read_states=(pool or FakePool()).read_states,
+        live_sessions=list,
+    )
 
 
 def test_a_record_round_trips_with_its_replay_and_expires_with_the_idle_timeout():
