@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,14 +109,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         ),
         grpc_server,
     )
-    address = f"{config.host}:{config.port}"
-    credentials = server_credentials(config)
-    if credentials is None:
-        port = grpc_server.add_insecure_port(address)
-    else:
-        port = grpc_server.add_secure_port(address, credentials)
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
+    port = bind_grpc_port(grpc_server, config)
     model = runtime.model_config
     metrics.MODEL_INFO.info(
         {"name": model.name, "version": model.version, "device": str(device), "dtype": config.dtype}
@@ -145,9 +139,51 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     return Server(grpc_server, port, runtime, health_servicer, tokens), port
 
 
+def bind_grpc_port(grpc_server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Bind --host:--port; a port another process listens on is refused, never shared."""
+    ensure_port_free(config.host, config.port, "--port")
+    address = f"{config.host}:{config.port}"
+    credentials = server_credentials(config)
+    try:
+        if credentials is None:
+            port = grpc_server.add_insecure_port(address)
+        else:
+            port = grpc_server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"--port {config.port}: cannot bind {address}")
+    return port
+
+
+def ensure_port_free(host: str, port: int, flag: str) -> None:
+    """Raise a one-line OSError naming the flag and the port when it cannot be bound."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+            probe.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OSError(f"{flag} {port}: cannot bind {host}:{port}: {reason}") from None
+
+
+def start_metrics_server(config: ServerConfig) -> None:
+    host = config.host.strip("[]")
+    ensure_port_free(config.host, config.metrics_port, "--metrics-port")
+    start_http_server(config.metrics_port, addr=host)
+    log.info("metrics on :%d/metrics", config.metrics_port)
+
+
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ping_ms = int(config.min_ping_interval_s * 1000)
     return [
+        # Off: with SO_REUSEPORT a second server on a taken port would silently share it.
+        ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_concurrent_streams", config.max_streams_per_connection),
@@ -172,8 +208,7 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     server, port = await create_server(config)
     if config.metrics_port:
-        start_http_server(config.metrics_port, addr=config.host.strip("[]"))
-        log.info("metrics on :%d/metrics", config.metrics_port)
+        start_metrics_server(config)
     if server.tokens is not None:
         loop.add_signal_handler(signal.SIGHUP, server.tokens.reload)
     await server.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from lstm_model.checkpoint import BUNDLED_MODEL_DIR
 
 ENV_PREFIX = "LSTM_SERVE_"
 STORE_SCHEMES = ("redis://", "rediss://", "unix://")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ class ServerConfig:
                 "--state-store: expected a URL redis://HOST:PORT/DB (or rediss://, unix://), "
                 f"got {self.state_store!r}"
             )
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 

@@ -38,8 +38,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this host (try auto or cpu)")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"--device {name}: this host has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
     return device
 
 

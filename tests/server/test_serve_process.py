@@ -2,16 +2,19 @@
 
 import asyncio
 import signal
+import socket
+import subprocess
 
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from client import AsyncStreamingClient, LstmStreamError, StreamingClient
 from lstm_model import load_model
 from lstm_model.cli import main as lstm_model_main
 from server.config import ServerConfig, load_config
-from tests.factories import ServeProcess, offline, random_steps
+from tests.factories import ServeProcess, console_script, free_port, offline, random_steps
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -65,29 +68,60 @@ def test_shutdown_answers_in_flight_messages_and_refuses_the_rest(bundled_model)
         assert code == grpc.StatusCode.UNAVAILABLE, details
 
 
-def test_a_bad_model_dir_exits_non_zero_with_one_clear_line(tmp_path):
-    import subprocess
-
-    from tests.factories import console_script
-
-    result = subprocess.run(
-        [
-            console_script("lstm-serve"),
-            "--model",
-            str(tmp_path),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-        ],
+def run_serve(*args: str) -> subprocess.CompletedProcess:
+    """lstm-serve that is expected to refuse to start."""
+    return subprocess.run(
+        [console_script("lstm-serve"), "--port", "0", "--metrics-port", "0", *args],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("lstm-serve: ")
-    assert "config.json: no such file" in result.stderr
+
+
+def assert_one_line_refusal(result: subprocess.CompletedProcess, code: int, *expected: str):
+    assert result.returncode == code, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("lstm-serve: "), result.stderr
+    for text in expected:
+        assert text in last, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_bad_model_dir_exits_non_zero_with_one_clear_line(tmp_path):
+    assert_one_line_refusal(run_serve("--model", str(tmp_path)), 1, "config.json: no such file")
+
+
+@pytest.mark.parametrize("device", ["tpu", "cpu:x", "cuda:a", ""])
+def test_a_bad_device_is_one_line_naming_what_is_accepted(device):
+    result = run_serve("--device", device)
+    assert_one_line_refusal(result, 2, "--device must be auto, cpu, cuda or cuda:N", repr(device))
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cuda_on_a_host_without_cuda_is_refused_in_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA: the refusal is for hosts without it")
+    assert_one_line_refusal(run_serve("--device", "cuda:0"), 1, "CUDA is not available")
+
+
+def test_a_grpc_port_in_use_by_another_server_is_refused_not_shared():
+    """gRPC binds with SO_REUSEPORT by default: two servers would split the clients."""
+    port = free_port()
+    with ServeProcess("--port", str(port)) as first:
+        assert first.port == port
+        result = run_serve("--port", str(port))
+        assert_one_line_refusal(result, 1, f"--port {port}: cannot bind", "in use")
+        with StreamingClient(first.target) as client:  # the first server serves on, alone
+            assert client.info().input_size == 6
+
+
+def test_a_metrics_port_in_use_is_refused_naming_it():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_serve("--host", "127.0.0.1", "--metrics-port", str(port))
+    assert_one_line_refusal(result, 1, f"--metrics-port {port}: cannot bind", "in use")
 
 
 def test_env_vars_configure_the_server_and_flags_win(tmp_path):
