@@ -8,6 +8,7 @@ changed is staged for the store's write-behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -46,6 +47,7 @@ class Batcher:
         self._max_delay_s = max_batch_delay_us / 1e6
         self._queue: deque[Pending] = deque()
         self._wakeup = asyncio.Event()
+        self._full = asyncio.Event()  # a whole batch is waiting: no need to wait any longer
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
@@ -71,6 +73,8 @@ class Batcher:
         future = asyncio.get_running_loop().create_future()
         self._queue.append(Pending(session, work, start, future))
         self._wakeup.set()
+        if len(self._queue) >= self._max_batch_size:
+            self._full.set()
         return future
 
     def _take_batch(self) -> list[Pending]:
@@ -87,12 +91,18 @@ class Batcher:
                 await self._wakeup.wait()
             self._idle.clear()
             if self._max_delay_s and len(self._queue) < self._max_batch_size:
-                await asyncio.sleep(self._max_delay_s)
+                await self._wait_for_a_full_batch()
             batch = self._take_batch()
             try:
                 await self._execute(batch)
             except Exception:  # the loop must outlive any one batch: every stream waits on it
                 log.exception("batcher: unexpected failure; carrying on")
+
+    async def _wait_for_a_full_batch(self) -> None:
+        """Up to --max-batch-delay-us for more sessions' chunks; a full batch goes at once."""
+        self._full.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._full.wait(), self._max_delay_s)
 
     async def _execute(self, batch: list[Pending]) -> None:
         dispatched = time.perf_counter()

@@ -1,15 +1,25 @@
 """Streaming through a real server equals the model run offline on the same inputs."""
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from client import AsyncStreamingClient, StreamingClient
+from client import AsyncStreamingClient, ClientOptions, StreamingClient
 from lstm_model import load_model
 from lstm_model.cli import main as lstm_model_main
 from lstm_model.recordings import load_recordings
-from tests.factories import RawStream, offline, random_chunks, random_steps, serve
+from tests.factories import (
+    RawStream,
+    ServeProcess,
+    free_port,
+    metric_value,
+    offline,
+    random_chunks,
+    random_steps,
+    serve,
+)
 
 ATOL = 1e-5
 
@@ -110,36 +120,35 @@ def test_200_concurrent_sessions_each_equal_their_own_offline_result(server, bun
         np.testing.assert_allclose(streamed, offline(bundled_model, steps), atol=ATOL, rtol=0)
 
 
-def test_mixed_1_and_32_step_chunks_batched_together_equal_unbatched(server, bundled_model):
-    """Many sessions alternate 1-step and 32-step chunks at once, so batches mix lengths."""
+def test_sessions_share_batches_and_mixed_lengths_equal_offline(bundled_model):
+    """48 sessions alternate 1-step and 32-step chunks in lockstep. The server waits (up to a
+    minute) for a full batch of 48 and releases it as soon as it is full, so every round is
+    exactly one batch that mixes both lengths: 4 rounds, 4 batches, 192 chunks."""
+    sessions, plans = 48, ([1, 32, 1, 32], [32, 1, 32, 1])
+    inputs = [random_steps(66, 6, seed=500 + i) for i in range(sessions)]
+    options = ClientOptions(deadline_s=300.0)
 
-    async def run():
-        inputs = [random_steps(66, 6, seed=500 + i) for i in range(48)]
-        plans = [[1, 32, 1, 32] if i % 2 else [32, 1, 32, 1] for i in range(48)]
+    async def one(i, client):
+        session = await client.open_session()
+        chunks = np.split(inputs[i], np.cumsum(plans[i % 2])[:-1])
+        out = [await session.send(chunk) for chunk in chunks]
+        await session.close()
+        return np.concatenate(out)
 
-        async def one(i, client):
-            session = await client.open_session()
-            out, start = [], 0
-            for size in plans[i]:
-                out.append(await session.send(inputs[i][start : start + size]))
-                start += size
-            await session.close()
-            return np.concatenate(out)
+    async def run(target):
+        async with AsyncStreamingClient(options=replace(options, target=target)) as client:
+            return await asyncio.gather(*(one(i, client) for i in range(sessions)))
 
-        async with AsyncStreamingClient(server.target) as client:
-            return inputs, await asyncio.gather(*(one(i, client) for i in range(48)))
-
-    batch_sizes_before = _batch_count(server)
-    inputs, results = asyncio.run(run())
+    metrics_port = free_port()
+    flags = ["--max-batch-size", "48", "--max-batch-delay-us", "60000000"]
+    with ServeProcess(*flags, "--metrics-port", str(metrics_port)) as srv:
+        results = asyncio.run(run(srv.target))
+        batches = metric_value(metrics_port, "lstm_batch_size_count")
+        chunks = metric_value(metrics_port, "lstm_batch_size_sum")
+        timesteps = metric_value(metrics_port, "lstm_timesteps_total")
     for steps, streamed in zip(inputs, results, strict=True):
         np.testing.assert_allclose(streamed, offline(bundled_model, steps), atol=ATOL, rtol=0)
-    assert _batch_count(server) - batch_sizes_before < 48 * 4  # sessions did share batches
-
-
-def _batch_count(server):
-    from prometheus_client import REGISTRY
-
-    return REGISTRY.get_sample_value("lstm_batch_size_count") or 0
+    assert (batches, chunks, timesteps) == (4, 4 * sessions, 66 * sessions)
 
 
 @pytest.mark.parametrize("chunk", [1, 5])
