@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 from lstm_stream.v1 import inference_pb2 as pb
 
 from client import AsyncStreamingClient, ClientOptions, LstmStreamError, StreamingClient
-from tests.factories import ServeProcess, offline, random_steps, serve
+from tests.factories import ServeProcess, offline, random_steps, serve, wait_for
 
 ALICE, BOB = "alice-token-7f3a9c", "bob-token-2b8e41"
 
@@ -179,28 +179,98 @@ def test_auth_health_flag_closes_health_and_reflection_too(tokens_file):
         assert check.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_another_principals_session_is_not_found_on_every_rpc(tokens_file):
+def assert_not_found(attempt) -> None:
+    with pytest.raises(LstmStreamError) as err:
+        attempt()
+    assert (err.value.code, err.value.reason) == (
+        grpc.StatusCode.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+    ), err.value.details
+
+
+def stream_to(client, session_id: str, steps: np.ndarray, start_step: int | None = None):
+    """One StreamSteps message naming `session_id`; its outputs (T, O)."""
+    from client.errors import from_rpc_error
+
+    request = pb.StreamStepsRequest(session_id=session_id, inputs=steps.ravel())
+    if start_step is not None:
+        request.start_step = start_step
+    try:
+        response = next(
+            client.stub.StreamSteps(iter([request]), metadata=client.options.metadata())
+        )
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None
+    return np.asarray(response.outputs, np.float32).reshape(response.num_steps, -1)
+
+
+def test_another_principals_session_is_not_found_on_every_rpc(tokens_file, bundled_model):
+    steps = random_steps(9, 6, seed=3)
     with (
         serve(auth_tokens=str(tokens_file)) as srv,
         StreamingClient(options=plain(srv, ALICE)) as alice,
         StreamingClient(options=plain(srv, BOB)) as bob,
     ):
         session = alice.open_session()
-        session.send(random_steps(3, 6))
+        first = session.send(steps[:3])
         session.detach()
         sid = session.session_id
-        for attempt in (
-            lambda: bob.attach(sid),
-            lambda: bob.get_session(sid),
-            lambda: bob.delete_session(sid),
-            lambda: bob.call("ExportSession", pb.ExportSessionRequest(session_id=sid)),
-            lambda: bob.open_session(sid).send(random_steps(1, 6)),  # CreateSession: own id space
-        ):
-            try:
+        for rpc, attempt in {
+            "attach": lambda: bob.attach(sid),
+            "GetSession": lambda: bob.get_session(sid),
+            "DeleteSession": lambda: bob.delete_session(sid),
+            "ExportSession": lambda: bob.call(
+                "ExportSession", pb.ExportSessionRequest(session_id=sid)
+            ),
+            "StreamSteps": lambda: stream_to(bob, sid, steps[3:6]),
+            "StreamSteps with start_step": lambda: stream_to(bob, sid, steps[:3], start_step=0),
+        }.items():
+            with pytest.raises(LstmStreamError) as err:
                 attempt()
-            except LstmStreamError as err:
-                assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
-        assert alice.get_session(sid).next_step == 3  # untouched by all of bob's attempts
+            assert (err.value.code, err.value.reason) == (
+                grpc.StatusCode.NOT_FOUND,
+                "SESSION_NOT_FOUND",
+            ), rpc
+        # Alice's session is untouched by all of bob's attempts: step index and state.
+        assert alice.get_session(sid).next_step == 3
+        rest = stream_to(alice, sid, steps[3:])
+    np.testing.assert_allclose(
+        np.concatenate([first, rest]), offline(bundled_model, steps), atol=1e-5, rtol=0
+    )
+
+
+def test_ids_are_per_principal_for_create_and_import(tokens_file, bundled_model):
+    """Bob may use the name of Alice's session, for a create or an import: he gets a session
+    of his own, and Alice's keeps its own state and step index."""
+    steps, other = random_steps(8, 6, seed=4), random_steps(8, 6, seed=5)
+    with (
+        serve(auth_tokens=str(tokens_file)) as srv,
+        StreamingClient(options=plain(srv, ALICE)) as alice,
+        StreamingClient(options=plain(srv, BOB)) as bob,
+    ):
+        alice.open_session("shared-name").detach()
+        alice_first = stream_to(alice, "shared-name", steps[:4])
+        exported = alice.call(
+            "ExportSession", pb.ExportSessionRequest(session_id="shared-name")
+        ).state
+        with pytest.raises(LstmStreamError) as err:  # in Alice's own namespace: taken
+            alice.call("ImportSession", pb.ImportSessionRequest(state=exported))
+        assert err.value.reason == "SESSION_EXISTS"
+
+        imported = bob.call("ImportSession", pb.ImportSessionRequest(state=exported)).session
+        assert (imported.session_id, imported.next_step) == ("shared-name", 4)
+        bob_rest = stream_to(bob, "shared-name", other[4:])  # bob's copy goes its own way
+        assert bob.get_session("shared-name").next_step == 8
+        assert alice.get_session("shared-name").next_step == 4
+        alice_rest = stream_to(alice, "shared-name", steps[4:])
+        bob.delete_session("shared-name")
+        assert alice.get_session("shared-name").next_step == 8  # bob's delete was his own
+        assert_not_found(lambda: bob.get_session("shared-name"))
+    np.testing.assert_allclose(
+        np.concatenate([alice_first, alice_rest]), offline(bundled_model, steps), atol=1e-5
+    )
+    branched = np.concatenate([steps[:4], other[4:]])
+    np.testing.assert_allclose(bob_rest, offline(bundled_model, branched)[4:], atol=1e-5)
 
 
 def test_two_principals_streaming_at_once_never_see_each_other(tokens_file, bundled_model):
@@ -244,26 +314,44 @@ def test_per_principal_quota(tokens_file):
         bob.open_session().detach()  # bob's quota is his own
 
 
-def test_rate_limit_in_timesteps_per_second(tokens_file):
+def test_rate_limit_in_timesteps_per_second(tokens_file, bundled_model):
+    steps = random_steps(60, 6, seed=6)
     with (
         serve(auth_tokens=str(tokens_file), rate_limit_steps_per_s=40) as srv,
         StreamingClient(options=plain(srv, ALICE)) as alice,
         StreamingClient(options=plain(srv, BOB)) as bob,
     ):
         session = alice.open_session()
-        session.send(random_steps(30, 6))
+        first = session.send(steps[:30])
+        session.detach()
+        sid = session.session_id
         with pytest.raises(LstmStreamError) as err:
-            session.send(random_steps(30, 6))
+            stream_to(alice, sid, random_steps(30, 6, seed=7) * 5, start_step=30)
         assert (err.value.code, err.value.reason) == (
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "RATE_LIMITED",
         )
         assert "at most 40 timesteps/s" in err.value.details
-        bob.predict(random_steps(30, 6))  # bob's bucket is full
-        time.sleep(1.0)
-        again = alice.attach(session.session_id)
-        assert again.next_step == 30  # the refused chunk changed nothing
-        assert again.send(random_steps(30, 6)).shape == (30, 4)  # refilled
+        assert bob.predict(steps[:30]).shape == (30, 4)  # bob's bucket is his own
+        assert alice.get_session(sid).next_step == 30  # the refused chunk changed nothing...
+        (rest,) = wait_for(
+            lambda: _accepted(lambda: stream_to(alice, sid, steps[30:], start_step=30)),
+            what="alice's bucket to refill",
+        )
+    # ... nor the state: the session continues as if the refused inputs never came.
+    np.testing.assert_allclose(
+        np.concatenate([first, rest]), offline(bundled_model, steps), atol=1e-5, rtol=0
+    )
+
+
+def _accepted(call):
+    """[call()'s result], or None while it is refused RATE_LIMITED."""
+    try:
+        return [call()]
+    except LstmStreamError as err:
+        if err.reason != "RATE_LIMITED":
+            raise
+        return None
 
 
 def test_message_size_limit():
@@ -309,7 +397,10 @@ def test_tokens_reload_on_sighup_and_never_reach_the_log(tmp_path):
         )
         tokens.write_text(f"{BOB} bob\n")
         proc.process.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        wait_for(
+            lambda: sum("auth tokens loaded" in line for line in proc.log) == 2,
+            what="the reload's log line",
+        )
         with StreamingClient(options=ClientOptions(target=target, token=BOB)) as client:
             assert client.info().name == "basic-motions"
         assert (
