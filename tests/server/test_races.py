@@ -20,18 +20,24 @@ from tests.factories import (
     offline,
     random_steps,
     serve,
+    wait_for,
 )
 
 
 def test_expiry_racing_a_resume_gives_the_right_outputs_or_not_found(bundled_model):
-    timeout = 0.2
+    """Resumes at delays spread across the idle deadline, until both outcomes have been seen
+    several times: a resume that wins gets the right outputs, one that loses gets NOT_FOUND."""
+    timeout = 0.5
     outcomes = {"resumed": 0, "expired": 0}
+    delays = random.Random(0)
     with serve(session_idle_timeout_s=timeout) as srv:
-        for i in range(24):
+        for i in range(300):
+            if min(outcomes.values()) >= 3:
+                break
             steps = random_steps(6, 6, seed=i)
             with RawStream(srv.target) as stream:
                 stream.send(steps[:3])
-            time.sleep(timeout * random.Random(i).uniform(0.8, 1.6))  # around the deadline
+            time.sleep(timeout * delays.uniform(0.0, 3.0))  # before, around or past expiry
             try:
                 with RawStream(srv.target, stream.session_id) as again:
                     rest = again.outputs(steps[3:], start_step=3)
@@ -40,10 +46,10 @@ def test_expiry_racing_a_resume_gives_the_right_outputs_or_not_found(bundled_mod
             except LstmStreamError as err:
                 assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
                 outcomes["expired"] += 1
-        time.sleep(timeout * 6)
-        assert len(srv.server.runtime.sessions) == 0  # every one expired in the end
-        assert srv.server.runtime.engine.pool.in_use == 0  # and its slot came back
-    assert sum(outcomes.values()) == 24
+        runtime = srv.server.runtime
+        wait_for(lambda: len(runtime.sessions) == 0, what="every session to expire")
+        assert runtime.engine.pool.in_use == 0  # and its slot came back
+    assert min(outcomes.values()) >= 3, outcomes
 
 
 def test_takeover_racing_a_batch_in_flight_applies_each_step_once(bundled_model):
@@ -76,7 +82,8 @@ def test_delete_racing_a_stream_ends_it_not_found_and_frees_the_slot():
                     await session.send(np.zeros((1, 6), np.float32))
 
             streaming = asyncio.create_task(keep_streaming())
-            await asyncio.sleep(0.2)
+            while session.next_step < 5:  # the stream is under way
+                await asyncio.sleep(0.01)
             await client.delete_session(session_id)
             try:
                 await asyncio.wait_for(streaming, 10)
@@ -87,12 +94,13 @@ def test_delete_racing_a_stream_ends_it_not_found_and_frees_the_slot():
     metrics_port = free_port()
     with ServeProcess("--metrics-port", str(metrics_port)) as srv:
         asyncio.run(run(srv.target, srv))
-        assert metric_value(metrics_port, "lstm_sessions_active") == 0  # slot freed
+        wait_for(lambda: metric_value(metrics_port, "lstm_sessions_active") == 0, what="slot freed")
 
 
 def test_shutdown_racing_everything_ends_cleanly(bundled_model):
     """Streams, creates and deletes in flight when the server drains and stops: every answer
-    that arrived is right, every refusal is UNAVAILABLE or NOT_FOUND, and stop() returns."""
+    that arrived is right, every refusal is a drain's or a closed connection's, the server logs
+    no error and exits 0."""
     srv = ServeProcess()  # a subprocess, stopped by SIGTERM as in production
     answered, refused = [], []
 
@@ -104,7 +112,7 @@ def test_shutdown_racing_everything_ends_cleanly(bundled_model):
                 out = await session.send(steps[t : t + 1])
                 answered.append((steps[: t + 1], out))
         except LstmStreamError as err:
-            refused.append(err.reason or err.code.name)
+            refused.append(err)
 
     async def churn(client):
         for _ in range(50):
@@ -112,7 +120,7 @@ def test_shutdown_racing_everything_ends_cleanly(bundled_model):
                 session = await client.open_session()
                 await client.delete_session(session.session_id)
             except LstmStreamError as err:
-                refused.append(err.reason or err.code.name)
+                refused.append(err)
 
     async def run():
         from client import ClientOptions
@@ -121,24 +129,33 @@ def test_shutdown_racing_everything_ends_cleanly(bundled_model):
         async with AsyncStreamingClient(options=options) as client:
             tasks = [asyncio.create_task(stream_one(client, i)) for i in range(30)]
             tasks.append(asyncio.create_task(churn(client)))
-            await asyncio.sleep(0.3)
+            while len(answered) < 30 and not all(t.done() for t in tasks):  # under way
+                await asyncio.sleep(0.01)
             srv.process.send_signal(signal.SIGTERM)
             await asyncio.gather(*tasks)
 
     asyncio.run(run())
-    assert srv.finish(signalled=True)[0] == 0  # drained and exited cleanly
+    code, log = srv.finish(signalled=True)
     srv.__exit__()
-    assert answered, "nothing was answered before the shutdown"
-    for history, out in answered[:200]:
+    assert code == 0, log  # drained and exited cleanly
+    assert "Traceback" not in log and " ERROR " not in log, log
+    for history, out in answered:
         np.testing.assert_allclose(out[0], offline(bundled_model, history)[-1], atol=1e-5)
-    # Transport-level ends (no reason) are fine too: the server is going away mid-stream.
-    assert set(refused) <= {
-        "SHUTTING_DOWN",
-        "UNAVAILABLE",
-        "SESSION_NOT_FOUND",
-        "CANCELLED",
-        "INTERNAL",
-    }
+    assert refused, "nothing was in flight when the server stopped"
+    for err in refused:
+        assert is_a_shutdown_refusal(err), (err.code, err.reason, err.details)
+
+
+def is_a_shutdown_refusal(err: LstmStreamError) -> bool:
+    """The server's own refusals carry a reason; the others come from gRPC as the connection
+    closes. A servicer that crashed would give UNKNOWN (and an ERROR in the server's log)."""
+    if err.reason:
+        return err.reason in ("SHUTTING_DOWN", "SESSION_NOT_FOUND")
+    if err.code == grpc.StatusCode.INTERNAL:
+        # grpc/grpc#36066: an asyncio client's write racing the end of its call reports this
+        # instead of the status the server sent.
+        return err.details == "Internal error from Core"
+    return err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 def test_2000_concurrent_sessions_without_an_error_or_a_lost_step(bundled_model):
