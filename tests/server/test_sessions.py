@@ -139,3 +139,19 @@ def test_batches_are_bounded_by_max_batch_size_oldest_first():
         assert not any(s.lock.locked() for s in sessions)
 
     asyncio.run(run())
+
+
+def test_idle_since_finds_every_idle_session_oldest_first(monkeypatch):
+    """Sessions touched later move behind the idle ones, however they were created."""
+    clock = [100.0]
+    monkeypatch.setattr("server.sessions.time.monotonic", lambda: clock[0])
+    table = SessionTable(make_pool(capacity=6), replay_steps=4)
+    for name in "abcdef":  # created and stepped one second apart: a at 100 ... f at 105
+        table.touch(table.create(name))
+        clock[0] += 1
+    for name in "ace":  # active again at 110, 111, 112
+        clock[0] = 110 + "ace".index(name)
+        table.touch(table.get(name))
+    assert [s.session_id for s in table.idle_since(106.0)] == ["b", "d", "f"]
+    assert [s.session_id for s in table.idle_since(111.5)] == ["b", "d", "f", "a", "c"]
+    assert table.idle_since(100.0) == []

@@ -1,7 +1,5 @@
 """A session outlives its stream, expires when idle, and its freed slot starts from zero."""
 
-import time
-
 import grpc
 import numpy as np
 import pytest
@@ -9,7 +7,7 @@ import torch
 from lstm_stream.v1 import inference_pb2 as pb
 
 from client import LstmStreamError, StreamingClient
-from tests.factories import RawStream, offline, random_steps, serve
+from tests.factories import RawStream, offline, random_steps, serve, wait_for
 
 
 def test_disconnect_then_resume_loses_and_repeats_nothing(server, client, bundled_model):
@@ -56,10 +54,7 @@ def test_idle_sessions_expire_and_their_slot_is_zeroed():
         h, c = srv.call(srv.server.runtime.engine.call(srv.server.runtime.engine.pool.read, [slot]))
         assert h.abs().sum() > 0
         stream.close()
-        deadline = time.monotonic() + 5
-        while len(srv.server.runtime.sessions) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(srv.server.runtime.sessions) == 0
+        wait_for(lambda: len(srv.server.runtime.sessions) == 0, what="the session to expire")
         with (
             pytest.raises(LstmStreamError) as err,
             RawStream(srv.target, stream.session_id) as again,
@@ -71,6 +66,46 @@ def test_idle_sessions_expire_and_their_slot_is_zeroed():
         )
         h, c = srv.call(srv.server.runtime.engine.call(srv.server.runtime.engine.pool.read, [slot]))
         assert torch.count_nonzero(h) == 0 and torch.count_nonzero(c) == 0
+
+
+def test_expiry_takes_idle_sessions_and_spares_active_ones_created_before_them(bundled_model):
+    """The sweeper walks sessions in order of last activity: sessions kept active, though
+    created first, must neither expire nor hide the idle ones created after them."""
+    timeout = 2.0
+    steps = random_steps(400, 6, seed=21)
+    with serve(session_idle_timeout_s=timeout) as srv, StreamingClient(srv.target) as client:
+        active = [RawStream(srv.target) for _ in range(3)]
+        outputs = [[stream.outputs(steps[:1])] for stream in active]
+        idle = []
+        for _ in range(6):
+            with RawStream(srv.target) as stream:
+                stream.send(steps[:1])
+            idle.append(stream.session_id)
+
+        def all_idle_expired() -> bool:
+            for i, stream in enumerate(active):  # each message keeps its session active
+                t = len(outputs[i])
+                outputs[i].append(stream.outputs(steps[t : t + 1]))
+            return not any(_exists(client, session_id) for session_id in idle)
+
+        wait_for(all_idle_expired, timeout=60, interval=0.1, what="the idle sessions to expire")
+        for i, stream in enumerate(active):
+            sent = len(outputs[i])
+            assert client.get_session(stream.session_id).next_step == sent
+            np.testing.assert_allclose(
+                np.concatenate(outputs[i]), offline(bundled_model, steps[:sent]), atol=1e-5
+            )
+            stream.close()
+        assert len(srv.server.runtime.sessions) == len(active)
+
+
+def _exists(client, session_id: str) -> bool:
+    try:
+        client.get_session(session_id)
+    except LstmStreamError as err:
+        assert err.reason == "SESSION_NOT_FOUND"
+        return False
+    return True
 
 
 def test_a_reused_slot_never_leaks_state_into_its_next_owner(bundled_model):
