@@ -5,6 +5,7 @@ import math
 import subprocess
 import time
 import urllib.parse
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from tests.e2e.conftest import fetch
 from tests.factories import free_port, random_steps, require_binary, wait_for
 
 SESSIONS, STEPS, KEPT_OPEN = 12, 50, 4
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 @pytest.fixture
@@ -101,5 +103,24 @@ def test_prometheus_sees_the_timesteps_latency_and_sessions(served, prometheus):
     # rate() needs two scrapes of the series; give Prometheus a few seconds of them.
     p99 = wait_for(lambda: scalar(prometheus, p99_query), timeout=30, what="a p99 latency")
     assert p99 is not None and math.isfinite(p99) and 0 < p99 < 10
+    for expr in dashboard_queries():
+        values = wait_for(
+            lambda expr=expr: finite_values(prometheus, expr), timeout=30, what=f"{expr!r}"
+        )
+        assert all(v >= 0 for v in values), (expr, values)
     info = query(prometheus, "lstm_model_info")[0]["metric"]
     assert (info["name"], info["device"], info["dtype"]) == ("basic-motions", "cpu", "float32")
+
+
+def dashboard_queries() -> list[str]:
+    """The dashboard's PromQL as Grafana sends it, but for the state store's panels (this
+    server has no store, so they are empty by design)."""
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/lstm-stream.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    return [e.replace("$__rate_interval", "1m") for e in exprs if "lstm_state_store" not in e]
+
+
+def finite_values(base: str, promql: str) -> list[float] | None:
+    """The query's values when it has samples and all are finite numbers; else None."""
+    values = [float(r["value"][1]) for r in query(base, promql)]
+    return values if values and all(math.isfinite(v) for v in values) else None
