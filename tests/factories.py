@@ -269,7 +269,10 @@ class RawStream:
     """One StreamSteps call driven message by message, with no client-side numbering or
     retries: for tests of the server's own protocol."""
 
-    def __init__(self, target: str, session_id: str = "", metadata: tuple = ()) -> None:
+    def __init__(
+        self, target: str, session_id: str = "", metadata: tuple = (), channel=None
+    ) -> None:
+        """A channel of its own, or `channel` (shared, left open on close)."""
         import queue
 
         import grpc
@@ -277,7 +280,8 @@ class RawStream:
         from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
         self._pb = pb
-        self._channel = grpc.insecure_channel(target)
+        self._own_channel = channel is None
+        self._channel = grpc.insecure_channel(target) if channel is None else channel
         stub = pb_grpc.InferenceServiceStub(self._channel)
         info = stub.GetModelInfo(pb.GetModelInfoRequest())
         self.input_size, self.output_size = info.input_size, info.output_size
@@ -319,7 +323,8 @@ class RawStream:
     def close(self) -> None:
         self._requests.put(self._end)
         self._call.cancel()
-        self._channel.close()
+        if self._own_channel:
+            self._channel.close()
 
     def __enter__(self) -> RawStream:
         return self

@@ -2,6 +2,7 @@
 quotas, rate and size limits, keepalive abuse; and secrets kept out of logs."""
 
 import asyncio
+import concurrent.futures
 import datetime
 import signal
 import time
@@ -16,7 +17,7 @@ from cryptography.x509.oid import NameOID
 from lstm_stream.v1 import inference_pb2 as pb
 
 from client import AsyncStreamingClient, ClientOptions, LstmStreamError, StreamingClient
-from tests.factories import ServeProcess, offline, random_steps, serve, wait_for
+from tests.factories import RawStream, ServeProcess, offline, random_steps, serve, wait_for
 
 ALICE, BOB = "alice-token-7f3a9c", "bob-token-2b8e41"
 
@@ -412,3 +413,32 @@ def test_tokens_reload_on_sighup_and_never_reach_the_log(tmp_path):
     assert "auth tokens loaded: 1 principals" in log
     assert ALICE not in log and BOB not in log  # secrets stay out of the log
     assert session_id not in log and session_id[:6] in log  # ids only truncated
+
+
+def test_streams_beyond_the_per_connection_limit_wait_for_a_free_one(bundled_model):
+    """--max-streams-per-connection 2: HTTP/2 holds a client's third call back (the client
+    queues it) until one of the two open streams ends; then it is served."""
+    steps = random_steps(8, 6, seed=9)
+    with (
+        serve(max_streams_per_connection=2) as srv,
+        grpc.insecure_channel(srv.target) as channel,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        first = RawStream(srv.target, channel=channel)
+        first.send(steps[:1])
+        second = RawStream(srv.target, channel=channel)
+        second.send(steps[:1])
+
+        def third_stream():
+            with RawStream(srv.target, channel=channel) as third:
+                return third.outputs(steps)
+
+        third = pool.submit(third_stream)
+        for t in range(1, 8):  # round trips on the connection the third call waits on
+            first.send(steps[t : t + 1])
+        assert not third.done()
+        assert len(srv.server.runtime.sessions) == 2
+        first.close()
+        outputs = third.result(timeout=60)
+        second.close()
+    np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
