@@ -125,13 +125,16 @@ async def drive(target, inputs, plans, replicas, store):
         await phases.events[0].wait()  # every session created and a third streamed
         created = counts(replicas, "lstm_sessions_created_total")
         loads_before = counts(replicas, "lstm_state_store_loads_total")
-        # Hold Redis's writes: the steps streamed from now on are answered but not stored.
-        store.client().execute_command("CLIENT", "PAUSE", "4000", "WRITE")
+        # Hold Redis's writes until the kill: the steps streamed from now on are answered but
+        # not stored, however long the second third takes.
+        store.client().execute_command("CLIENT", "PAUSE", "600000", "WRITE")
         phases.go.set()
         await wait_event(phases.events[1], 60)
         victim = replicas[0]
         victim_sessions = metric_value(victim.metrics_port, "lstm_sessions_active")
         victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait(30)
+        store.client().execute_command("CLIENT", "UNPAUSE")
         phases.killed.set()
         return created, loads_before, victim_sessions
 
