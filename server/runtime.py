@@ -354,13 +354,20 @@ class Runtime:
     # Lifecycle
 
     async def _sweep_idle(self) -> None:
-        timeout = self.config.session_idle_timeout_s
-        period = min(max(timeout / 4, 0.05), 5.0)
+        period = min(max(self.config.session_idle_timeout_s / 4, 0.05), 5.0)
         while True:
             await asyncio.sleep(period)
-            for session in self.sessions.idle_since(time.monotonic() - timeout):
-                if not session.lock.locked():  # a chunk in flight is activity
-                    await self.close_session(session, "expired")
+            await self.expire_idle(time.monotonic())
+
+    async def expire_idle(self, now: float) -> list[Session]:
+        """One pass of the sweeper: close the sessions idle for the timeout as of `now`
+        (monotonic); those closed."""
+        expired = []
+        for session in self.sessions.idle_since(now - self.config.session_idle_timeout_s):
+            if not session.lock.locked():  # a chunk in flight is activity
+                await self.close_session(session, "expired")
+                expired.append(session)
+        return expired
 
     async def drain(self) -> None:
         """Refuse new work, answer what is in flight, end every stream with UNAVAILABLE."""

@@ -195,7 +195,8 @@ class ServeProcess:
             found = re.search(r"serving on \S+:(\d+)", line)
             if found:
                 # Keep draining: a server blocked on a full stderr pipe stops serving.
-                threading.Thread(target=self._drain, daemon=True).start()
+                self._drainer = threading.Thread(target=self._drain, daemon=True)
+                self._drainer.start()
                 return int(found.group(1))
         raise RuntimeError("lstm-serve exited before serving:\n" + "".join(self.log))
 
@@ -211,12 +212,11 @@ class ServeProcess:
         """Send a signal (default SIGTERM) unless already `signalled`, wait for exit;
         (exit code, whole log)."""
         import signal
-        import time
 
         if not signalled and self.process.poll() is None:
             self.process.send_signal(sig or signal.SIGTERM)
         self.process.wait(timeout=timeout)
-        time.sleep(0.1)  # the drain thread reads what the process wrote last
+        self._drainer.join(timeout)  # until it has read what the process wrote last
         return self.process.returncode, "".join(self.log)
 
     def __enter__(self) -> ServeProcess:

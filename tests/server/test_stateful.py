@@ -4,10 +4,11 @@ A small server (4 sessions, an 8-step replay buffer) is driven through random se
 creates (server-issued and client-chosen ids, by CreateSession and by a stream's first message),
 chunks (appended, at the next step, resent over the replay buffer, stale, past a gap; with and
 without reset and end_session), bad messages, takeovers, deletes, expiries and stream closes. A
-plain model says what each call must return: every output is held to the offline model run over
-the session's inputs since its last reset, every refusal to its code, ErrorInfo reason and
-`expected_step`, and after each rule every live session's next step and replay window and the
-number of live sessions must match the model.
+plain model says what each call must return (for stream messages, the shared step rule of
+tests/step_rule.py): every output is held to the offline model run over the session's inputs since
+its last reset, every refusal to its code, ErrorInfo reason and `expected_step`, and after each
+rule every live session's next step and replay window and the number of live sessions must match
+the model.
 """
 
 from __future__ import annotations
@@ -32,27 +33,16 @@ from hypothesis.stateful import (
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
-from client.errors import from_rpc_error
 from tests.factories import offline, serve
-from tests.outcomes import BAD, EXISTS, NOT_FOUND, OK, Outcome
+from tests.outcomes import BAD, CAPACITY, EXISTS, NOT_FOUND, OK, TAKEN_OVER, Outcome, outcome_of
+from tests.step_rule import Limits, Message, Verdict, Window, first_message, next_message
 
 INPUT_SIZE, OUTPUT_SIZE = 6, 4  # the bundled model
-CAPACITY = 4
+MAX_SESSIONS = 4
 REPLAY_STEPS = 8
+LIMITS = Limits(input_size=INPUT_SIZE, max_chunk_steps=512, replay_steps=REPLAY_STEPS)
 CHOSEN_IDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]  # few: ids collide
 TIMEOUT_S = 30.0
-
-CAPACITY_REACHED: Outcome = ("RESOURCE_EXHAUSTED", "SESSION_CAPACITY", None)
-TAKEN_OVER: Outcome = ("ABORTED", "SESSION_TAKEN_OVER", None)
-
-
-def out_of_order(expected_step: int) -> Outcome:
-    return ("FAILED_PRECONDITION", "STEP_OUT_OF_ORDER", str(expected_step))
-
-
-def outcome_of(err: grpc.RpcError) -> Outcome:
-    error = from_rpc_error(err)
-    return (error.code.name, error.reason, error.metadata.get("expected_step"))
 
 
 def steps_from(seed: int, count: int) -> np.ndarray:
@@ -64,6 +54,7 @@ class Stream:
     """One StreamSteps call: send a message, get its response or its error's outcome."""
 
     def __init__(self, stub, metadata_id: str | None = None) -> None:
+        self.metadata_id = metadata_id
         self._requests: queue.Queue = queue.Queue()
         metadata = (("x-session-id", metadata_id),) if metadata_id else None
         self.call = stub.StreamSteps(
@@ -97,15 +88,19 @@ class Stream:
 @dataclass
 class SessionModel:
     session_id: str
-    next_step: int = 0
+    window: Window = field(default_factory=Window)  # next step, oldest step the buffer holds
     history: list = field(default_factory=list)  # (I,) rows since the last reset
     inputs: dict = field(default_factory=dict)  # step -> (I,) row, every step applied
     outputs: dict = field(default_factory=dict)  # step -> (O,) row as the server answered it
     owner: Stream | None = None  # the stream feeding it, if any
 
     @property
+    def next_step(self) -> int:
+        return self.window.next_step
+
+    @property
     def replay_start(self) -> int:
-        return self.next_step - min(self.next_step, REPLAY_STEPS)
+        return self.window.replay_start
 
 
 class SessionsMachine(RuleBasedStateMachine):
@@ -168,30 +163,40 @@ class SessionsMachine(RuleBasedStateMachine):
         first = {"session_id": session.session_id} if how != "metadata" else {}
         return self.open_stream(metadata_id), first, True
 
-    def check_outputs(self, session, response, start, inputs, reset) -> None:
+    def stream_verdict(
+        self, stream: Stream, new_stream: bool, session: SessionModel, request
+    ) -> Verdict:
+        """What the step rule says of a message to `session` on `stream`."""
+        message = Message.of(request)
+        if not new_stream:
+            return next_message(message, session.session_id, session.window, LIMITS)
+        sessions = {s: model.window for s, model in self.live.items()}
+        return first_message(message, stream.metadata_id, sessions, LIMITS)[1]
+
+    def check_outputs(self, session, response, verdict: Verdict, inputs) -> None:
         """Check an accepted chunk's response against the model, then apply it to the model."""
-        already = min(session.next_step - start, len(inputs))
         assert (response.session_id, response.start_step, response.num_steps) == (
             session.session_id,
-            start,
-            len(inputs),
+            verdict.start_step,
+            verdict.num_steps,
         ), f"response header {response.session_id, response.start_step, response.num_steps}"
         rows = np.asarray(response.outputs, dtype=np.float32).reshape(-1, OUTPUT_SIZE)
-        replayed = [session.outputs[s] for s in range(start, start + already)]
+        already = len(verdict.replayed)
         if already:
-            assert np.array_equal(rows[:already], np.stack(replayed)), "replayed outputs differ"
-        if reset and start == session.next_step:
+            replayed = np.stack([session.outputs[s] for s in verdict.replayed])
+            assert np.array_equal(rows[:already], replayed), "replayed outputs differ"
+        if verdict.reset:
             session.history = []
         new = inputs[already:]
         if len(new):
             history = np.asarray([*session.history, *new])
             expected = offline(self.model, history)[-len(new) :]
             np.testing.assert_allclose(rows[already:], expected, atol=1e-5, rtol=0)
-        for row_in, row_out in zip(new, rows[already:], strict=True):
-            session.inputs[session.next_step] = row_in
-            session.outputs[session.next_step] = row_out
+        for step, row_in, row_out in zip(verdict.applied, new, rows[already:], strict=True):
+            session.inputs[step] = row_in
+            session.outputs[step] = row_out
             session.history.append(row_in)
-            session.next_step += 1
+        session.window = verdict.after
 
     # Rules: creating
 
@@ -207,8 +212,8 @@ class SessionsMachine(RuleBasedStateMachine):
             got, response = outcome_of(err), None
         if session_id in self.live:
             expected = EXISTS
-        elif len(self.live) == CAPACITY:
-            expected = CAPACITY_REACHED
+        elif len(self.live) == MAX_SESSIONS:
+            expected = CAPACITY
         else:
             expected = OK
         self.expect(expected, got, f"CreateSession({session_id!r})")
@@ -229,17 +234,13 @@ class SessionsMachine(RuleBasedStateMachine):
             request.start_step = start
         stream = self.open_stream()
         got, response = stream.send(request)
-        if start:  # the message's own numbering is checked before any session is made
-            expected = out_of_order(0)  # and no session is created
-        elif len(self.live) == CAPACITY:
-            expected = CAPACITY_REACHED
-        else:
-            expected = OK
-        self.expect(expected, got, f"a new session's first message, start_step={start}")
+        room = len(self.live) < MAX_SESSIONS
+        _, verdict = first_message(Message.of(request), None, {}, LIMITS, room)
+        self.expect(verdict.outcome, got, f"a new session's first message, start_step={start}")
         if got == OK:
             session = SessionModel(response.session_id, owner=stream)
             assert session.session_id not in self.live
-            self.check_outputs(session, response, 0, inputs, False)
+            self.check_outputs(session, response, verdict, inputs)
             self.live[session.session_id] = session
 
     @rule(data=st.data())
@@ -253,7 +254,10 @@ class SessionsMachine(RuleBasedStateMachine):
         if not by_metadata:
             request.session_id = session_id
         got, _ = stream.send(request)
-        self.expect(NOT_FOUND, got, f"a stream to unknown session {session_id!r}")
+        sessions = {s: model.window for s, model in self.live.items()}
+        _, verdict = first_message(Message.of(request), stream.metadata_id, sessions, LIMITS)
+        assert verdict.outcome == NOT_FOUND, "the model must refuse an unknown id"
+        self.expect(verdict.outcome, got, f"a stream to unknown session {session_id!r}")
 
     # Rules: feeding
 
@@ -279,11 +283,13 @@ class SessionsMachine(RuleBasedStateMachine):
         if mode == "at next":
             start = next_step
         elif mode == "resend":
-            start = data.draw(st.integers(session.replay_start, next_step - 1), label="from")
+            oldest = session.replay_start  # the edge of the window, often: off-by-ones live there
+            start = data.draw(st.just(oldest) | st.integers(oldest, next_step - 1), label="from")
             old = np.asarray([session.inputs[s] for s in range(start, next_step)])
             inputs = np.concatenate([old, fresh])[: data.draw(st.integers(1, 13), label="keep")]
         elif mode == "stale":
-            start = data.draw(st.integers(0, session.replay_start - 1), label="from")
+            gone = session.replay_start - 1  # the newest step no longer held
+            start = data.draw(st.just(gone) | st.integers(0, gone), label="from")
             inputs = np.concatenate([steps_from(start, 1), fresh])
         elif mode == "gap":
             start = next_step + data.draw(st.sampled_from([1, 2, 50, 2**63]), label="gap")
@@ -294,16 +300,17 @@ class SessionsMachine(RuleBasedStateMachine):
         )
         if start is not None:
             request.start_step = start
+        verdict = self.stream_verdict(stream, new_stream, session, request)
+        assert verdict.ok == (mode not in ("stale", "gap")), f"the model calls {mode} {verdict}"
         got, response = stream.send(request)
         if new_stream:  # it attached: the previous stream is displaced, refused or not
             self.displace(session, stream)
         what = f"{mode} chunk of {len(inputs)} steps at {start} (next {next_step})"
-        if mode in ("stale", "gap"):
-            self.expect(out_of_order(next_step), got, what)
+        self.expect(verdict.outcome, got, what)
+        if not verdict.ok:
             session.owner = None  # the refused stream has ended
             return
-        self.expect(OK, got, what)
-        self.check_outputs(session, response, next_step if start is None else start, inputs, reset)
+        self.check_outputs(session, response, verdict, inputs)
         if end:  # deleted once answered; the stream then ends OK
             self.expect(OK, stream.finish(), "the stream after end_session")
             session.owner = None
@@ -345,8 +352,10 @@ class SessionsMachine(RuleBasedStateMachine):
                 stream = self.open_stream(session.session_id)
         if data.draw(st.booleans(), label="with start_step"):
             request.start_step = session.next_step
+        verdict = self.stream_verdict(stream, new_stream, session, request)
+        assert verdict.outcome == BAD, f"the model accepts a bad message ({kind}): {verdict}"
         got, _ = stream.send(request)
-        self.expect(BAD, got, f"bad message ({kind})")
+        self.expect(verdict.outcome, got, f"bad message ({kind})")
         if not new_stream:
             session.owner = None  # its own stream ended with the error
 
@@ -360,10 +369,11 @@ class SessionsMachine(RuleBasedStateMachine):
         request = pb.StreamStepsRequest(start_step=session.next_step)
         if not by_metadata:
             request.session_id = session.session_id
+        verdict = self.stream_verdict(stream, True, session, request)
         got, response = stream.send(request)
-        self.expect(OK, got, "a takeover's first message")
+        self.expect(verdict.outcome, got, "a takeover's first message")
         self.displace(session, stream)
-        self.check_outputs(session, response, session.next_step, np.zeros((0, INPUT_SIZE)), False)
+        self.check_outputs(session, response, verdict, np.zeros((0, INPUT_SIZE)))
 
     @precondition(lambda self: self.dead)
     @rule(data=st.data())
@@ -401,8 +411,8 @@ class SessionsMachine(RuleBasedStateMachine):
             got = outcome_of(err)
         if new_id in self.live:
             expected = EXISTS
-        elif len(self.live) == CAPACITY:
-            expected = CAPACITY_REACHED
+        elif len(self.live) == MAX_SESSIONS:
+            expected = CAPACITY
         else:
             expected = OK
         self.expect(expected, got, f"import {session.session_id!r} as {new_id!r}")
@@ -410,7 +420,7 @@ class SessionsMachine(RuleBasedStateMachine):
             replay = range(session.replay_start, session.next_step)
             self.live[new_id] = SessionModel(
                 new_id,
-                next_step=session.next_step,
+                window=session.window,
                 history=list(session.history),
                 inputs={s: session.inputs[s] for s in replay},
                 outputs={s: session.outputs[s] for s in replay},
@@ -436,11 +446,17 @@ class SessionsMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def expire(self, data) -> None:
-        """What the idle sweeper does, without waiting for the clock."""
+        """The idle sweeper's own pass, at a clock just past one session's idle deadline: it
+        must close that session and every session last active before it, and no other."""
         session = self.pick_live(data)
-        server_session = self.runtime.sessions.get(session.session_id)
-        self.srv.call(self.runtime.close_session(server_session, "expired"))
-        self.close_model(session.session_id)
+        chosen = self.runtime.sessions.get(session.session_id)
+        deadline = chosen.last_active_monotonic + 1e-6
+        idle = {s.session_id for s in self.runtime.sessions if s.last_active_monotonic < deadline}
+        now = deadline + self.runtime.config.session_idle_timeout_s
+        expired = self.srv.call(self.runtime.expire_idle(now))
+        assert {s.session_id for s in expired} == idle
+        for session_id in idle:
+            self.close_model(session_id)
 
     # Invariants
 
@@ -461,7 +477,7 @@ class SessionsMachine(RuleBasedStateMachine):
 
 @pytest.fixture(scope="module")
 def small_server():
-    with serve(max_sessions=CAPACITY, replay_steps=REPLAY_STEPS) as srv:
+    with serve(max_sessions=MAX_SESSIONS, replay_steps=REPLAY_STEPS) as srv:
         yield srv
 
 
