@@ -41,7 +41,7 @@ class AsyncStreamingClient:
         self.options = options
         self._channel = make_channel(options)
         self.stub = pb_grpc.InferenceServiceStub(self._channel)
-        self._info: pb.GetModelInfoResponse | None = None
+        self._info: asyncio.Task[pb.GetModelInfoResponse] | None = None
 
     async def __aenter__(self) -> AsyncStreamingClient:
         return self
@@ -74,9 +74,10 @@ class AsyncStreamingClient:
         raise AssertionError("unreachable")
 
     async def info(self) -> pb.GetModelInfoResponse:
-        if self._info is None:
-            self._info = await self.call("GetModelInfo", pb.GetModelInfoRequest())
-        return self._info
+        """The model's description, asked once: sessions opened at once share one call."""
+        if self._info is None or _failed(self._info):
+            self._info = asyncio.ensure_future(self.call("GetModelInfo", pb.GetModelInfoRequest()))
+        return await asyncio.shield(self._info)
 
     async def open_session(self, session_id: str | None = None) -> AsyncStreamSession:
         """Create a session (a new unguessable id unless one is given) and return it."""
@@ -267,6 +268,10 @@ class AsyncStreamSession:
         except LstmStreamError:
             self.detach()
             raise
+
+
+def _failed(task: asyncio.Future[Any]) -> bool:
+    return task.done() and (task.cancelled() or task.exception() is not None)
 
 
 def _finished_error(code: grpc.StatusCode, details: str, trailers: Any) -> grpc.RpcError:
