@@ -130,8 +130,9 @@ def _cmd_stream(args: argparse.Namespace) -> int:
         if args.keep:
             session.detach()
             print(
+                # --session=ID: ids may begin with '-', which argparse reads as a flag.
                 f"session {session.session_id} kept at step {session.next_step}; resume "
-                f"with --session {session.session_id}",
+                f"with --session={session.session_id}",
                 file=sys.stderr,
             )
         else:

@@ -7,6 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from client import StreamingClient
 from lstm_model.checkpoint import BUNDLED_MODEL_DIR
 from tests.factories import console_script, offline, random_steps
 
@@ -58,13 +59,33 @@ def test_stream_from_a_file_then_resume_the_session(server, bundled_model, tmp_p
     (tmp_path / "first.csv").write_text(to_csv(steps[:5]))
     first = lstm_client("stream", str(tmp_path / "first.csv"), "--keep", "--target", server.target)
     assert first.returncode == 0, first.stderr
-    session_id = re.search(r"resume with --session (\S+)", first.stderr).group(1)
+    resume_flag = re.search(r"resume with (--session=\S+)", first.stderr).group(1)
+    rest = lstm_client("stream", resume_flag, "--target", server.target, stdin=to_csv(steps[5:]))
+    assert rest.returncode == 0, rest.stderr
+    assert f"session {resume_flag.removeprefix('--session=')} from step 5" in rest.stderr
+    outputs = np.concatenate([from_csv(first.stdout), from_csv(rest.stdout)])
+    np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5)
+
+
+def test_a_session_id_that_begins_with_a_dash_resumes_as_printed(server, bundled_model):
+    """One server-issued id in 64 begins with '-' (base64url); the printed --session=ID form
+    must still resume it."""
+    steps = random_steps(4, 6, seed=92)
+    with StreamingClient(server.target) as client:
+        session = client.open_session("-starts-with-a-dash")
+        first = session.send(steps[:2])
+        session.detach()
     rest = lstm_client(
-        "stream", "--session", session_id, "--target", server.target, stdin=to_csv(steps[5:])
+        "stream",
+        "--session=-starts-with-a-dash",
+        "--keep",
+        "--target",
+        server.target,
+        stdin=to_csv(steps[2:]),
     )
     assert rest.returncode == 0, rest.stderr
-    assert f"session {session_id} from step 5" in rest.stderr
-    outputs = np.concatenate([from_csv(first.stdout), from_csv(rest.stdout)])
+    assert "resume with --session=-starts-with-a-dash" in rest.stderr
+    outputs = np.concatenate([first, from_csv(rest.stdout)])
     np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5)
 
 
