@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from lstm_model.config import ConfigError, LSTMConfig
 from lstm_model.model import SequenceModel
@@ -64,7 +64,8 @@ def save_model(model: SequenceModel, out_dir: Path | str) -> Path:
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
     }
     (out / CONFIG_FILE).write_text(model.config.to_json())
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "lstm-stream/1"})
+    # write_bytes: created as any file is (the umask decides), where save_file made it 0600.
+    (out / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "lstm-stream/1"}))
     return out
 
 

@@ -51,7 +51,18 @@ def init_model(
     return SequenceModel(config).eval()
 
 
+def _refuse_to_overwrite(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if args.force or not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out}: expected a directory to write, found a file")
+    if any(out.iterdir()):
+        raise ConfigError(f"--out {out}: exists and is not empty (--force overwrites it)")
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
+    _refuse_to_overwrite(args)
     model = init_model(
         args.input_size,
         args.hidden_size,
@@ -73,6 +84,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     from lstm_model.importer import import_state_dict, read_state_dict
 
+    _refuse_to_overwrite(args)
     state = read_state_dict(Path(args.checkpoint))
     model = import_state_dict(
         state,
@@ -134,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["regression", "classification"], default="regression")
     p.add_argument("--labels", type=_labels, help="comma-separated class labels")
     p.add_argument("--name", default="random")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     p.set_defaults(run=_cmd_init)
 
     p = sub.add_parser(
@@ -148,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean", type=_floats, help="per-feature input mean, comma-separated")
     p.add_argument("--std", type=_floats, help="per-feature input std, comma-separated")
     p.add_argument("--name")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     p.set_defaults(run=_cmd_import)
 
     p = sub.add_parser("eval", help="held-out accuracy after 10/25/50/100 timesteps")

@@ -17,6 +17,8 @@ from lstm_model.checkpoint import ModelLoadError, check_tensors
 from lstm_model.config import LSTMConfig
 from lstm_model.model import SequenceModel
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # torch colours its refusal
+
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
@@ -29,7 +31,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{path}: cannot read checkpoint: {exc}") from None
     except Exception as exc:  # weights_only refusal of pickled objects comes in several types
         raise ModelLoadError(
-            f"{path}: not a plain state dict of tensors (torch.load weights_only=True): {exc}"
+            f"{path}: expected a plain state dict of tensors (torch.save(model.state_dict())), "
+            f"got {_refused_object(exc)}, which torch.load(weights_only=True) will not unpickle"
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -38,7 +41,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _layer_count(lstm: dict[str, torch.Tensor], source: str) -> int:
+def _refused_object(exc: Exception) -> str:
+    """What torch's multi-line weights_only refusal names, on one line."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    if found:
+        return f"a pickled {found.group(1)}"
+    plain = ANSI_ESCAPE.sub("", str(exc))
+    lines = [line.strip() for line in plain.splitlines() if line.strip()]
+    return f"a pickled object ({lines[-1] if lines else type(exc).__name__})"
+
+
+def _keys(state: dict[str, torch.Tensor]) -> str:
+    names = sorted(state)
+    shown = ", ".join(names[:12])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > 12 else shown
+
+
+def _layer_count(lstm: dict[str, torch.Tensor], source: str, where: str) -> int:
     if any(k.endswith("_reverse") for k in lstm):
         raise ModelLoadError(f"{source}: bidirectional LSTMs cannot stream; expected one direction")
     if any(k.startswith("weight_hr") for k in lstm):
@@ -46,8 +65,8 @@ def _layer_count(lstm: dict[str, torch.Tensor], source: str) -> int:
     layers = sorted(int(m.group(1)) for k in lstm if (m := re.fullmatch(r"weight_ih_l(\d+)", k)))
     if not layers or layers != list(range(len(layers))):
         raise ModelLoadError(
-            f"{source}: expected LSTM tensors weight_ih_l0, weight_ih_l1, ... under the LSTM "
-            f"prefix, found {sorted(lstm)}"
+            f"{source}: expected LSTM tensors weight_ih_l0, weight_ih_l1, ... under {where}, "
+            f"found {sorted(lstm)}"
         )
     return len(layers)
 
@@ -67,10 +86,15 @@ def import_state_dict(
     head = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)}
     if "weight" not in head:
         raise ModelLoadError(
-            f"{source}: no head weight {head_prefix}weight; keys are {sorted(state)[:12]} "
-            "(set --head-prefix)"
+            f"{source}: expected a head weight {head_prefix}weight (set --head-prefix); the "
+            f"checkpoint's keys are {_keys(state)}"
         )
-    num_layers = _layer_count(lstm, source)
+    if not lstm:
+        raise ModelLoadError(
+            f"{source}: expected LSTM tensors under the prefix {lstm_prefix!r} (set "
+            f"--lstm-prefix); the checkpoint's keys are {_keys(state)}"
+        )
+    num_layers = _layer_count(lstm, source, f"the prefix {lstm_prefix!r}")
     hidden = lstm["weight_hh_l0"].shape[1] if "weight_hh_l0" in lstm else -1
     config = LSTMConfig(
         input_size=int(lstm["weight_ih_l0"].shape[1]),

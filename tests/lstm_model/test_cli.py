@@ -1,3 +1,4 @@
+import os
 import subprocess
 
 import torch
@@ -60,3 +61,31 @@ def test_console_script_reports_a_bad_model_dir_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("lstm-model: ")
     assert "Traceback" not in result.stderr
+
+
+INIT = ["init", "--input-size", "2", "--hidden-size", "3", "--num-layers", "1"]
+INIT += ["--output-size", "2"]
+
+
+def test_init_refuses_a_non_empty_out_unless_forced(tmp_path, capsys):
+    out = tmp_path / "model"
+    assert main([*INIT, "--out", str(out), "--seed", "1"]) == 0
+    first = load_model(out).fingerprint
+    capsys.readouterr()
+    assert main([*INIT, "--out", str(out), "--seed", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"lstm-model: --out {out}: exists and is not empty (--force overwrites it)"
+    )
+    assert load_model(out).fingerprint == first  # untouched
+    assert main([*INIT, "--out", str(out), "--seed", "2", "--force"]) == 0
+    assert load_model(out).fingerprint != first
+
+
+def test_model_files_are_created_as_the_umask_says(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        assert main([*INIT, "--out", str(tmp_path / "model")]) == 0
+    finally:
+        os.umask(previous)
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "model" / name).stat().st_mode & 0o777 == 0o644, name

@@ -110,8 +110,18 @@ def test_wrong_prefix_is_refused_naming_the_keys(tmp_path, capsys):
     _, file = make_user_checkpoint(tmp_path)
     assert main(["import", str(file), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
-    assert "no head weight fc.weight" in err
+    assert "expected a head weight fc.weight (set --head-prefix)" in err
     assert "classifier.weight" in err
+
+
+def test_wrong_lstm_prefix_lists_the_keys_present(tmp_path, capsys):
+    _, file = make_user_checkpoint(tmp_path)
+    args = ["import", str(file), "--out", str(tmp_path / "m"), "--head-prefix", "classifier."]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lstm-model: ") and len(err.splitlines()) == 1
+    assert "expected LSTM tensors under the prefix 'lstm.' (set --lstm-prefix)" in err
+    assert "rnn.weight_ih_l0" in err and "classifier.weight" in err
 
 
 def test_bidirectional_lstm_is_refused(tmp_path, capsys):
@@ -126,7 +136,11 @@ def test_bidirectional_lstm_is_refused(tmp_path, capsys):
 def test_pickled_module_is_refused_not_executed(tmp_path, capsys):
     torch.save(UserNet(), tmp_path / "whole.pt")  # a whole pickled module, not a state dict
     assert main(["import", str(tmp_path / "whole.pt"), "--out", str(tmp_path / "m")]) == 2
-    assert "weights_only" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "\x1b[" not in err  # one plain line, not torch's
+    assert "expected a plain state dict of tensors" in err
+    assert f"got a pickled {UserNet.__module__}.UserNet" in err
+    assert not (tmp_path / "m").exists()
 
 
 def test_missing_checkpoint_is_refused(tmp_path):
