@@ -189,10 +189,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         inputs = decode_steps(
             request.inputs, self.model.input_size, self.runtime.config.max_chunk_steps
         )
-        if request.num_steps != len(inputs):
+        if request.num_steps and request.num_steps != len(inputs):
             raise BadInput(
-                f"num_steps: expected {len(inputs)} (inputs hold {len(request.inputs)} values of "
-                f"input_size {self.model.input_size}), got {request.num_steps}"
+                f"num_steps: expected {len(inputs)} or 0 (inputs hold {len(request.inputs)} "
+                f"values of input_size {self.model.input_size}), got {request.num_steps}"
             )
         self.runtime.rate_limiter.take(self._principal(context), len(inputs))
         outputs = await self.runtime.predict(inputs)

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from lstm_stream.v1 import inference_pb2 as pb
 
 from client import AsyncStreamingClient, ClientOptions, StreamingClient
 from lstm_model import load_model
@@ -83,6 +84,13 @@ def test_predict_equals_a_fresh_streamed_session(client, bundled_model):
         streamed = stream_in_chunks(session, steps, [1, 9, 40])
     np.testing.assert_allclose(predicted, streamed, atol=ATOL, rtol=0)
     np.testing.assert_allclose(predicted, offline(bundled_model, steps), atol=ATOL, rtol=0)
+
+
+def test_predict_infers_num_steps_when_it_is_0(client, bundled_model):
+    steps = random_steps(7, 6, seed=10)
+    response = client.call("Predict", pb.PredictRequest(inputs=steps.ravel().tolist()))
+    outputs = np.asarray(response.outputs, dtype=np.float32).reshape(7, 4)
+    np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=ATOL, rtol=0)
 
 
 def test_reset_zeroes_state_and_keeps_counting_steps(client, bundled_model):

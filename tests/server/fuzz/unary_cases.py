@@ -48,11 +48,11 @@ IMPORT_CRAFTED_KINDS = CRAFTED_KINDS
 
 
 def expect_predict(request: pb.PredictRequest) -> Outcome:
-    """Predict runs one whole sequence: good inputs and num_steps their count. An empty sequence
-    (no inputs, num_steps 0) is answered with no outputs, as streaming nothing is."""
+    """Predict runs one whole sequence: good inputs, and num_steps their count or 0 (inferred).
+    An empty sequence is answered with no outputs, as streaming nothing is."""
     if inputs_outcome(request.inputs, LIMITS) != OK:
         return BAD
-    return OK if request.num_steps == len(request.inputs) // INPUT_SIZE else BAD
+    return OK if request.num_steps in (0, len(request.inputs) // INPUT_SIZE) else BAD
 
 
 def expect_named(session_id: str, metadata_id: str | None, live) -> Outcome:
@@ -72,7 +72,7 @@ async def predict_bad_inputs(ctx: Context) -> None:
 
 async def predict_num_steps(ctx: Context) -> None:
     steps = ctx.rng.randint(1, 10)
-    wrong = ctx.rng.choice([0, steps + 1, steps - 1 or 7, 2**32 - 1])
+    wrong = ctx.rng.choice([steps + 1, steps - 1 or 7, 2**32 - 1])
     request = pb.PredictRequest(inputs=random_inputs(ctx.rng, steps), num_steps=wrong)
     outcome, _, details = await unary(ctx.stub.Predict(request, timeout=TIMEOUT_S))
     ctx.ledger.check("Predict: num_steps disagrees", BAD, outcome, details)
