@@ -1,7 +1,7 @@
 """The asyncio client: the same shape as the synchronous one (client/sync.py), awaitable.
 
 async with AsyncStreamingClient("localhost:50051") as client:
-    async with await client.open_session() as session:
+    async with client.open_session() as session:
         y = await session.step(x)
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Generator, Iterable
 from typing import Any
 
 import grpc
@@ -18,9 +18,10 @@ from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
 from client.errors import LstmStreamError, from_rpc_error
-from client.ledger import Chunk, Ledger
-from client.options import IDEMPOTENT, ClientOptions, is_retryable
-from client.sync import ArrayLike, as_rows, new_session_id
+from client.ledger import Chunk
+from client.options import ClientOptions
+from client.policy import ArrayLike, StreamRetry, UnaryRetry, as_rows, new_session_id
+from client.session_core import SessionCore
 
 
 def make_channel(options: ClientOptions) -> grpc.aio.Channel:
@@ -53,25 +54,20 @@ class AsyncStreamingClient:
         await self._channel.close()
 
     async def call(self, method: str, request: Any, session_id: str = "") -> Any:
-        """A unary RPC with the client's deadline, metadata and typed errors; idempotent calls
-        are repeated after a transport failure (gRPC's own policy covers UNAVAILABLE)."""
-        for attempt in range(1, self.options.max_retries + 2):
+        """A unary RPC within the client's deadline (all attempts together), with its metadata
+        and typed errors; idempotent calls are repeated after a transport failure."""
+        retry = UnaryRetry(self.options, method)
+        while True:
             try:
                 return await getattr(self.stub, method)(
-                    request,
-                    timeout=self.options.deadline_s,
-                    metadata=self.options.metadata(session_id),
+                    request, timeout=retry.timeout(), metadata=self.options.metadata(session_id)
                 )
             except grpc.RpcError as rpc_error:
                 err = from_rpc_error(rpc_error)
-                if (
-                    method not in IDEMPOTENT
-                    or not is_retryable(err.code, err.reason)
-                    or (attempt > self.options.max_retries)
-                ):
-                    raise err from None
-                await asyncio.sleep(self.options.backoff(attempt))
-        raise AssertionError("unreachable")
+                wait = retry.backoff_after(err)
+                if wait is None:
+                    raise retry.final(err) from None
+                await asyncio.sleep(wait)
 
     async def info(self) -> pb.GetModelInfoResponse:
         """The model's description, asked once: sessions opened at once share one call."""
@@ -79,8 +75,17 @@ class AsyncStreamingClient:
             self._info = asyncio.ensure_future(self.call("GetModelInfo", pb.GetModelInfoRequest()))
         return await asyncio.shield(self._info)
 
-    async def open_session(self, session_id: str | None = None) -> AsyncStreamSession:
-        """Create a session (a new unguessable id unless one is given) and return it."""
+    def open_session(self, session_id: str | None = None) -> Opening:
+        """Create a session (a new unguessable id unless one is given): `await` it, or use it
+        as `async with client.open_session() as session` (closed at the end)."""
+        return Opening(self._open_session(session_id))
+
+    def attach(self, session_id: str) -> Opening:
+        """Continue an existing session from the server's next step (await it, or `async
+        with`)."""
+        return Opening(self._attach(session_id))
+
+    async def _open_session(self, session_id: str | None) -> AsyncStreamSession:
         generated = not session_id
         session_id = session_id or new_session_id()
         try:
@@ -92,8 +97,7 @@ class AsyncStreamingClient:
                 raise
         return AsyncStreamSession(self, await self.info(), session_id, next_step=0)
 
-    async def attach(self, session_id: str) -> AsyncStreamSession:
-        """Continue an existing session from the server's next step."""
+    async def _attach(self, session_id: str) -> AsyncStreamSession:
         session = await self.get_session(session_id)
         return AsyncStreamSession(self, await self.info(), session_id, session.next_step)
 
@@ -112,7 +116,26 @@ class AsyncStreamingClient:
         return np.asarray(response.outputs, dtype=np.float32).reshape(-1, info.output_size)
 
 
-class AsyncStreamSession:
+class Opening:
+    """A session being opened: awaitable, and an async context manager that closes it."""
+
+    def __init__(self, opening: Awaitable[AsyncStreamSession]) -> None:
+        self._opening = opening
+        self._session: AsyncStreamSession | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncStreamSession]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> AsyncStreamSession:
+        self._session = await self._opening
+        return self._session
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._session is not None
+        await self._session.__aexit__(*exc)
+
+
+class AsyncStreamSession(SessionCore):
     """One session, fed through a stream that is reopened whenever the connection drops."""
 
     def __init__(
@@ -122,18 +145,9 @@ class AsyncStreamSession:
         session_id: str,
         next_step: int = 0,
     ) -> None:
+        super().__init__(client.options, info, session_id, next_step)
         self._client = client
-        self._options = client.options
-        self.input_size, self.output_size = info.input_size, info.output_size
-        self._ledger = Ledger(
-            session_id,
-            info.output_size,
-            next_step,
-            keep_until_durable=info.durable_sessions,
-            max_kept_steps=self._options.max_unstored_steps,
-        )
         self._call: grpc.aio.StreamStreamCall | None = None
-        self.reconnects = 0
 
     async def __aenter__(self) -> AsyncStreamSession:
         return self
@@ -144,32 +158,13 @@ class AsyncStreamSession:
         else:
             self.detach()
 
-    @property
-    def session_id(self) -> str:
-        return self._ledger.session_id
-
-    @property
-    def durable_step(self) -> int:
-        """With durable sessions: the step up to which the server's state store holds this
-        session (what a lost replica cannot take with it)."""
-        return self._ledger.durable_step
-
-    @property
-    def resent_steps(self) -> int:
-        """Timesteps sent again after a replica was lost before it stored them."""
-        return self._ledger.resent_steps
-
-    @property
-    def next_step(self) -> int:
-        return self._ledger.next_step
-
     async def step(self, x: ArrayLike) -> np.ndarray:
         """One timestep (input_size,) -> its output (output_size,)."""
         return (await self.send(np.asarray(x, dtype=np.float32).reshape(1, -1)))[0]
 
     async def send(self, chunk: ArrayLike, reset: bool = False) -> np.ndarray:
         """Timesteps (num_steps, input_size) -> their outputs (num_steps, output_size)."""
-        await self._submit(self._ledger.add(as_rows(chunk, self.input_size), reset))
+        await self._submit(self._chunk(chunk, reset))
         return (await self._receive())[1]
 
     async def stream(
@@ -177,7 +172,7 @@ class AsyncStreamSession:
     ) -> AsyncIterator[np.ndarray]:
         """Send chunks as they come, up to `window` unanswered; yield each chunk's outputs."""
         for chunk in chunks:
-            await self._submit(self._ledger.add(as_rows(chunk, self.input_size)))
+            await self._submit(self._chunk(chunk))
             while len(self._ledger.pending) >= window:
                 yield (await self._receive())[1]
         while self._ledger.pending:
@@ -188,8 +183,7 @@ class AsyncStreamSession:
 
     async def close(self) -> None:
         """End the session on the server (its state is deleted) and the stream."""
-        empty = np.zeros((0, self.input_size), np.float32)
-        await self._submit(self._ledger.add(empty, end_session=True))
+        await self._submit(self._end_chunk())
         try:
             await self._receive()
         except LstmStreamError as err:
@@ -197,8 +191,7 @@ class AsyncStreamSession:
                 raise
         self.detach()
 
-    def detach(self) -> None:
-        """Close the stream only; the session stays on the server to attach to later."""
+    def _close_stream(self) -> None:
         if self._call is not None:
             self._call.cancel()
             self._call = None
@@ -241,33 +234,21 @@ class AsyncStreamSession:
         return response
 
     async def _receive(self) -> tuple[Chunk, np.ndarray]:
-        attempt = 0
+        retry = StreamRetry(self._options)
         while True:
             try:
                 accepted = self._ledger.accept(await self._read())
             except LstmStreamError as err:
-                rewound = self._rewind(err)
-                if not (rewound or is_retryable(err.code, err.reason)) or (
-                    attempt >= self._options.max_retries
-                ):
-                    self.detach()
+                wait = retry.backoff_after(err, rewound=self._rewind(err))
+                self._close_stream()
+                if wait is None:
                     raise
-                attempt += 1
                 self.reconnects += 1
-                self.detach()
-                if not rewound:
-                    await asyncio.sleep(self._options.backoff(attempt))
+                await asyncio.sleep(wait)
                 await self._open()
                 continue
             if accepted is not None:  # None: the answer to a chunk resent after a rewind
                 return accepted
-
-    def _rewind(self, err: LstmStreamError) -> bool:
-        try:
-            return self._ledger.rewind(err)
-        except LstmStreamError:
-            self.detach()
-            raise
 
 
 def _failed(task: asyncio.Future[Any]) -> bool:

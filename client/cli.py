@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import csv
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -85,18 +86,36 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
 
 def read_csv_rows(source: TextIO, width: int) -> Iterator[np.ndarray]:
-    """One (width,) row per CSV line; blank lines and '#' comments are skipped."""
+    """One (width,) row per CSV line; blank lines and '#' comments are skipped, and so is a
+    header: a first row with no number in it (column names)."""
+    first = True
     for number, line in enumerate(csv.reader(source), start=1):
         if not line or line[0].lstrip().startswith("#"):
             continue
         if len(line) != width:
+            what = "column names" if first and _is_header(line) else "numbers"
             raise UsageError(
-                f"line {number}: expected {width} numbers (the model's input_size), got {len(line)}"
+                f"line {number}: expected {width} {what} (the model's input_size), got {len(line)}"
             )
+        if first and _is_header(line):
+            first = False
+            continue
+        first = False
         try:
             yield np.array([float(v) for v in line], dtype=np.float32)
         except ValueError:
             raise UsageError(f"line {number}: expected numbers, got {','.join(line)!r}") from None
+
+
+def _is_header(fields: list[str]) -> bool:
+    def is_number(text: str) -> bool:
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+
+    return not any(is_number(f) for f in fields)
 
 
 def chunked(rows: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
@@ -117,9 +136,13 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     writer = csv.writer(sys.stdout, lineterminator="\n")
     with StreamingClient(options=options_from(args)) as client:
         info = client.info()
+        # The first row is read (and a bad one refused) before a session is made for it.
+        rows = read_csv_rows(source, info.input_size)
+        first = next(rows, None)
+        rows = itertools.chain([] if first is None else [first], rows)
         session = client.attach(args.session) if args.session else client.open_session()
         print(f"session {session.session_id} from step {session.next_step}", file=sys.stderr)
-        chunks = chunked(read_csv_rows(source, info.input_size), args.chunk)
+        chunks = chunked(rows, args.chunk)
         try:
             for outputs in session.stream(chunks, window=1):
                 writer.writerows([f"{v:.{args.precision}g}" for v in row] for row in outputs)
@@ -242,7 +265,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.sessions < 1 or args.chunk < 1 or args.duration <= 0:
         raise UsageError("--sessions and --chunk must be >= 1 and --duration > 0")
-    result = asyncio.run(run_load(args.target, args.sessions, args.chunk, args.duration))
+    result = asyncio.run(run_load(options_from(args), args.sessions, args.chunk, args.duration))
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=2))
     else:
@@ -288,7 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
         "stream",
         "stream CSV timesteps (a file or stdin); print one CSV row of outputs per timestep",
     )
-    p.add_argument("file", nargs="?", default="-", help="CSV file, '-' for stdin (default)")
+    p.add_argument(
+        "file",
+        nargs="?",
+        default="-",
+        help="CSV file, '-' for stdin (default): input_size numbers a row; a first row of "
+        "column names is skipped, and so are blank lines and '#' comments",
+    )
     p.add_argument("--session", help="resume this session from its next step")
     p.add_argument("--chunk", type=int, default=1, help="timesteps per message (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the session open at the end")

@@ -22,6 +22,8 @@ import numpy as np
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
+from client.options import ClientOptions
+
 SESSIONS_PER_CHANNEL = 64
 CLOSE_TIMEOUT_S = 10.0
 STALL_MARGIN_S = 60.0  # how far past its deadline a run may go before it is cancelled
@@ -60,6 +62,7 @@ class _Session:
     stub: pb_grpc.InferenceServiceStub
     request: pb.StreamStepsRequest
     expected_outputs: int  # output values per answer: chunk_steps * output_size
+    metadata: tuple[tuple[str, str], ...] = ()  # a bearer token on plaintext channels
     latencies: list[float] = field(default_factory=list)
     timesteps: int = 0
     last_counted: float = 0.0
@@ -78,7 +81,7 @@ class _Session:
 
     async def open(self) -> None:
         """Open the stream; its first message creates the session (and is not counted)."""
-        self.call = self.stub.StreamSteps()
+        self.call = self.stub.StreamSteps(metadata=self.metadata)
         try:
             await self._exchange(self.request)
         except (grpc.RpcError, RuntimeError) as exc:
@@ -126,11 +129,17 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _channels(target: str, sessions: int) -> list[grpc.aio.Channel]:
-    """A connection per SESSIONS_PER_CHANNEL sessions (a local subchannel pool keeps them apart)."""
+def _channels(client: ClientOptions, sessions: int) -> list[grpc.aio.Channel]:
+    """A connection per SESSIONS_PER_CHANNEL sessions (a local subchannel pool keeps them
+    apart), with the client's TLS and token but none of its retries or keepalive pings."""
     count = max(1, math.ceil(sessions / SESSIONS_PER_CHANNEL))
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    return [grpc.aio.insecure_channel(target, options=options) for _ in range(count)]
+    options: list[tuple[str, object]] = [("grpc.use_local_subchannel_pool", 1)]
+    if not client.secure:
+        return [grpc.aio.insecure_channel(client.target, options=options) for _ in range(count)]
+    if client.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", client.tls_server_name))
+    credentials = client.channel_credentials()
+    return [grpc.aio.secure_channel(client.target, credentials, options) for _ in range(count)]
 
 
 def _requests(sessions: int, values: int, seed: int) -> list[pb.StreamStepsRequest]:
@@ -168,23 +177,26 @@ def _summarise(
 
 
 async def run_load(
-    target: str,
+    target: str | ClientOptions,
     sessions: int,
     chunk_steps: int,
     duration_s: float,
     warmup_s: float = 0.5,
     seed: int = 0,
 ) -> LoadResult:
-    """Drive `sessions` concurrent closed-loop streams of `chunk_steps`-step messages.
+    """Drive `sessions` concurrent closed-loop streams of `chunk_steps`-step messages, to a
+    target address or with full ClientOptions (TLS, token).
 
     All streams are opened (and their sessions created) first; then they run for
     `warmup_s + duration_s`, and only messages answered in the last `duration_s` count, plus
     each session's first answer when none came in time (the duration then stretches to it).
     """
-    channels = _channels(target, sessions)
+    client = target if isinstance(target, ClientOptions) else ClientOptions(target=target)
+    metadata = client.metadata()
+    channels = _channels(client, sessions)
     try:
         info = await pb_grpc.InferenceServiceStub(channels[0]).GetModelInfo(
-            pb.GetModelInfoRequest()
+            pb.GetModelInfoRequest(), metadata=metadata, timeout=client.deadline_s
         )
         requests = _requests(sessions, chunk_steps * info.input_size, seed)
         streams = [
@@ -192,6 +204,7 @@ async def run_load(
                 pb_grpc.InferenceServiceStub(channels[i % len(channels)]),
                 request,
                 chunk_steps * info.output_size,
+                metadata,
             )
             for i, request in enumerate(requests)
         ]

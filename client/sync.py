@@ -11,7 +11,6 @@ after a reconnect (with backoff), so each output is seen once and in order.
 from __future__ import annotations
 
 import queue
-import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,29 +22,12 @@ from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
 from client.errors import LstmStreamError, from_rpc_error
-from client.ledger import Chunk, Ledger
-from client.options import IDEMPOTENT, ClientOptions, is_retryable
+from client.ledger import Chunk
+from client.options import ClientOptions
+from client.policy import ArrayLike, StreamRetry, UnaryRetry, as_rows, new_session_id
+from client.session_core import SessionCore
 
-ArrayLike = np.ndarray | Sequence[Any]
 _END = object()
-
-
-def as_rows(chunk: ArrayLike, width: int) -> np.ndarray:
-    """A chunk as (num_steps, width) float32; a flat sequence is read row by row."""
-    rows = np.asarray(chunk, dtype=np.float32)
-    if rows.size == 0:
-        return np.zeros((0, width), dtype=np.float32)
-    if rows.ndim <= 1:
-        if rows.size % width:
-            raise ValueError(f"expected a multiple of input_size={width} values, got {rows.size}")
-        return rows.reshape(-1, width)
-    if rows.ndim != 2 or rows.shape[1] != width:
-        raise ValueError(f"expected (num_steps, {width}) inputs, got shape {rows.shape}")
-    return rows
-
-
-def new_session_id() -> str:
-    return secrets.token_urlsafe(16)  # 128 random bits
 
 
 def make_channel(options: ClientOptions) -> grpc.Channel:
@@ -78,25 +60,20 @@ class StreamingClient:
         self._channel.close()
 
     def call(self, method: str, request: Any, session_id: str = "") -> Any:
-        """A unary RPC with the client's deadline, metadata and typed errors; idempotent calls
-        are repeated after a transport failure (gRPC's own policy covers UNAVAILABLE)."""
-        for attempt in range(1, self.options.max_retries + 2):
+        """A unary RPC within the client's deadline (all attempts together), with its metadata
+        and typed errors; idempotent calls are repeated after a transport failure."""
+        retry = UnaryRetry(self.options, method)
+        while True:
             try:
                 return getattr(self.stub, method)(
-                    request,
-                    timeout=self.options.deadline_s,
-                    metadata=self.options.metadata(session_id),
+                    request, timeout=retry.timeout(), metadata=self.options.metadata(session_id)
                 )
             except grpc.RpcError as rpc_error:
                 err = from_rpc_error(rpc_error)
-                if (
-                    method not in IDEMPOTENT
-                    or not is_retryable(err.code, err.reason)
-                    or (attempt > self.options.max_retries)
-                ):
-                    raise err from None
-                time.sleep(self.options.backoff(attempt))
-        raise AssertionError("unreachable")
+                wait = retry.backoff_after(err)
+                if wait is None:
+                    raise retry.final(err) from None
+                time.sleep(wait)
 
     def info(self) -> pb.GetModelInfoResponse:
         """The served model (sizes, labels, device); fetched once."""
@@ -176,23 +153,13 @@ class _Stream:
         self._call.cancel()
 
 
-class StreamSession:
+class StreamSession(SessionCore):
     """One session, fed through a stream that is reopened whenever the connection drops."""
 
     def __init__(self, client: StreamingClient, session_id: str, next_step: int = 0) -> None:
+        super().__init__(client.options, client.info(), session_id, next_step)
         self._client = client
-        self._options = client.options
-        info = client.info()
-        self.input_size, self.output_size = info.input_size, info.output_size
-        self._ledger = Ledger(
-            session_id,
-            info.output_size,
-            next_step,
-            keep_until_durable=info.durable_sessions,
-            max_kept_steps=self._options.max_unstored_steps,
-        )
         self._stream: _Stream | None = None
-        self.reconnects = 0
 
     def __enter__(self) -> StreamSession:
         return self
@@ -203,39 +170,19 @@ class StreamSession:
         else:
             self.detach()
 
-    @property
-    def session_id(self) -> str:
-        return self._ledger.session_id
-
-    @property
-    def durable_step(self) -> int:
-        """With durable sessions: the step up to which the server's state store holds this
-        session (what a lost replica cannot take with it)."""
-        return self._ledger.durable_step
-
-    @property
-    def resent_steps(self) -> int:
-        """Timesteps sent again after a replica was lost before it stored them."""
-        return self._ledger.resent_steps
-
-    @property
-    def next_step(self) -> int:
-        """Step index of the next timestep this session will send."""
-        return self._ledger.next_step
-
     def step(self, x: ArrayLike) -> np.ndarray:
         """One timestep (input_size,) -> its output (output_size,)."""
         return self.send(np.asarray(x, dtype=np.float32).reshape(1, -1))[0]
 
     def send(self, chunk: ArrayLike, reset: bool = False) -> np.ndarray:
         """Timesteps (num_steps, input_size) -> their outputs (num_steps, output_size)."""
-        self._submit(self._ledger.add(as_rows(chunk, self.input_size), reset))
+        self._submit(self._chunk(chunk, reset))
         return self._receive()[1]
 
     def stream(self, chunks: Iterable[ArrayLike], window: int = 8) -> Iterator[np.ndarray]:
         """Send chunks as they come, up to `window` unanswered; yield each chunk's outputs."""
         for chunk in chunks:
-            self._submit(self._ledger.add(as_rows(chunk, self.input_size)))
+            self._submit(self._chunk(chunk))
             while len(self._ledger.pending) >= window:
                 yield self._receive()[1]
         while self._ledger.pending:
@@ -247,7 +194,7 @@ class StreamSession:
 
     def close(self) -> None:
         """End the session on the server (its state is deleted) and the stream."""
-        self._submit(self._ledger.add(np.zeros((0, self.input_size), np.float32), end_session=True))
+        self._submit(self._end_chunk())
         try:
             self._receive()
         except LstmStreamError as err:
@@ -255,8 +202,7 @@ class StreamSession:
                 raise
         self.detach()
 
-    def detach(self) -> None:
-        """Close the stream only; the session stays on the server to attach to later."""
+    def _close_stream(self) -> None:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
@@ -273,31 +219,19 @@ class StreamSession:
             self._stream.write(chunk.request(self.session_id))
 
     def _receive(self) -> tuple[Chunk, np.ndarray]:
-        attempt = 0
+        retry = StreamRetry(self._options)
         while True:
             try:
                 assert self._stream is not None
                 accepted = self._ledger.accept(self._stream.read(self._options.deadline_s))
             except LstmStreamError as err:
-                rewound = self._rewind(err)
-                if not (rewound or is_retryable(err.code, err.reason)) or (
-                    attempt >= self._options.max_retries
-                ):
-                    self.detach()
+                wait = retry.backoff_after(err, rewound=self._rewind(err))
+                self._close_stream()
+                if wait is None:
                     raise
-                attempt += 1
                 self.reconnects += 1
-                self.detach()
-                if not rewound:
-                    time.sleep(self._options.backoff(attempt))
+                time.sleep(wait)
                 self._open()
                 continue
             if accepted is not None:  # None: the answer to a chunk resent after a rewind
                 return accepted
-
-    def _rewind(self, err: LstmStreamError) -> bool:
-        try:
-            return self._ledger.rewind(err)
-        except LstmStreamError:
-            self.detach()
-            raise

@@ -3,6 +3,7 @@
 import json
 import re
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -103,13 +104,19 @@ def test_stream_refuses_bad_csv_with_one_clear_line(server, stdin, message):
     assert "Traceback" not in result.stderr
 
 
-def test_unreachable_server_is_one_line_and_non_zero():
+@pytest.mark.parametrize("command", ["info", "stream", "demo"])
+def test_unreachable_server_is_one_line_and_non_zero_within_the_deadline(command):
+    """--deadline bounds the whole call, retries included (they took 13 s before)."""
     from tests.factories import free_port
 
-    result = lstm_client("info", "--target", f"127.0.0.1:{free_port()}", "--deadline", "3")
+    target = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = lstm_client(command, "--target", target, "--deadline", "1", stdin="1,2,3,4,5,6\n")
+    elapsed = time.monotonic() - started
     assert result.returncode == 1
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "UNAVAILABLE" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"lstm-client: {target}: DEADLINE_EXCEEDED: no answer within")
+    assert elapsed < 10, f"gave up after {elapsed:.1f} s"  # a program's start included
 
 
 def test_demo_reports_the_model_cards_accuracy_and_latency(server):
@@ -141,3 +148,48 @@ def test_bench_prints_json_for_machines(server):
     assert (report["sessions"], report["chunk_steps"], report["errors"]) == (3, 4, 0)
     assert report["timesteps"] == report["messages"] * 4 > 0
     assert report["latency_p99_s"] >= report["latency_p50_s"] > 0
+
+
+def test_bench_sends_the_token_it_is_given(tmp_path):
+    from tests.factories import ServeProcess
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("bench-secret-token load\n")
+    flags = ["--sessions", "2", "--chunk", "1", "--duration", "0.5", "--json"]
+    with ServeProcess("--auth-tokens", str(tokens)) as srv:
+        refused = lstm_client("bench", "--target", srv.target, *flags)
+        allowed = lstm_client(
+            "bench", "--target", srv.target, "--token", "bench-secret-token", *flags
+        )
+    assert refused.returncode == 1
+    assert "UNAUTHENTICATED" in refused.stderr.strip().splitlines()[-1], refused.stderr
+    assert allowed.returncode == 0, allowed.stderr
+    report = json.loads(allowed.stdout)
+    assert (report["errors"], report["messages"] > 0) == (0, True)
+
+
+def test_stream_skips_a_header_row_of_column_names(server, bundled_model):
+    steps = random_steps(5, 6, seed=93)
+    result = lstm_client(
+        "stream", "--target", server.target, stdin="ax,ay,az,gx,gy,gz\n" + to_csv(steps)
+    )
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(from_csv(result.stdout), offline(bundled_model, steps), atol=1e-5)
+    short = lstm_client("stream", "--target", server.target, stdin="ax,ay,az\n" + to_csv(steps))
+    assert short.returncode == 2
+    assert short.stderr.strip().splitlines()[-1] == (
+        "lstm-client: line 1: expected 6 column names (the model's input_size), got 3"
+    )
+
+
+@pytest.mark.parametrize("first_row", ["1,2,x,4,5,6", "1,2,3"])
+def test_a_bad_first_row_is_refused_before_a_session_is_created(first_row):
+    from tests.factories import ServeProcess, free_port, metric_value
+
+    metrics_port = free_port()
+    with ServeProcess("--metrics-port", str(metrics_port)) as srv:
+        result = lstm_client("stream", "--target", srv.target, stdin=first_row + "\n")
+        created = metric_value(metrics_port, "lstm_sessions_created_total")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("lstm-client: line 1: expected")
+    assert created == 0

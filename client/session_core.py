@@ -1,0 +1,75 @@
+"""What a sync and an asyncio session share: the ledger of chunks and what it tells the caller.
+The subclasses add only the transport (a thread-fed stream, or an asyncio call)."""
+
+from __future__ import annotations
+
+import numpy as np
+from lstm_stream.v1 import inference_pb2 as pb
+
+from client.errors import LstmStreamError
+from client.ledger import Chunk, Ledger
+from client.options import ClientOptions
+from client.policy import ArrayLike, as_rows
+
+
+class SessionCore:
+    def __init__(
+        self,
+        options: ClientOptions,
+        info: pb.GetModelInfoResponse,
+        session_id: str,
+        next_step: int = 0,
+    ) -> None:
+        self._options = options
+        self.input_size, self.output_size = info.input_size, info.output_size
+        self._ledger = Ledger(
+            session_id,
+            info.output_size,
+            next_step,
+            keep_until_durable=info.durable_sessions,
+            max_kept_steps=options.max_unstored_steps,
+        )
+        self.reconnects = 0  # streams reopened after a failure
+
+    @property
+    def session_id(self) -> str:
+        return self._ledger.session_id
+
+    @property
+    def durable_step(self) -> int:
+        """With durable sessions: the step up to which the server's state store holds this
+        session (what a lost replica cannot take with it)."""
+        return self._ledger.durable_step
+
+    @property
+    def resent_steps(self) -> int:
+        """Timesteps sent again after a replica was lost before it stored them."""
+        return self._ledger.resent_steps
+
+    @property
+    def next_step(self) -> int:
+        """Step index of the next timestep this session will send."""
+        return self._ledger.next_step
+
+    def detach(self) -> str:
+        """Close the stream only; the session stays on the server to attach to later. Returns
+        its id (what `attach` takes)."""
+        self._close_stream()
+        return self.session_id
+
+    def _close_stream(self) -> None:
+        raise NotImplementedError
+
+    def _chunk(self, chunk: ArrayLike, reset: bool = False) -> Chunk:
+        return self._ledger.add(as_rows(chunk, self.input_size), reset)
+
+    def _end_chunk(self) -> Chunk:
+        return self._ledger.add(np.zeros((0, self.input_size), np.float32), end_session=True)
+
+    def _rewind(self, err: LstmStreamError) -> bool:
+        """Whether a refusal asks for kept chunks to be resent (see Ledger.rewind)."""
+        try:
+            return self._ledger.rewind(err)
+        except LstmStreamError:
+            self._close_stream()
+            raise
