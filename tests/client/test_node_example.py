@@ -1,0 +1,65 @@
+"""The Node.js example (examples/node) run with node against a live server: its outputs equal
+the Python SDK's and the model's offline, through a lost connection and a resend, and it reads
+the ErrorInfo of a refused message."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client import StreamingClient
+from tests.factories import offline, random_steps, require_binary
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "node"
+PROTO_DIR = Path(__file__).parents[2] / "proto"
+
+
+@pytest.fixture(scope="module")
+def node_example(tmp_path_factory) -> Path:
+    """The example in a folder of its own, its packages installed from the committed lock."""
+    require_binary("node")
+    npm = require_binary("npm")
+    work = tmp_path_factory.mktemp("node-example")
+    for name in ("package.json", "package-lock.json", "lstm_stream.js", "example.js"):
+        shutil.copy(EXAMPLE / name, work / name)
+    installed = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"], cwd=work, capture_output=True, text=True, timeout=600
+    )
+    assert installed.returncode == 0, installed.stderr
+    return work
+
+
+def run_example(work: Path, target: str, steps: np.ndarray) -> dict:
+    result = subprocess.run(
+        ["node", "example.js", "--target", target],
+        cwd=work,
+        input=json.dumps(steps.tolist()),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LSTM_STREAM_PROTO_DIR": str(PROTO_DIR)},
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_node_example_streams_resumes_and_reads_error_info(node_example, server, bundled_model):
+    steps = random_steps(20, 6, seed=51)
+    report = run_example(node_example, server.target, steps)
+    with StreamingClient(server.target) as client, client.open_session() as session:
+        from_python = session.send(steps)
+    outputs = np.asarray(report["outputs"], dtype=np.float32)
+    np.testing.assert_allclose(outputs, from_python, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
+    # The connection cut halfway cost one resend and no step twice.
+    assert report["resends"] >= 1
+    assert report["next_step"] == 20
+    # The two steps resent with their start_step came back from the replay buffer, unchanged.
+    np.testing.assert_allclose(np.asarray(report["replayed"]), outputs[18:], atol=0, rtol=0)
+    refusal = report["refusal"]
+    assert (refusal["code"], refusal["reason"]) == (3, "BAD_INPUT")  # INVALID_ARGUMENT
+    assert "expected a multiple of input_size=6" in refusal["details"], refusal
