@@ -16,7 +16,7 @@ COPY proto /src/proto
 COPY lstm_model /src/lstm_model
 COPY server /src/server
 COPY client /src/client
-RUN pip install /src && rm -rf /src
+RUN pip install '/src[server]' && rm -rf /src
 
 FROM python:${PYTHON_VERSION}-slim
 RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/lstm-stream lstm

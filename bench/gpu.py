@@ -180,7 +180,7 @@ def load_round(args: argparse.Namespace, target: str, chunk: int) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "client.cli",
+        "lstm_stream.client.cli",
         "bench",
         "--target",
         target,

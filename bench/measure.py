@@ -22,7 +22,7 @@ from bench.bare_compute import time_bare_model
 from bench.cpu_meter import BUSY_CORES, CpuMeter, QuietGate
 from bench.process import redis_server, running_server
 from bench.variants import DURABLE_VARIANTS, model_summary, prepare_model, server_command
-from client.loadgen import LoadResult, format_result, run_load
+from lstm_stream.client.loadgen import LoadResult, format_result, run_load
 
 Row = dict[str, Any]
 

@@ -16,12 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lstm_stream.v1 import inference_pb2 as pb
-
 from bench.process import lstm_serve, rss_bytes, running_server
-from client import AsyncStreamingClient
 from lstm_model.checkpoint import save_model
 from lstm_model.cli import init_model
+from lstm_stream.client import AsyncStreamingClient
+from lstm_stream.v1 import inference_pb2 as pb
 
 HIDDEN, LAYERS = 256, 2
 

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from bench.process import free_port, lstm_serve, rss_bytes, running_server
-from client import AsyncStreamingClient, LstmStreamError
 from lstm_model import load_model
+from lstm_stream.client import AsyncStreamingClient, LstmStreamError
 
 
 def metric(port: int, name: str) -> float:

@@ -5,10 +5,10 @@ exactly once across dropped connections and raise `LstmStreamError` (with the se
 reason) for errors a retry cannot fix.
 """
 
-from client.aio import AsyncStreamingClient, AsyncStreamSession
-from client.errors import LstmStreamError
-from client.options import ClientOptions
-from client.sync import StreamingClient, StreamSession
+from lstm_stream.client.aio import AsyncStreamingClient, AsyncStreamSession
+from lstm_stream.client.errors import LstmStreamError
+from lstm_stream.client.options import ClientOptions
+from lstm_stream.client.sync import StreamingClient, StreamSession
 
 __all__ = [
     "AsyncStreamSession",

@@ -14,25 +14,19 @@ import itertools
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from typing import TextIO
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lstm_stream.client.errors import LstmStreamError, UsageError
+from lstm_stream.client.options import ClientOptions
+from lstm_stream.client.sync import StreamingClient
 from lstm_stream.v1 import inference_pb2 as pb
 
-from client.aio import AsyncStreamingClient
-from client.errors import LstmStreamError
-from client.options import ClientOptions
-from client.sync import StreamingClient
-
 DEFAULT_TARGET = "localhost:50051"
-
-
-class UsageError(Exception):
-    """Bad input from the user: one line on stderr, exit 2."""
 
 
 def options_from(args: argparse.Namespace) -> ClientOptions:
@@ -174,94 +168,17 @@ def _open_input(path: str) -> TextIO:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lstm_model.evaluate import CHECKPOINT_STEPS, accuracy_by_step, format_accuracy_table
-    from lstm_model.recordings import load_recordings
+    from lstm_stream.client.demo import run_demo
 
-    recordings = load_recordings()
-    outputs, latencies = asyncio.run(
-        _demo_stream(options_from(args), recordings.inputs.numpy(), args.concurrency)
-    )
-    by_step = accuracy_by_step(torch_tensor(outputs), recordings.labels)
-    accuracy = {t: float(by_step[t - 1]) for t in CHECKPOINT_STEPS}
-    p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) * 1e3
-    print(
-        f"streamed {len(recordings.labels)} held-out recordings ({recordings.source}), "
-        f"one timestep per message, {args.concurrency} at a time"
-    )
-    print(format_accuracy_table(accuracy, len(recordings.labels)))
-    print(
-        f"\nper-message latency over {len(latencies)} messages: "
-        f"p50 {p50:.2f} ms, p95 {p95:.2f} ms, p99 {p99:.2f} ms"
-    )
+    print(run_demo(options_from(args), args.concurrency))
     return 0
-
-
-def torch_tensor(array: np.ndarray):
-    import torch
-
-    return torch.from_numpy(array)
-
-
-async def _demo_stream(options: ClientOptions, inputs: np.ndarray, concurrency: int):
-    count, steps, _ = inputs.shape
-    progress = Progress(count * steps, enabled=sys.stderr.isatty())
-    latencies: list[float] = []
-    slots = asyncio.Semaphore(concurrency)
-
-    async def one(client: AsyncStreamingClient, recording: np.ndarray) -> np.ndarray:
-        async with slots:
-            session = await client.open_session()
-            rows = []
-            for x in recording:
-                started = time.perf_counter()
-                rows.append(await session.step(x))
-                latencies.append(time.perf_counter() - started)
-                progress.advance()
-            await session.close()
-            return np.stack(rows)
-
-    async with AsyncStreamingClient(options=options) as client:
-        info = await client.info()
-        if info.input_size != inputs.shape[2] or info.name != "basic-motions":
-            raise UsageError(
-                f"the demo streams the bundled basic-motions recordings; the server "
-                f"runs {info.name!r} (input_size {info.input_size})"
-            )
-        outputs = await asyncio.gather(*(one(client, r) for r in inputs))
-    progress.finish()
-    return np.stack(outputs), np.asarray(latencies)
-
-
-class Progress:
-    """A one-line progress bar on stderr, drawn only when it is a terminal."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, 0, enabled
-        self._drawn = -1
-
-    def advance(self) -> None:
-        self.done += 1
-        percent = 100 * self.done // self.total
-        if self.enabled and percent != self._drawn:
-            self._drawn = percent
-            bar = "#" * (percent // 4)
-            print(
-                f"\r[{bar:<25}] {percent:3d}% {self.done}/{self.total} timesteps",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def finish(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr)
 
 
 # bench
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from client.loadgen import run_load
+    from lstm_stream.client.loadgen import run_load
 
     if args.sessions < 1 or args.chunk < 1 or args.duration <= 0:
         raise UsageError("--sessions and --chunk must be >= 1 and --duration > 0")

@@ -7,6 +7,10 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 
+class UsageError(Exception):
+    """Bad input from the user of a command: one line on stderr, exit 2."""
+
+
 class LstmStreamError(Exception):
     """A call failed: `code` (grpc.StatusCode), `reason` (ErrorInfo), `metadata`, `details`."""
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from lstm_stream.v1 import inference_pb2 as pb
 
-from client.errors import LstmStreamError
+from lstm_stream.client.errors import LstmStreamError
+from lstm_stream.v1 import inference_pb2 as pb
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+
+from lstm_stream.client.options import ClientOptions
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
-
-from client.options import ClientOptions
 
 SESSIONS_PER_CHANNEL = 64
 CLOSE_TIMEOUT_S = 10.0

@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from client.errors import LstmStreamError
-from client.options import IDEMPOTENT, ClientOptions, is_retryable
+from lstm_stream.client.errors import LstmStreamError
+from lstm_stream.client.options import IDEMPOTENT, ClientOptions, is_retryable
 
 ArrayLike = np.ndarray | Sequence[Any]
 

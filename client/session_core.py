@@ -4,12 +4,12 @@ The subclasses add only the transport (a thread-fed stream, or an asyncio call).
 from __future__ import annotations
 
 import numpy as np
-from lstm_stream.v1 import inference_pb2 as pb
 
-from client.errors import LstmStreamError
-from client.ledger import Chunk, Ledger
-from client.options import ClientOptions
-from client.policy import ArrayLike, as_rows
+from lstm_stream.client.errors import LstmStreamError
+from lstm_stream.client.ledger import Chunk, Ledger
+from lstm_stream.client.options import ClientOptions
+from lstm_stream.client.policy import ArrayLike, as_rows
+from lstm_stream.v1 import inference_pb2 as pb
 
 
 class SessionCore:

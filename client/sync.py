@@ -18,14 +18,14 @@ from typing import Any
 
 import grpc
 import numpy as np
+
+from lstm_stream.client.errors import LstmStreamError, from_rpc_error
+from lstm_stream.client.ledger import Chunk
+from lstm_stream.client.options import ClientOptions
+from lstm_stream.client.policy import ArrayLike, StreamRetry, UnaryRetry, as_rows, new_session_id
+from lstm_stream.client.session_core import SessionCore
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
-
-from client.errors import LstmStreamError, from_rpc_error
-from client.ledger import Chunk
-from client.options import ClientOptions
-from client.policy import ArrayLike, StreamRetry, UnaryRetry, as_rows, new_session_id
-from client.session_core import SessionCore
 
 _END = object()
 

@@ -16,10 +16,10 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from lstm_stream.v1 import inference_pb2
 from prometheus_client import start_http_server
 
 from lstm_model.checkpoint import ModelLoadError, load_model
+from lstm_stream.v1 import inference_pb2
 from server import metrics
 from server.config import ServerConfig, load_config
 from server.engine import default_torch_threads, resolve_device

@@ -12,9 +12,9 @@ import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
+
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
-
 from server import metrics
 from server.codec import check_session_id, decode_steps, resolve_session_id
 from server.errors import BadInput, ServiceError, StepOutOfOrder

@@ -1,7 +1,7 @@
 import pytest
 
-from client import StreamingClient
 from lstm_model import load_model
+from lstm_stream.client import StreamingClient
 from tests.factories import ServeProcess
 
 

@@ -49,7 +49,7 @@ def console_script(name: str) -> str:
     """Path of an installed console script: beside this interpreter, else on PATH."""
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.exists() else shutil.which(name)
-    assert found, f"{name} is not installed: pip install -e ."
+    assert found, f"{name} is not installed: pip install -e '.[server,test]'"
     return found
 
 
@@ -276,6 +276,7 @@ class RawStream:
         import queue
 
         import grpc
+
         from lstm_stream.v1 import inference_pb2 as pb
         from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
@@ -297,7 +298,7 @@ class RawStream:
         import grpc
         import numpy as np
 
-        from client.errors import from_rpc_error
+        from lstm_stream.client.errors import from_rpc_error
 
         values = np.asarray(rows, dtype=np.float32).ravel().tolist()
         request = self._pb.StreamStepsRequest(inputs=values, reset=reset, end_session=end_session)

@@ -21,7 +21,7 @@ def out_of_order(expected_step: int) -> Outcome:
 
 def outcome_and_details(err: grpc.RpcError) -> tuple[Outcome, str]:
     """The outcome of a failed call, and its error text."""
-    from client.errors import from_rpc_error
+    from lstm_stream.client.errors import from_rpc_error
 
     error = from_rpc_error(err)
     return (error.code.name, error.reason, error.metadata.get("expected_step")), error.details

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import grpc
-from lstm_stream.v1 import inference_pb2 as pb
-from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
 from bench.echo_server import create_echo_server
+from lstm_stream.v1 import inference_pb2 as pb
+from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 from tests.factories import require_binary
 
 REPO = Path(__file__).resolve().parents[2]

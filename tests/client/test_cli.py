@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from client import StreamingClient
 from lstm_model.checkpoint import BUNDLED_MODEL_DIR
+from lstm_stream.client import StreamingClient
 from tests.factories import console_script, offline, random_steps
 
 

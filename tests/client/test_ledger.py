@@ -4,10 +4,10 @@ replica, checked chunk by chunk (the end-to-end run is tests/e2e/test_scale_out.
 import grpc
 import numpy as np
 import pytest
-from lstm_stream.v1 import inference_pb2 as pb
 
-from client.errors import LstmStreamError
-from client.ledger import Ledger
+from lstm_stream.client.errors import LstmStreamError
+from lstm_stream.client.ledger import Ledger
+from lstm_stream.v1 import inference_pb2 as pb
 
 OUTPUT_SIZE = 2
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import StreamingClient
+from lstm_stream.client import StreamingClient
 from tests.factories import offline, random_steps, require_binary
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "node"
@@ -27,7 +27,11 @@ def node_example(tmp_path_factory) -> Path:
     for name in ("package.json", "package-lock.json", "lstm_stream.js", "example.js"):
         shutil.copy(EXAMPLE / name, work / name)
     installed = subprocess.run(
-        [npm, "ci", "--no-audit", "--no-fund"], cwd=work, capture_output=True, text=True, timeout=600
+        [npm, "ci", "--no-audit", "--no-fund"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert installed.returncode == 0, installed.stderr
     return work

@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from client import AsyncStreamingClient, ClientOptions, StreamingClient
+from lstm_stream.client import AsyncStreamingClient, ClientOptions, StreamingClient
 from tests.factories import (
     ServeProcess,
     free_port,

@@ -8,7 +8,13 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncStreamingClient, ClientOptions, LstmStreamError, StreamingClient, policy
+from lstm_stream.client import (
+    AsyncStreamingClient,
+    ClientOptions,
+    LstmStreamError,
+    StreamingClient,
+    policy,
+)
 from tests.factories import free_port, offline, random_steps
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import StreamingClient
+from lstm_stream.client import StreamingClient
 from tests.e2e.conftest import fetch
 from tests.factories import free_port, random_steps, require_binary, wait_for
 

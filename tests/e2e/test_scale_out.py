@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from lstm_stream.v1 import inference_pb2 as pb
 
-from client import AsyncStreamingClient, ClientOptions, LstmStreamError, StreamingClient
+from lstm_stream.client import AsyncStreamingClient, ClientOptions, LstmStreamError, StreamingClient
+from lstm_stream.v1 import inference_pb2 as pb
 from server import transfer
 from tests.e2e.scale_parts import Nginx, RedisServer
 from tests.factories import (

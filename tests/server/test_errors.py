@@ -6,9 +6,9 @@ import math
 import grpc
 import numpy as np
 import pytest
-from lstm_stream.v1 import inference_pb2 as pb
 
-from client import LstmStreamError, StreamingClient
+from lstm_stream.client import LstmStreamError, StreamingClient
+from lstm_stream.v1 import inference_pb2 as pb
 from tests.factories import RawStream, offline, random_steps, serve
 
 BAD = grpc.StatusCode.INVALID_ARGUMENT

@@ -10,10 +10,10 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from lstm_stream.v1 import inference_pb2 as pb
 from prometheus_client import REGISTRY
 
-from client import LstmStreamError, StreamingClient
+from lstm_stream.client import LstmStreamError, StreamingClient
+from lstm_stream.v1 import inference_pb2 as pb
 from tests.factories import RawStream, ServeProcess, free_port, random_steps, serve, wait_for
 
 

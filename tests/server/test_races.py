@@ -11,7 +11,7 @@ import urllib.request
 import grpc
 import numpy as np
 
-from client import AsyncStreamingClient, LstmStreamError
+from lstm_stream.client import AsyncStreamingClient, LstmStreamError
 from tests.factories import (
     RawStream,
     ServeProcess,
@@ -123,7 +123,7 @@ def test_shutdown_racing_everything_ends_cleanly(bundled_model):
                 refused.append(err)
 
     async def run():
-        from client import ClientOptions
+        from lstm_stream.client import ClientOptions
 
         options = ClientOptions(target=srv.target, max_retries=0, deadline_s=5)
         async with AsyncStreamingClient(options=options) as client:

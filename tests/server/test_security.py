@@ -14,9 +14,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from lstm_stream.v1 import inference_pb2 as pb
 
-from client import AsyncStreamingClient, ClientOptions, LstmStreamError, StreamingClient
+from lstm_stream.client import AsyncStreamingClient, ClientOptions, LstmStreamError, StreamingClient
+from lstm_stream.v1 import inference_pb2 as pb
 from tests.factories import RawStream, ServeProcess, offline, random_steps, serve, wait_for
 
 ALICE, BOB = "alice-token-7f3a9c", "bob-token-2b8e41"
@@ -137,7 +137,7 @@ def plain(srv, token=None, **kwargs):
 
 
 def first_stream_answer(client):
-    from client.errors import from_rpc_error
+    from lstm_stream.client.errors import from_rpc_error
 
     request = pb.StreamStepsRequest(inputs=[0.0] * 6)
     try:
@@ -191,7 +191,7 @@ def assert_not_found(attempt) -> None:
 
 def stream_to(client, session_id: str, steps: np.ndarray, start_step: int | None = None):
     """One StreamSteps message naming `session_id`; its outputs (T, O)."""
-    from client.errors import from_rpc_error
+    from lstm_stream.client.errors import from_rpc_error
 
     request = pb.StreamStepsRequest(session_id=session_id, inputs=steps.ravel())
     if start_step is not None:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from client import AsyncStreamingClient, LstmStreamError, StreamingClient
 from lstm_model import load_model
 from lstm_model.cli import main as lstm_model_main
+from lstm_stream.client import AsyncStreamingClient, LstmStreamError, StreamingClient
 from server.config import ServerConfig, load_config
 from tests.factories import ServeProcess, console_script, free_port, offline, random_steps
 

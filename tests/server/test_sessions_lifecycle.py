@@ -4,9 +4,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from lstm_stream.v1 import inference_pb2 as pb
 
-from client import LstmStreamError, StreamingClient
+from lstm_stream.client import LstmStreamError, StreamingClient
+from lstm_stream.v1 import inference_pb2 as pb
 from tests.factories import RawStream, offline, random_steps, serve, wait_for
 
 

@@ -7,8 +7,8 @@ import signal
 import numpy as np
 import pytest
 
-from client import AsyncStreamingClient, LstmStreamError, StreamingClient
 from lstm_model.cli import main as lstm_model_main
+from lstm_stream.client import AsyncStreamingClient, LstmStreamError, StreamingClient
 from server.snapshot import SNAPSHOT_FILE
 from tests.factories import RawStream, ServeProcess, offline, random_steps
 

@@ -30,9 +30,9 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
-
 from tests.factories import offline, serve
 from tests.outcomes import BAD, CAPACITY, EXISTS, NOT_FOUND, OK, TAKEN_OVER, Outcome, outcome_of
 from tests.step_rule import Limits, Message, Verdict, Window, first_message, next_message

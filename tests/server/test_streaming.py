@@ -5,12 +5,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from lstm_stream.v1 import inference_pb2 as pb
 
-from client import AsyncStreamingClient, ClientOptions, StreamingClient
 from lstm_model import load_model
 from lstm_model.cli import main as lstm_model_main
 from lstm_model.recordings import load_recordings
+from lstm_stream.client import AsyncStreamingClient, ClientOptions, StreamingClient
+from lstm_stream.v1 import inference_pb2 as pb
 from tests.factories import (
     RawStream,
     ServeProcess,

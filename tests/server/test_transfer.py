@@ -3,10 +3,10 @@
 import grpc
 import numpy as np
 import pytest
-from lstm_stream.v1 import inference_pb2 as pb
 
-from client import LstmStreamError, StreamingClient
 from lstm_model.cli import main as lstm_model_main
+from lstm_stream.client import LstmStreamError, StreamingClient
+from lstm_stream.v1 import inference_pb2 as pb
 from tests.factories import RawStream, offline, random_steps, serve
 
 

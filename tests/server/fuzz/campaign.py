@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
-
 from tests.factories import ServeProcess, offline
 from tests.outcomes import outcome_and_details
 from tests.server.fuzz.common import (

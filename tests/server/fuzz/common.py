@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
-
 from tests.factories import metric_value
 from tests.outcomes import OK, Outcome, outcome_and_details
 from tests.step_rule import Limits, Window

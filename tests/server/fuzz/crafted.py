@@ -8,10 +8,10 @@ import random
 import struct
 
 import torch
-from lstm_stream.v1 import inference_pb2 as pb
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from lstm_stream.v1 import inference_pb2 as pb
 from tests.outcomes import BAD, MODEL_MISMATCH, NOT_FOUND, OK, Outcome
 from tests.server.fuzz.common import (
     INPUT_SIZE,

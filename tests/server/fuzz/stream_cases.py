@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 
 from google.protobuf.message import DecodeError
-from lstm_stream.v1 import inference_pb2 as pb
 
+from lstm_stream.v1 import inference_pb2 as pb
 from tests.outcomes import BAD, NOT_FOUND, TOO_LARGE, Outcome
 from tests.server.fuzz.common import (
     INPUT_SIZE,

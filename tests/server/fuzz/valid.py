@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from lstm_stream.v1 import inference_pb2 as pb
 
+from lstm_stream.v1 import inference_pb2 as pb
 from tests.factories import offline
 from tests.outcomes import OK, outcome_and_details
 from tests.server.fuzz.common import (
