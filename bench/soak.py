@@ -71,8 +71,10 @@ class Churn:
             with torch.inference_mode():
                 expected = self.model(torch.from_numpy(steps)[None])[0][0].numpy()
             self.counts["checked"] += 1
-            if not np.allclose(np.concatenate(outputs), expected, atol=1e-5):
+            got = np.concatenate(outputs)
+            if not np.allclose(got, expected, atol=1e-5):
                 self.counts["mismatches"] += 1
+                report_mismatch(session.session_id, got, expected, [len(o) for o in outputs])
         fate = rng.random()
         if fate < 0.5:
             await session.close()
@@ -84,6 +86,17 @@ class Churn:
             await session.close()
         else:
             session.detach()  # abandoned: the sweeper expires it
+
+
+def report_mismatch(session_id: str, got: np.ndarray, expected: np.ndarray, chunks: list) -> None:
+    """Enough to tell a numerical difference from state that leaked between sessions."""
+    error = np.abs(got - expected).max(axis=1)  # (T,)
+    first = int(np.argmax(error > 1e-5))
+    print(
+        f"mismatch: session {session_id[:6]}, max error {error.max():.3g}, first at step "
+        f"{first} of {len(got)}, chunk lengths {chunks}",
+        file=sys.stderr,
+    )
 
 
 async def drive(target: str, workers: int, seconds: float, seed: int) -> dict:
