@@ -321,6 +321,24 @@ class RawStream:
     def outputs(self, rows=(), **kwargs):
         return self.send(rows, **kwargs)[1]
 
+    def write(self, rows=()) -> None:
+        """A message whose answer is not read."""
+        import numpy as np
+
+        values = [float(v) for v in np.asarray(rows, dtype=np.float32).ravel()]
+        self._requests.put(self._pb.StreamStepsRequest(inputs=values))
+
+    def end_status(self):
+        """The status the server ended the stream with; AssertionError if it answers instead."""
+        import grpc
+
+        try:
+            response = next(self._responses, None)
+        except grpc.RpcError as err:
+            return err.code()
+        assert response is None, f"answered after the end: {response}"
+        return self._call.code()
+
     def close(self) -> None:
         self._requests.put(self._end)
         self._call.cancel()

@@ -4,7 +4,9 @@ quotas, rate and size limits, keepalive abuse; and secrets kept out of logs."""
 import asyncio
 import concurrent.futures
 import datetime
+import json
 import signal
+import subprocess
 import time
 
 import grpc
@@ -17,7 +19,15 @@ from cryptography.x509.oid import NameOID
 
 from lstm_stream.client import AsyncStreamingClient, ClientOptions, LstmStreamError, StreamingClient
 from lstm_stream.v1 import inference_pb2 as pb
-from tests.factories import RawStream, ServeProcess, offline, random_steps, serve, wait_for
+from tests.factories import (
+    RawStream,
+    ServeProcess,
+    console_script,
+    offline,
+    random_steps,
+    serve,
+    wait_for,
+)
 
 ALICE, BOB = "alice-token-7f3a9c", "bob-token-2b8e41"
 
@@ -119,6 +129,20 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(pki):
         assert refused(tls_options(srv, pki)).code == grpc.StatusCode.UNAVAILABLE  # no cert
         rogue = tls_options(srv, pki, pki["rogue_client"])
         assert refused(rogue).code == grpc.StatusCode.UNAVAILABLE  # a cert nobody trusts
+
+
+def test_the_load_generator_uses_tls_and_the_token(pki, tokens_file):
+    """lstm-client bench with --tls-ca and --token (it used to open plaintext channels)."""
+    cert, key = pki["server"]
+    with serve(host="localhost", tls_cert=cert, tls_key=key, auth_tokens=str(tokens_file)) as srv:
+        bench = [console_script("lstm-client"), "bench", "--target", f"localhost:{srv.port}"]
+        bench += ["--sessions", "2", "--duration", "0.5", "--json", "--tls-ca", pki["ca"]]
+        result = subprocess.run(
+            [*bench, "--token", ALICE], capture_output=True, text=True, timeout=120
+        )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["errors"], report["messages"] > 0) == (0, True)
 
 
 def test_tls_and_token_together(pki, tokens_file):

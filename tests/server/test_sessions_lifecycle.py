@@ -46,6 +46,18 @@ def test_end_session_deletes_after_answering(server, client):
     assert err.value.reason == "SESSION_NOT_FOUND"
 
 
+def test_messages_after_end_session_are_not_read(server, client):
+    """The server ends the stream (OK) once end_session is answered; a message written after
+    it gets no answer and is applied nowhere."""
+    with RawStream(server.target) as stream:
+        stream.outputs(random_steps(2, 6), end_session=True)
+        stream.write(random_steps(3, 6))
+        assert stream.end_status() == grpc.StatusCode.OK
+    with pytest.raises(LstmStreamError) as err:
+        client.get_session(stream.session_id)
+    assert err.value.reason == "SESSION_NOT_FOUND"
+
+
 def test_idle_sessions_expire_and_their_slot_is_zeroed():
     with serve(session_idle_timeout_s=0.3) as srv:
         stream = RawStream(srv.target)
