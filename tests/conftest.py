@@ -1,8 +1,15 @@
+import hypothesis.internal.observability  # noqa: F401  (see below)
 import pytest
 
 from lstm_model import load_model
 from lstm_stream.client import StreamingClient
 from tests.factories import ServeProcess
+
+# Imported here, on the main thread before any server thread runs, because hypothesis's pytest
+# plugin imports it at the very end, and pytest compiles it then (assertion rewriting). On
+# Python 3.11, ast compilation is not thread-safe (CPython gh-106905): that compile, racing one
+# in another thread of the test process, failed a run with "SystemError: AST constructor recursion
+# depth mismatch" after all its tests had passed.
 
 
 @pytest.fixture(scope="module")
