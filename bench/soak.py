@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import json
 import random
 import re
@@ -41,7 +42,39 @@ class Churn:
         self.target = target
         self.random = random.Random(seed)
         self.model = load_model().model
-        self.counts = {"sessions": 0, "timesteps": 0, "checked": 0, "mismatches": 0, "errors": 0}
+        self.model_f64 = copy.deepcopy(self.model).double()
+        self.counts = {
+            "sessions": 0,
+            "timesteps": 0,
+            "checked": 0,
+            "ill_conditioned": 0,  # of those checked: matched only within float32's own error
+            "mismatches": 0,
+            "errors": 0,
+        }
+
+    def offline(self, steps: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+        model = self.model if dtype == torch.float32 else self.model_f64
+        with torch.inference_mode():
+            return model(torch.from_numpy(steps).to(dtype)[None])[0][0].numpy()  # (T, O)
+
+    def matches_offline(self, steps: np.ndarray, got: np.ndarray) -> bool:
+        """Equal to the model offline within 1e-5, or, for an input whose float32 outputs are
+        ill-conditioned, within three times float32's own distance from float64 there.
+
+        Batching changes the order of float32 sums by an ulp; on most inputs the outputs move
+        by 1e-7, but the recurrence amplifies it on some (one soak input: 4e-5, as far as
+        offline float32 is from float64 there). The allowance grows only on such inputs: on a
+        typical one it stays 1e-5, and a step applied twice errs more than that (1.5e-5 at
+        the least over 200 inputs; 3.6e-2 on the ill-conditioned one)."""
+        expected = self.offline(steps, torch.float32)
+        if np.allclose(got, expected, atol=1e-5):
+            return True
+        exact = self.offline(steps, torch.float64)
+        allowed = 1e-5 + 3 * np.abs(expected - exact).max()
+        if np.abs(got - exact).max() > allowed:
+            return False
+        self.counts["ill_conditioned"] += 1
+        return True
 
     async def worker(self, client: AsyncStreamingClient, until: float) -> None:
         while time.monotonic() < until:
@@ -54,10 +87,9 @@ class Churn:
     async def one_session(self, client: AsyncStreamingClient) -> None:
         rng = self.random
         session = await client.open_session()
+        seed = rng.randrange(2**31)
         steps = (
-            np.random.default_rng(rng.randrange(2**31))
-            .standard_normal((rng.randint(5, 60), 6))
-            .astype(np.float32)
+            np.random.default_rng(seed).standard_normal((rng.randint(5, 60), 6)).astype(np.float32)
             * 3
         )
         outputs, start = [], 0
@@ -68,13 +100,12 @@ class Churn:
         self.counts["sessions"] += 1
         self.counts["timesteps"] += len(steps)
         if rng.random() < 0.1:  # check a sample against the model offline
-            with torch.inference_mode():
-                expected = self.model(torch.from_numpy(steps)[None])[0][0].numpy()
             self.counts["checked"] += 1
             got = np.concatenate(outputs)
-            if not np.allclose(got, expected, atol=1e-5):
+            if not self.matches_offline(steps, got):
                 self.counts["mismatches"] += 1
-                report_mismatch(session.session_id, got, expected, [len(o) for o in outputs])
+                expected = self.offline(steps, torch.float32)
+                report_mismatch(session.session_id, seed, got, expected, [len(o) for o in outputs])
         fate = rng.random()
         if fate < 0.5:
             await session.close()
@@ -88,14 +119,21 @@ class Churn:
             session.detach()  # abandoned: the sweeper expires it
 
 
-def report_mismatch(session_id: str, got: np.ndarray, expected: np.ndarray, chunks: list) -> None:
-    """Enough to tell a numerical difference from state that leaked between sessions."""
+def report_mismatch(
+    session_id: str, seed: int, got: np.ndarray, expected: np.ndarray, chunks: list
+) -> None:
+    """Enough to tell a numerical difference from state that leaked between sessions, and to
+    replay the session offline (its inputs are those of `seed`)."""
     error = np.abs(got - expected).max(axis=1)  # (T,)
     first = int(np.argmax(error > 1e-5))
     print(
-        f"mismatch: session {session_id[:6]}, max error {error.max():.3g}, first at step "
-        f"{first} of {len(got)}, chunk lengths {chunks}",
+        f"mismatch: session {session_id[:6]}, inputs seed {seed}, max error {error.max():.3g}, "
+        f"first at step {first} of {len(got)}, chunk lengths {chunks}",
         file=sys.stderr,
+    )
+    np.set_printoptions(precision=7, suppress=True, linewidth=150)
+    print(
+        f"  got {got[first : first + 3]}\n  expected {expected[first : first + 3]}", file=sys.stderr
     )
 
 
