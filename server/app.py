@@ -26,7 +26,13 @@ from server.engine import default_torch_threads, resolve_device
 from server.runtime import Runtime
 from server.security import AuthInterceptor, TokenFileError, TokenStore, server_credentials
 from server.service import InferenceService, add_servicer
-from server.snapshot import SnapshotError, discard_snapshot, read_snapshot, write_snapshot
+from server.snapshot import (
+    SnapshotError,
+    discard_snapshot,
+    ensure_writable,
+    read_snapshot,
+    write_snapshot,
+)
 
 log = logging.getLogger("lstm_serve")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -92,6 +98,8 @@ class Server:
 async def create_server(config: ServerConfig) -> tuple[Server, int]:
     """Load the model and build the server, bound but not started; (server, bound port)."""
     device = resolve_device(config.device)
+    if config.snapshot_dir:
+        ensure_writable(Path(config.snapshot_dir))
     torch.set_num_threads(config.torch_threads or default_torch_threads())
     loaded = load_model(config.model)
     runtime = Runtime(config, loaded, device)

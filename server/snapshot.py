@@ -28,6 +28,33 @@ class SnapshotError(Exception):
     """A snapshot that cannot be restored; the message says why and what to do."""
 
 
+def ensure_writable(directory: Path) -> None:
+    """Create --snapshot-dir if need be and prove a file can be written there, so that a
+    directory the server may not write is refused at start, not at shutdown with every
+    session lost (a volume mounted by root over the directory, for example)."""
+    probe = directory / f".write-test.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        user = _user_name()
+        raise SnapshotError(
+            f"--snapshot-dir {directory}: not writable by {user} ({exc.strerror or exc}); "
+            "sessions could not be saved at shutdown. Give the directory to that user or "
+            "choose another"
+        ) from None
+
+
+def _user_name() -> str:
+    import pwd
+
+    try:
+        return f"user {pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()})"
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
 def write_snapshot(directory: Path, records: list[SessionRecord], fingerprint: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     sessions = [

@@ -128,3 +128,16 @@ def test_a_truncated_snapshot_is_refused(tmp_path):
     with pytest.raises(RuntimeError) as err:
         ServeProcess("--snapshot-dir", str(snapshots))
     assert "corrupt or truncated snapshot" in str(err.value)
+
+
+def test_a_snapshot_dir_that_cannot_be_written_is_refused_at_start(tmp_path):
+    """Found at start, not at shutdown with every session lost. (The Docker stage tries the
+    real case: a root-owned mount over the directory of a server that is not root.)"""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(RuntimeError) as err:
+        ServeProcess("--snapshot-dir", str(blocker / "snapshots"))
+    log = str(err.value).split("\n", 1)[1].strip().splitlines()
+    assert len(log) == 1, log
+    assert log[0].startswith(f"lstm-serve: --snapshot-dir {blocker / 'snapshots'}: not writable by")
+    assert "(Not a directory)" in log[0] and "sessions could not be saved" in log[0]
