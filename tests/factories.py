@@ -339,6 +339,11 @@ class RawStream:
         assert response is None, f"answered after the end: {response}"
         return self._call.code()
 
+    def half_close(self):
+        """End the requests and wait for the server to end the call; its status."""
+        self._requests.put(self._end)
+        return self.end_status()
+
     def close(self) -> None:
         self._requests.put(self._end)
         self._call.cancel()

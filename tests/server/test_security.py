@@ -462,6 +462,10 @@ def test_streams_beyond_the_per_connection_limit_wait_for_a_free_one(bundled_mod
             first.send(steps[t : t + 1])
         assert not third.done()
         assert len(srv.server.runtime.sessions) == 2
+        # Ended by both sides before the client frees its place: a cancelled stream frees it
+        # at once, and the queued call's HEADERS can reach the server while it still counts
+        # the cancelled one (REFUSED_STREAM, seen once in 13 runs under load).
+        assert first.half_close() == grpc.StatusCode.OK
         first.close()
         outputs = third.result(timeout=60)
         second.close()
