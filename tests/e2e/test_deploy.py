@@ -1,5 +1,5 @@
 """The deploy files, checked without a Docker engine: promtool, docker-compose config, and the
-dashboard's queries against the metrics a live server exports."""
+dashboard's queries against the metrics a live server exports. test_docker.py runs them."""
 
 import json
 import re
@@ -50,41 +50,80 @@ def test_every_alert_passes_its_promtool_unit_test():
     assert "SUCCESS" in run(promtool, "test", "rules", str(DEPLOY / "prometheus/rules.test.yml"))
 
 
-@pytest.mark.parametrize("profile", ["gpu", "cpu"])
-def test_docker_compose_accepts_both_variants(profile):
+def compose_services() -> dict:
     compose = require_binary("docker-compose")
-    config = yaml.safe_load(run(compose, "--profile", profile, "config"))
-    services = config["services"]
+    return yaml.safe_load(run(compose, "config"))["services"]
+
+
+def published(service: dict) -> dict[int, str]:
+    """{container port: host address} of a service's published ports, in either form that
+    `docker-compose config` writes them."""
+    found = {}
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            found[port["target"]] = port.get("host_ip", "0.0.0.0")
+        else:
+            parts = port.split("/")[0].split(":")
+            found[int(parts[-1])] = parts[0] if len(parts) == 3 else "0.0.0.0"
+    return found
+
+
+def gpu_devices(service: dict):
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_docker_compose_single_server_of_each_variant(profile):
+    services = compose_services()
     server = services[f"lstm-serve-{profile}"]
     assert server["profiles"] == [profile]
     assert "lstm-serve" in server["networks"]["default"]["aliases"]
-    assert {p["target"] for p in server["ports"]} == {50051, 8000}
-    devices = server.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+    # gRPC for clients everywhere; metrics for the operator, on loopback unless opened.
+    assert published(server) == {50051: "0.0.0.0", 8000: "127.0.0.1"}
+    # The named volume at the snapshot directory itself (the image makes it the server's).
+    snapshot_dir = server["environment"]["LSTM_SERVE_SNAPSHOT_DIR"]
+    assert server["volumes"] == [f"snapshots:{snapshot_dir}:rw"]
     if profile == "gpu":
-        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+        assert gpu_devices(server) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
         assert server["build"]["args"]["TORCH_VARIANT"].startswith("cu")
     else:
-        assert devices is None
+        assert gpu_devices(server) is None
         assert server["build"]["args"]["TORCH_VARIANT"] == "cpu"
-        assert server["environment"]["LSTM_SERVE_DEVICE"] == "cpu"
-    assert {"prometheus", "grafana"} <= set(services)
+    assert server["environment"]["LSTM_SERVE_DEVICE"] == "auto"
+    # The drain grace and the snapshot fit in the time compose gives before SIGKILL.
+    assert float(server["environment"]["LSTM_SERVE_SHUTDOWN_GRACE_S"]) + 5 <= 30
+    assert server["stop_grace_period"] == "30s"
 
 
-def test_docker_compose_scale_profile_is_replicas_behind_nginx_with_redis():
-    compose = require_binary("docker-compose")
-    services = yaml.safe_load(run(compose, "--profile", "scale", "config"))["services"]
-    replicas = sorted(name for name in services if name.startswith("replica-"))
-    assert replicas == ["replica-1", "replica-2", "replica-3"]
-    for name in replicas:
+def test_operator_ports_are_on_loopback_and_grafana_only_on_request():
+    services = compose_services()
+    assert "profiles" not in services["prometheus"]  # with every profile
+    assert published(services["prometheus"]) == {9090: "127.0.0.1"}
+    assert services["grafana"]["profiles"] == ["grafana"]
+    assert published(services["grafana"]) == {3000: "127.0.0.1"}
+
+
+@pytest.mark.parametrize(("profile", "suffix"), [("scale", ""), ("scale-cpu", "-cpu")])
+def test_docker_compose_scale_profiles_are_replicas_behind_nginx_with_redis(profile, suffix):
+    services = compose_services()
+    replicas = [f"replica{suffix}-{n}" for n in (1, 2, 3)]
+    assert sorted(n for n, s in services.items() if profile in s.get("profiles", [])) == sorted(
+        [*replicas, f"nginx{suffix}", "redis"]
+    )
+    for n, name in enumerate(replicas, 1):
         replica = services[name]
-        assert replica["profiles"] == ["scale"]
         assert replica["environment"]["LSTM_SERVE_STATE_STORE"] == "redis://redis:6379/0"
         assert "ports" not in replica  # reached through nginx only
-        assert "lstm-serve" in replica["networks"]["default"]["aliases"]  # scraped by DNS
+        aliases = replica["networks"]["default"]["aliases"]
+        assert "lstm-serve" in aliases  # scraped by DNS
+        assert name == f"replica-{n}" or f"replica-{n}" in aliases  # nginx's upstream name
+        assert (gpu_devices(replica) is not None) == (profile == "scale")
+        assert replica["image"] == ("lstm-stream:gpu" if profile == "scale" else "lstm-stream:cpu")
     addresses = {services[name]["networks"]["default"]["ipv4_address"] for name in replicas}
     assert len(addresses) == 3  # fixed, distinct: nginx resolves the names once
-    nginx = services["nginx"]
-    assert [p["target"] for p in nginx["ports"]] == [50051]
+    nginx = services[f"nginx{suffix}"]
+    assert published(nginx) == {50051: "0.0.0.0"}
+    assert sorted(nginx["depends_on"]) == replicas
     assert nginx["ulimits"]["nofile"]["soft"] >= 65536
     assert any(
         v.endswith("deploy/nginx/nginx.conf:/etc/nginx/nginx.conf:ro") for v in nginx["volumes"]
@@ -92,8 +131,7 @@ def test_docker_compose_scale_profile_is_replicas_behind_nginx_with_redis():
     conf = (DEPLOY / "nginx/nginx.conf").read_text()
     assert "hash $http_x_session_id consistent;" in conf and "grpc_pass grpc://" in conf
     upstreams = re.findall(r"^\s*server (replica-\d+):50051", conf, flags=re.M)
-    assert upstreams == replicas
-    assert "redis" in services
+    assert upstreams == ["replica-1", "replica-2", "replica-3"]
 
 
 def test_dockerfile_is_multi_stage_non_root_with_a_grpc_healthcheck():
@@ -103,6 +141,10 @@ def test_dockerfile_is_multi_stage_non_root_with_a_grpc_healthcheck():
     assert 'CMD ["lstm-client", "health"' in dockerfile
     assert 'ENTRYPOINT ["lstm-serve"]' in dockerfile
     assert "ARG TORCH_VARIANT=cu128" in dockerfile
+    # The index is an argument (a mirror, a local index), defaulting to PyTorch's own.
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}" in dockerfile
+    assert '--index-url "${TORCH_INDEX_URL}"' in dockerfile
+    assert "# syntax=" not in dockerfile  # BuildKit would fetch that frontend from Docker Hub
 
 
 def test_container_healthcheck_command_reports_serving(served):
