@@ -219,7 +219,7 @@ def test_compose_cpu_profile_serves_and_prometheus_scrapes_it(image, bundled_mod
 
 
 SESSIONS, STEPS = 60, 30
-SCALE_OPTIONS = dict(deadline_s=10.0, max_retries=50, backoff_initial_s=0.05, backoff_max_s=1.0)
+SCALE_OPTIONS = dict(deadline_s=60.0, max_retries=50, backoff_initial_s=0.05, backoff_max_s=1.0)
 
 
 def replica_metric(container: str, name: str) -> float:
