@@ -145,6 +145,12 @@ def test_dockerfile_is_multi_stage_non_root_with_a_grpc_healthcheck():
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}" in dockerfile
     assert '--index-url "${TORCH_INDEX_URL}"' in dockerfile
     assert "# syntax=" not in dockerfile  # BuildKit would fetch that frontend from Docker Hub
+    # Sessions kept in a directory of the server's own; the drain grace plus the snapshot fit
+    # in `docker stop`'s default 10 s (test_docker.py stops the container that way).
+    assert "install -d -o lstm -g lstm /var/lib/lstm-stream/snapshots" in dockerfile
+    assert "LSTM_SERVE_SNAPSHOT_DIR=/var/lib/lstm-stream/snapshots" in dockerfile
+    grace = float(re.search(r"LSTM_SERVE_SHUTDOWN_GRACE_S=([\d.]+)", dockerfile).group(1))
+    assert grace + 5 <= 10
 
 
 def test_container_healthcheck_command_reports_serving(served):
