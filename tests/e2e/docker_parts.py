@@ -39,6 +39,13 @@ PACKAGES = [
     "nginx",
     "redis-server",
 ]
+# Run in the new root before it is packed: the host's CA certificates, trusted.
+CUSTOMIZE_HOOKS = [
+    'mkdir -p "$1/usr/local/share/ca-certificates"',
+    "! [ -d /usr/local/share/ca-certificates ] || "
+    'cp -r /usr/local/share/ca-certificates/. "$1/usr/local/share/ca-certificates/"',
+    'chroot "$1" update-ca-certificates',
+]
 # What each public image's own Dockerfile sets, so that the compose file runs unchanged.
 STANDIN_CONFIG = {
     "python": [
@@ -126,23 +133,18 @@ def debian_root(log_dir: Path) -> str:
     imported as an image (tag returned); mmdebstrap streams the tarball into docker import."""
     certs = sorted(Path("/usr/local/share/ca-certificates").glob("**/*.crt"))
     tag = "lstm-stream-standin/debian:" + recipe_hash(
-        SUITE, PACKAGES, [c.read_bytes().hex() for c in certs]
+        SUITE, PACKAGES, CUSTOMIZE_HOOKS, [c.read_bytes().hex() for c in certs]
     )
     if image_exists(tag):
         return tag
     mmdebstrap = require_binary("mmdebstrap")
-    hooks = [
-        'mkdir -p "$1/usr/local/share/ca-certificates"',
-        'cp -r /usr/local/share/ca-certificates/. "$1/usr/local/share/ca-certificates/"',
-        'chroot "$1" update-ca-certificates',
-    ]
     command = [
         mmdebstrap,
         "--variant=apt",
         "--dpkgopt=force-unsafe-io",  # a throwaway root: no fsync per file
         *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("man", "doc", "locale")),
         "--include=" + ",".join(PACKAGES),
-        *(f"--customize-hook={hook}" for hook in hooks),
+        *(f"--customize-hook={hook}" for hook in CUSTOMIZE_HOOKS),
         SUITE,
         "-",
         MIRROR,
