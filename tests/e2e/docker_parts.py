@@ -185,6 +185,9 @@ def make_standins(log_dir: Path) -> dict[str, str]:
     return images
 
 
+INDEX_PORT = 47_841
+
+
 class TorchIndex:
     """A package index on loopback holding the pinned torch wheel and its dependencies, in the
     layout pip reads (simple/<project>/<files>); `docker build --network host` reaches it."""
@@ -206,7 +209,10 @@ class TorchIndex:
             (directory / "simple" / project).mkdir(parents=True, exist_ok=True)
             os.link(wheel, directory / "simple" / project / wheel.name)
         handler = partial(QuietHandler, directory=str(directory))
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        try:  # one port run after run: the URL is a build argument, so the layers stay cached
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", INDEX_PORT), handler)
+        except OSError:
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
