@@ -3,7 +3,6 @@
 import json
 import math
 import subprocess
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -66,14 +65,18 @@ def scalar(base: str, promql: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
+def wait_for_scraped(base: str, promql: str, value: float) -> None:
+    wait_for(lambda: scalar(base, promql) == value, timeout=60, what=f"a scrape of {promql}")
+
+
 def test_prometheus_sees_the_timesteps_latency_and_sessions(served, prometheus):
     with StreamingClient(served.target) as client:
         for i in range(SESSIONS):
             session = client.open_session()
-            for chunk in np.array_split(random_steps(STEPS, 6, seed=i), 5):
+            for j, chunk in enumerate(np.array_split(random_steps(STEPS, 6, seed=i), 5)):
                 session.send(chunk)
-                if i == 0:  # let a few scrapes see the series before it grows, so rate() > 0
-                    time.sleep(1.2)
+                if i == j == 0:  # a scrape sees the series before it grows, so rate() > 0
+                    wait_for_scraped(prometheus, "lstm_timesteps_total", len(chunk))
             if i >= KEPT_OPEN:
                 session.close()  # one more message: end_session
             else:
