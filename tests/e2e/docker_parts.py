@@ -163,10 +163,15 @@ def debian_root(log_dir: Path) -> str:
     return tag
 
 
+def dockerfile_arg(name: str) -> str:
+    """The default of an ARG of the project's Dockerfile."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    return re.search(rf"^ARG {name}=(\S+)$", dockerfile, flags=re.M).group(1)
+
+
 def public_images() -> dict[str, str]:
     """The public images the Dockerfile and compose file name, by stand-in kind."""
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    python = re.search(r"^ARG PYTHON_VERSION=(\S+)$", dockerfile, flags=re.M).group(1)
+    python = dockerfile_arg("PYTHON_VERSION")
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     return {
         "python": f"python:{python}-slim",
@@ -193,8 +198,9 @@ class TorchIndex:
     """A package index on loopback holding the pinned torch wheel and its dependencies, in the
     layout pip reads (simple/<project>/<files>); `docker build --network host` reaches it."""
 
-    def __init__(self, directory: Path, requirement: str = "torch==2.13.0") -> None:
+    def __init__(self, directory: Path) -> None:
         wheels = directory / "wheels"
+        requirement = f"torch=={dockerfile_arg('TORCH_VERSION')}"  # what the build asks for
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
              "--dest", str(wheels), requirement],
@@ -246,10 +252,9 @@ def source_hash(base_image: str) -> str:
 
 
 def built_from(tag: str) -> str:
-    if not image_exists(tag):
-        return ""
+    """The source hash the image `tag` was built from; "" when there is no such image."""
     label = '{{index .Config.Labels "lstm-stream.source"}}'
-    return docker("image", "inspect", "--format", label, tag)
+    return docker("image", "inspect", "--format", label, tag, check=False)
 
 
 def build_cpu_image(log_dir: Path, tag: str = "lstm-stream:cpu") -> str:
