@@ -17,6 +17,13 @@ PROTO_ROOT = Path(__file__).resolve().parent
 PROTO_FILE = "lstm_stream/v1/inference.proto"
 
 
+def googleapis_include() -> Path:
+    """Where google/rpc/status.proto lies: googleapis-common-protos (grpcio-status needs it)."""
+    from google.rpc import status_pb2
+
+    return Path(status_pb2.__file__).parents[2]
+
+
 def generate(out: Path = PROTO_ROOT) -> None:
     include = resources.files("grpc_tools") / "_proto"
     out.mkdir(parents=True, exist_ok=True)
@@ -25,6 +32,7 @@ def generate(out: Path = PROTO_ROOT) -> None:
             "grpc_tools.protoc",
             f"-I{PROTO_ROOT}",
             f"-I{include}",
+            f"-I{googleapis_include()}",
             f"--python_out={out}",
             f"--pyi_out={out}",
             f"--grpc_python_out={out}",

@@ -24,13 +24,31 @@ from server.state_store import StateStore
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class Pending:
+@dataclass(eq=False, slots=True)
+class Row:
+    """One session's chunk: what the engine applies to one slot."""
+
     session: Session
     work: StepWork
     start: int  # step index of the chunk's first timestep
-    future: asyncio.Future[np.ndarray]
+
+
+@dataclass(eq=False)
+class Entry:
+    """Chunks queued together (a stream message's one, or a batch message's many), answered by
+    one future once all are committed: each row's outputs, or the exception that failed it.
+    An entry larger than a batch's room is split across consecutive batches."""
+
+    rows: list[Row]
+    future: asyncio.Future[list[np.ndarray | BaseException]]
     enqueued: float = field(default_factory=time.perf_counter)
+    taken: int = 0  # rows handed to batches so far
+    results: list[np.ndarray | BaseException] = field(default_factory=list)
+
+    def settle(self, results: list[np.ndarray | BaseException]) -> None:
+        self.results.extend(results)
+        if len(self.results) == len(self.rows) and not self.future.done():
+            self.future.set_result(self.results)
 
 
 class Batcher:
@@ -45,7 +63,8 @@ class Batcher:
         self._store = store
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_batch_delay_us / 1e6
-        self._queue: deque[Pending] = deque()
+        self._queue: deque[Entry] = deque()
+        self._queued_rows = 0
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()  # a whole batch is waiting: no need to wait any longer
         self._idle = asyncio.Event()
@@ -68,20 +87,51 @@ class Batcher:
             await asyncio.sleep(0)
 
     def submit(self, session: Session, work: StepWork, start: int) -> asyncio.Future[np.ndarray]:
-        """Queue a chunk. The caller holds session.lock; the batcher releases it once the chunk
-        is committed (or failed), whatever happens to the caller meanwhile."""
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append(Pending(session, work, start, future))
-        self._wakeup.set()
-        if len(self._queue) >= self._max_batch_size:
-            self._full.set()
-        return future
+        """Queue one chunk; a future of its outputs. The caller holds session.lock; the batcher
+        releases it once the chunk is committed (or failed), whatever happens to the caller
+        meanwhile."""
+        answer: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
 
-    def _take_batch(self) -> list[Pending]:
-        # A session holds its lock from submit to commit, so the queue never holds two chunks
-        # of one session: taking the oldest N is taking at most one chunk per session.
-        count = min(len(self._queue), self._max_batch_size)
-        return [self._queue.popleft() for _ in range(count)]
+        def hand_over(entry: asyncio.Future[list[np.ndarray | BaseException]]) -> None:
+            if answer.done():  # the caller went away; its chunk was applied all the same
+                return
+            (result,) = entry.result()
+            if isinstance(result, BaseException):
+                answer.set_exception(result)
+            else:
+                answer.set_result(result)
+
+        self.submit_rows([Row(session, work, start)]).add_done_callback(hand_over)
+        return answer
+
+    def submit_rows(self, rows: list[Row]) -> asyncio.Future[list[np.ndarray | BaseException]]:
+        """Queue many sessions' chunks as one entry (each session's lock held, as for submit);
+        they run in one batch where they fit. The future gives each row's outputs or error."""
+        entry = Entry(rows, asyncio.get_running_loop().create_future())
+        self._queue.append(entry)
+        self._queued_rows += len(rows)
+        self._wakeup.set()
+        if self._queued_rows >= self._max_batch_size:
+            self._full.set()
+        return entry.future
+
+    def _take_batch(self) -> list[tuple[Entry, list[Row]]]:
+        """The oldest rows, up to --max-batch-size, with the entries they belong to.
+
+        A session holds its lock from submit to commit, so the queue never holds two chunks of
+        one session: taking the oldest rows is taking at most one chunk per session."""
+        room = self._max_batch_size
+        taken: list[tuple[Entry, list[Row]]] = []
+        while self._queue and room:
+            entry = self._queue[0]
+            rows = entry.rows[entry.taken : entry.taken + room]
+            entry.taken += len(rows)
+            room -= len(rows)
+            taken.append((entry, rows))
+            if entry.taken == len(entry.rows):
+                self._queue.popleft()
+        self._queued_rows -= self._max_batch_size - room
+        return taken
 
     async def _run(self) -> None:
         while True:
@@ -90,7 +140,7 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             self._idle.clear()
-            if self._max_delay_s and len(self._queue) < self._max_batch_size:
+            if self._max_delay_s and self._queued_rows < self._max_batch_size:
                 await self._wait_for_a_full_batch()
             batch = self._take_batch()
             try:
@@ -104,42 +154,42 @@ class Batcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._full.wait(), self._max_delay_s)
 
-    async def _execute(self, batch: list[Pending]) -> None:
+    async def _execute(self, batch: list[tuple[Entry, list[Row]]]) -> None:
         dispatched = time.perf_counter()
+        rows = [row for _, entry_rows in batch for row in entry_rows]
         try:
-            outputs = await self._engine.call(self._engine.step, [p.work for p in batch])
+            outputs = await self._engine.call(self._engine.step, [row.work for row in rows])
         except Exception as exc:
-            log.exception("batch of %d failed", len(batch))
-            for pending in batch:
-                pending.session.lock.release()
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
+            log.exception("batch of %d failed", len(rows))
+            for entry, entry_rows in batch:
+                for row in entry_rows:
+                    row.session.lock.release()
+                entry.settle([exc] * len(entry_rows))
             return
         finished = time.perf_counter()
         steps = 0
-        for pending, out in zip(batch, outputs, strict=True):
-            if not self._complete(pending, out):
-                continue
-            steps += len(out)
-            if self._store is not None:
-                self._store.stage(pending.session)
-        metrics.BATCH_SIZE.observe(len(batch))
-        metrics.QUEUE_WAIT.observe(dispatched - batch[0].enqueued)
+        done = iter(outputs)
+        for entry, entry_rows in batch:
+            results = [self._commit(row, next(done)) for row in entry_rows]
+            for row, result in zip(entry_rows, results, strict=True):
+                if isinstance(result, np.ndarray):
+                    steps += len(result)
+                    if self._store is not None:
+                        self._store.stage(row.session)
+            entry.settle(results)
+        metrics.BATCH_SIZE.observe(len(rows))
+        metrics.QUEUE_WAIT.observe(dispatched - batch[0][0].enqueued)
         metrics.BATCH_COMPUTE.observe(finished - dispatched)
         metrics.TIMESTEPS.inc(steps)
 
     @staticmethod
-    def _complete(pending: Pending, out: np.ndarray) -> bool:
-        """Commit one chunk and answer its caller; a failure here fails that chunk alone."""
+    def _commit(row: Row, out: np.ndarray) -> np.ndarray | BaseException:
+        """Commit one chunk; a failure here fails that chunk alone."""
         try:
-            pending.session.commit(pending.start, out)
+            row.session.commit(row.start, out)
         except Exception as exc:
-            log.exception("committing a chunk of session %s failed", pending.session.session_id[:6])
-            if not pending.future.done():
-                pending.future.set_exception(exc)
-            return False
+            log.exception("committing a chunk of session %s failed", row.session.session_id[:6])
+            return exc
         finally:
-            pending.session.lock.release()
-        if not pending.future.done():  # a caller that went away still had its chunk applied
-            pending.future.set_result(out)
-        return True
+            row.session.lock.release()
+        return out

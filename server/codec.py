@@ -1,7 +1,8 @@
 """Proto values <-> numpy arrays, with the input checks of the contract.
 
-Checks are vectorised over the whole message: the `repeated float` is converted once, and
-width, count and finiteness are checked on the array.
+Checks are vectorised over the whole message: the `repeated float` (or the packed bytes,
+DESIGN 1.6) is converted once, and width, count and finiteness are checked on the array. A batch
+message's chunks are checked together: one array for all of them, one finiteness pass.
 """
 
 from __future__ import annotations
@@ -16,28 +17,86 @@ from server.errors import BadInput
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 
 
-def decode_steps(values: Sequence[float], input_size: int, max_steps: int) -> np.ndarray:
-    """`num_steps * input_size` floats -> (num_steps, input_size) float32, or BadInput."""
-    count = len(values)
-    if count % input_size:
-        raise BadInput(
-            f"inputs: expected a multiple of input_size={input_size} values "
-            f"(num_steps * input_size), got {count}"
-        )
-    num_steps = count // input_size
-    if num_steps > max_steps:
-        raise BadInput(
-            f"inputs: expected at most max_chunk_steps={max_steps} timesteps per message, "
-            f"got {num_steps}"
-        )
-    steps = np.asarray(values, dtype=np.float32).reshape(num_steps, input_size)
+PACKED_DTYPE = np.dtype("<f4")  # DESIGN 1.6: little-endian float32
+
+
+def decode_steps(
+    values: Sequence[float], input_size: int, max_steps: int, packed: bytes = b""
+) -> np.ndarray:
+    """`num_steps * input_size` floats, or as many packed float32 -> (num_steps, input_size)
+    float32, or BadInput."""
+    steps = _shaped(values, packed, input_size, max_steps)
+    _refuse_non_finite(steps)
+    return steps
+
+
+def _refuse_non_finite(steps: np.ndarray) -> None:
     if not np.isfinite(steps).all():
         row, col = np.argwhere(~np.isfinite(steps))[0]
         raise BadInput(
             f"inputs: expected finite numbers, got {steps[row, col]} at timestep {row}, "
             f"feature {col}"
         )
+
+
+def _shaped(values: Sequence[float], packed: bytes, input_size: int, max_steps: int) -> np.ndarray:
+    if packed:
+        if len(values):
+            raise BadInput(
+                f"inputs: expected either inputs or packed_inputs, got both ({len(values)} "
+                f"values and {len(packed)} bytes)"
+            )
+        if len(packed) % (4 * input_size):
+            raise BadInput(
+                f"packed_inputs: expected a multiple of 4 * input_size = {4 * input_size} bytes "
+                f"(little-endian float32, num_steps * input_size), got {len(packed)}"
+            )
+        num_steps = len(packed) // (4 * input_size)
+    else:
+        if len(values) % input_size:
+            raise BadInput(
+                f"inputs: expected a multiple of input_size={input_size} values "
+                f"(num_steps * input_size), got {len(values)}"
+            )
+        num_steps = len(values) // input_size
+    if num_steps > max_steps:
+        raise BadInput(
+            f"inputs: expected at most max_chunk_steps={max_steps} timesteps per message, "
+            f"got {num_steps}"
+        )
+    if packed:
+        return np.frombuffer(packed, dtype=PACKED_DTYPE).reshape(num_steps, input_size)
+    return np.asarray(values, dtype=np.float32).reshape(num_steps, input_size)
+
+
+def decode_chunks(chunks: Sequence, input_size: int, max_steps: int) -> list[np.ndarray | BadInput]:
+    """Each chunk's (num_steps, input_size) inputs, or the BadInput that refuses that chunk
+    alone. The finiteness check runs once over every chunk's rows together."""
+    decoded: list[np.ndarray | BadInput] = []
+    for chunk in chunks:
+        try:
+            decoded.append(_shaped(chunk.inputs, chunk.packed_inputs, input_size, max_steps))
+        except BadInput as err:
+            decoded.append(err)
+    arrays = [d for d in decoded if isinstance(d, np.ndarray) and len(d)]
+    if arrays and not np.isfinite(np.concatenate(arrays)).all():
+        decoded = [_finite_or_refused(d) if isinstance(d, np.ndarray) else d for d in decoded]
+    return decoded
+
+
+def _finite_or_refused(steps: np.ndarray) -> np.ndarray | BadInput:
+    try:
+        _refuse_non_finite(steps)
+    except BadInput as err:
+        return err
     return steps
+
+
+def encode_outputs(outputs: np.ndarray, packed: bool) -> dict[str, object]:
+    """A response's output fields, mirroring its request (DESIGN 1.6)."""
+    if packed:
+        return {"packed_outputs": outputs.astype(PACKED_DTYPE, copy=False).tobytes()}
+    return {"outputs": outputs.ravel().tolist()}
 
 
 def check_session_id(session_id: str) -> str:

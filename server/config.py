@@ -33,6 +33,7 @@ class ServerConfig:
     session_idle_timeout_s: float = 600.0
     replay_steps: int = 256
     max_chunk_steps: int = 512
+    max_batch_chunks: int = 4096  # sessions' chunks in one StepBatch / StreamBatches message
     snapshot_dir: str = ""
     snapshot_discard_invalid: bool = False  # start empty instead of refusing a bad snapshot
     state_store: str = ""  # redis://HOST:PORT/DB: durable sessions shared by replicas
@@ -53,7 +54,13 @@ class ServerConfig:
     min_ping_interval_s: float = 10.0  # clients pinging more often are told to go away
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_sessions", "replay_steps", "max_chunk_steps"):
+        for name in (
+            "max_batch_size",
+            "max_sessions",
+            "replay_steps",
+            "max_chunk_steps",
+            "max_batch_chunks",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
@@ -106,6 +113,7 @@ _HELP = {
     "session_idle_timeout_s": "sessions idle this long expire",
     "replay_steps": "outputs kept per session to answer resent timesteps",
     "max_chunk_steps": "most timesteps in one message",
+    "max_batch_chunks": "most sessions' chunks in one StepBatch or StreamBatches message",
     "snapshot_dir": "write sessions here on shutdown, restore them at start",
     "snapshot_discard_invalid": "move a mismatched or corrupt snapshot aside and start empty "
     "(default: refuse to start)",

@@ -22,16 +22,19 @@ class ServiceError(Exception):
         self.message = message
         self.metadata = {k: str(v) for k, v in metadata.items()}
 
-    def to_status(self) -> grpc.Status:
+    def status_message(self) -> status_pb2.Status:
+        """The google.rpc.Status of this error, its ErrorInfo packed in `details`."""
         info = error_details_pb2.ErrorInfo(
             reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
         )
         detail = any_pb2.Any()
         detail.Pack(info)
-        status = status_pb2.Status(
+        return status_pb2.Status(
             code=getattr(code_pb2, self.code.name), message=self.message, details=[detail]
         )
-        return rpc_status.to_status(status)
+
+    def to_status(self) -> grpc.Status:
+        return rpc_status.to_status(self.status_message())
 
 
 class BadInput(ServiceError):

@@ -31,6 +31,17 @@ BATCH_COMPUTE = Histogram(
 BATCH_SIZE = Histogram(
     "lstm_batch_size", "Sessions per executed batch.", buckets=BATCH_SIZE_BUCKETS
 )
+BATCH_CHUNKS = Histogram(
+    "lstm_batch_chunks",
+    "Sessions' chunks per StepBatch or StreamBatches request message.",
+    ["rpc"],
+    buckets=BATCH_SIZE_BUCKETS,
+)
+CHUNKS_REFUSED = Counter(
+    "lstm_chunks_refused",
+    "Chunks of batch messages refused on their own (the rest of the message was answered).",
+    ["rpc", "code"],
+)
 TIMESTEPS = Counter("lstm_timesteps", "Timesteps applied to session state or Predict.")
 REQUESTS = Counter(
     "lstm_requests", "Requests by RPC and status code; per message for streams.", ["rpc", "code"]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lstm_model.checkpoint import LoadedModel
-from server import metrics, transfer
+from server import batches, metrics, transfer
 from server.batcher import Batcher
 from server.config import ServerConfig
 from server.engine import DTYPES, Engine, StepWork
@@ -103,14 +103,14 @@ class Runtime:
     # Sessions
 
     def create_session(self, session_id: str = "", principal: str = "") -> Session:
-        self._refuse_if_draining()
+        self.refuse_if_draining()
         session = self.sessions.create(session_id, principal)
         log.info("session %s created (slot %d)", short_id(session.session_id), session.slot)
         return session
 
     async def open_session(self, session_id: str = "", principal: str = "") -> Session:
         """CreateSession: a new session, which (with a state store) no replica holds yet."""
-        self._refuse_if_draining()
+        self.refuse_if_draining()
         if session_id and self.store is not None:
             await self._refuse_if_stored(session_id, principal)
         session = self.create_session(session_id, principal)
@@ -210,7 +210,7 @@ class Runtime:
 
     async def attach(self, attachment: Attachment, session_id: str, principal: str = "") -> Session:
         """Feed a new session (empty id) or take over an existing one."""
-        self._refuse_if_draining()
+        self.refuse_if_draining()
         if session_id:
             session = await self.get_session(session_id, principal)
         else:
@@ -240,7 +240,7 @@ class Runtime:
         """Apply a chunk exactly once; (step index of the first output, outputs (T, O))."""
         await session.lock.acquire()
         try:
-            self._refuse_if_draining()
+            self.refuse_if_draining()
             if session.closed:
                 raise SessionNotFound(session.session_id)
             if attachment is not None and session.owner is not attachment:
@@ -261,8 +261,26 @@ class Runtime:
             outputs = np.concatenate([plan.replayed, outputs])
         return first, outputs
 
+    async def step_batch(
+        self,
+        chunks: list[batches.ChunkRequest | ServiceError],
+        principal: str = "",
+        create_missing: bool = False,
+    ) -> list[batches.Outcome]:
+        """Many sessions' chunks at once (StepBatch): each one's answer or refusal, in order."""
+        return await batches.step_batch(self, chunks, principal, create_missing)
+
+    async def start_batch(
+        self,
+        chunks: list[batches.ChunkRequest | ServiceError],
+        principal: str = "",
+        create_missing: bool = False,
+    ) -> asyncio.Future[list[batches.Outcome]]:
+        """Queue a batch message's chunks (StreamBatches); a future of their outcomes."""
+        return await batches.start_batch(self, chunks, principal, create_missing)
+
     async def predict(self, inputs: np.ndarray) -> np.ndarray:
-        self._refuse_if_draining()
+        self.refuse_if_draining()
         outputs = await self.engine.call(self.engine.predict, inputs)
         metrics.TIMESTEPS.inc(len(inputs))
         return outputs
@@ -389,7 +407,7 @@ class Runtime:
         metrics.SESSIONS_CLOSED.labels("shutdown").inc(len(self.sessions))
         self.engine.close()
 
-    def _refuse_if_draining(self) -> None:
+    def refuse_if_draining(self) -> None:
         if self.draining:
             raise ShuttingDown()
 

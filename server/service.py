@@ -16,7 +16,14 @@ from google.protobuf.message import DecodeError
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 from server import metrics
-from server.codec import check_session_id, decode_steps, resolve_session_id
+from server.batches import ChunkAnswer, ChunkRequest
+from server.codec import (
+    check_session_id,
+    decode_chunks,
+    decode_steps,
+    encode_outputs,
+    resolve_session_id,
+)
 from server.errors import BadInput, ServiceError, StepOutOfOrder
 from server.runtime import Attachment, Runtime
 from server.security import ANONYMOUS, TokenStore, Unauthenticated
@@ -128,6 +135,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self.model = runtime.model_config
         self._stream_latency = metrics.STEP_LATENCY.labels("StreamSteps")
         self._stream_ok = metrics.REQUESTS.labels("StreamSteps", "OK")
+        self._batches_latency = metrics.STEP_LATENCY.labels("StreamBatches")
+        self._batches_ok = metrics.REQUESTS.labels("StreamBatches", "OK")
 
     def _principal(self, context: Any) -> str:
         """Who is calling: the token's principal, or anonymous when auth is off."""
@@ -159,6 +168,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             device=str(engine.device),
             dtype=str(engine.dtype).removeprefix("torch."),
             max_chunk_steps=self.runtime.config.max_chunk_steps,
+            max_batch_chunks=self.runtime.config.max_batch_chunks,
             fingerprint=engine.fingerprint,
             replay_steps=self.runtime.config.replay_steps,
             durable_sessions=self.runtime.store is not None,
@@ -186,17 +196,15 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     @unary("Predict")
     async def Predict(self, request: pb.PredictRequest, context: Any):
-        inputs = decode_steps(
-            request.inputs, self.model.input_size, self.runtime.config.max_chunk_steps
-        )
+        inputs = self._decode(request)
         if request.num_steps and request.num_steps != len(inputs):
             raise BadInput(
-                f"num_steps: expected {len(inputs)} or 0 (inputs hold {len(request.inputs)} "
-                f"values of input_size {self.model.input_size}), got {request.num_steps}"
+                f"num_steps: expected {len(inputs)} or 0 (inputs hold {len(inputs)} timesteps "
+                f"of input_size {self.model.input_size}), got {request.num_steps}"
             )
         self.runtime.rate_limiter.take(self._principal(context), len(inputs))
         outputs = await self.runtime.predict(inputs)
-        return pb.PredictResponse(outputs=outputs.ravel().tolist())
+        return pb.PredictResponse(**encode_outputs(outputs, bool(request.packed_inputs)))
 
     @unary("ExportSession")
     async def ExportSession(self, request: pb.ExportSessionRequest, context: Any):
@@ -283,11 +291,121 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             session_id=session.session_id,
             start_step=first,
             num_steps=len(outputs),
-            outputs=outputs.ravel().tolist(),
             durable_step=session.durable_step,
+            **encode_outputs(outputs, bool(request.packed_inputs)),
         )
 
-    def _decode(self, request: pb.StreamStepsRequest) -> np.ndarray:
+    def _decode(self, request: pb.StreamStepsRequest | pb.PredictRequest) -> np.ndarray:
         return decode_steps(
-            request.inputs, self.model.input_size, self.runtime.config.max_chunk_steps
+            request.inputs,
+            self.model.input_size,
+            self.runtime.config.max_chunk_steps,
+            request.packed_inputs,
         )
+
+    # Many sessions in one message (DESIGN 1.7)
+
+    @unary("StepBatch")
+    async def StepBatch(self, request: pb.StepBatchRequest, context: Any):
+        chunks = self._batch_chunks(request, "StepBatch")
+        outcomes = await self.runtime.step_batch(
+            chunks, self._principal(context), request.create_missing
+        )
+        return batch_response(request, outcomes, "StepBatch")
+
+    async def StreamBatches(
+        self, request_iterator: AsyncIterator[pb.StepBatchRequest], context: Any
+    ) -> AsyncIterator[pb.StepBatchResponse]:
+        """Messages are planned in order as they arrive, and answered in order: the next
+        message is decoded and queued while the engine runs the one before."""
+        answers: asyncio.Queue[tuple[float, Any] | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._queue_batches(request_iterator, context, answers))
+        try:
+            while (item := await answers.get()) is not None:
+                received, answer = item
+                try:
+                    if isinstance(answer, ServiceError):
+                        raise answer
+                    request, outcomes = answer[0], await answer[1]
+                except ServiceError as err:
+                    metrics.REQUESTS.labels("StreamBatches", err.code.name).inc()
+                    self._batches_latency.observe(time.perf_counter() - received)
+                    await context.abort_with_status(err.to_status())
+                response = batch_response(request, outcomes, "StreamBatches")
+                self._batches_ok.inc()
+                self._batches_latency.observe(time.perf_counter() - received)
+                yield response
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _queue_batches(
+        self,
+        request_iterator: AsyncIterator[pb.StepBatchRequest],
+        context: Any,
+        answers: asyncio.Queue[tuple[float, Any] | None],
+    ) -> None:
+        async for request in request_iterator:
+            received = time.perf_counter()
+            try:
+                if isinstance(request, Malformed):
+                    raise request.error
+                chunks = self._batch_chunks(request, "StreamBatches")
+                pending = await self.runtime.start_batch(
+                    chunks, self._principal(context), request.create_missing
+                )
+            except ServiceError as err:
+                await answers.put((received, err))
+                return
+            await answers.put((received, (request, pending)))
+        await answers.put(None)
+
+    def _batch_chunks(
+        self, request: pb.StepBatchRequest, rpc: str
+    ) -> list[ChunkRequest | ServiceError]:
+        """The message's chunks decoded, each a ChunkRequest or the BadInput refusing it."""
+        limit = self.runtime.config.max_batch_chunks
+        if len(request.chunks) > limit:
+            raise BadInput(
+                f"chunks: expected at most max_batch_chunks={limit} chunks per message, "
+                f"got {len(request.chunks)}"
+            )
+        metrics.BATCH_CHUNKS.labels(rpc).observe(len(request.chunks))
+        config = self.runtime.config
+        inputs = decode_chunks(request.chunks, self.model.input_size, config.max_chunk_steps)
+        decoded: list[ChunkRequest | ServiceError] = []
+        for index, (chunk, rows) in enumerate(zip(request.chunks, inputs, strict=True)):
+            try:
+                if isinstance(rows, BadInput):
+                    raise rows
+                if not chunk.session_id:
+                    raise BadInput("session_id: expected the session's id, got an empty one")
+                session_id = check_session_id(chunk.session_id)
+            except BadInput as err:
+                decoded.append(BadInput(f"chunks[{index}].{err.message}", **err.metadata))
+                continue
+            start_step = chunk.start_step if chunk.HasField("start_step") else None
+            decoded.append(
+                ChunkRequest(session_id, rows, start_step, chunk.reset, chunk.end_session)
+            )
+        return decoded
+
+
+def batch_response(
+    request: pb.StepBatchRequest, outcomes: list[ChunkAnswer | ServiceError], rpc: str
+) -> pb.StepBatchResponse:
+    response = pb.StepBatchResponse()
+    results = response.results
+    for chunk, outcome in zip(request.chunks, outcomes, strict=True):
+        if isinstance(outcome, ServiceError):
+            metrics.CHUNKS_REFUSED.labels(rpc, outcome.code.name).inc()
+            results.add(session_id=chunk.session_id, error=outcome.status_message())
+            continue
+        results.add(
+            session_id=outcome.session_id,
+            start_step=outcome.start_step,
+            num_steps=len(outcome.outputs),
+            durable_step=outcome.durable_step,
+            **encode_outputs(outcome.outputs, bool(chunk.packed_inputs)),
+        )
+    return response

@@ -32,6 +32,8 @@ def test_contract_names_are_in_the_proto():
             "Predict",
             "ExportSession",
             "ImportSession",
+            "StepBatch",
+            "StreamBatches",
         ]
     )
     request = pb.StreamStepsRequest.DESCRIPTOR.fields_by_name
@@ -40,5 +42,48 @@ def test_contract_names_are_in_the_proto():
     ] == [1, 2, 3, 4, 5]
     assert request["start_step"].has_presence
     response = pb.StreamStepsResponse.DESCRIPTOR.fields_by_name
-    assert set(response) == {"session_id", "start_step", "num_steps", "outputs", "durable_step"}
+    assert set(response) == {
+        "session_id",
+        "start_step",
+        "num_steps",
+        "outputs",
+        "durable_step",
+        "packed_outputs",
+    }
+    assert request["packed_inputs"].type == request["packed_inputs"].TYPE_BYTES
+    assert "packed_inputs" in pb.PredictRequest.DESCRIPTOR.fields_by_name
+    assert "packed_outputs" in pb.PredictResponse.DESCRIPTOR.fields_by_name
     assert pb.OutputKind.Name(0) == "OUTPUT_KIND_UNSPECIFIED"
+
+
+def test_batch_names_are_those_of_the_contract():
+    """DESIGN 1.7: StepBatch / StreamBatches and their messages' fields."""
+    from lstm_stream.v1 import inference_pb2 as pb
+
+    service = pb.DESCRIPTOR.services_by_name["InferenceService"]
+    stream = service.methods_by_name["StreamBatches"]
+    assert stream.client_streaming and stream.server_streaming
+    assert not service.methods_by_name["StepBatch"].client_streaming
+    assert set(pb.StepBatchRequest.DESCRIPTOR.fields_by_name) == {"chunks", "create_missing"}
+    chunk = pb.SessionChunk.DESCRIPTOR.fields_by_name
+    assert set(chunk) == {
+        "session_id",
+        "start_step",
+        "inputs",
+        "packed_inputs",
+        "reset",
+        "end_session",
+    }
+    assert chunk["start_step"].has_presence
+    assert set(pb.StepBatchResponse.DESCRIPTOR.fields_by_name) == {"results"}
+    result = pb.ChunkResult.DESCRIPTOR.fields_by_name
+    assert set(result) == {
+        "session_id",
+        "start_step",
+        "num_steps",
+        "outputs",
+        "packed_outputs",
+        "durable_step",
+        "error",
+    }
+    assert result["error"].message_type.full_name == "google.rpc.Status"

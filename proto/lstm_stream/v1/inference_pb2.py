@@ -23,51 +23,60 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elstm_stream/v1/inference.proto\x12\x0elstm_stream.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb2\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tnext_step\x18\x02 \x01(\x04\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_active_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11replay_start_step\x18\x05 \x01(\x04\"\x15\n\x13GetModelInfoRequest\"\xc5\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x13\n\x0boutput_size\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12/\n\x0boutput_kind\x18\x07 \x01(\x0e\x32\x1a.lstm_stream.v1.OutputKind\x12\x0e\n\x06labels\x18\x08 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x17\n\x0fmax_chunk_steps\x18\x0b \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x0c \x01(\t\x12\x14\n\x0creplay_steps\x18\r \x01(\r\x12\x18\n\x10\x64urable_sessions\x18\x0e \x01(\x08\"*\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"A\n\x15\x43reateSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.lstm_stream.v1.Session\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\">\n\x12GetSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.lstm_stream.v1.Session\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\x84\x01\n\x12StreamStepsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\nstart_step\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06inputs\x18\x03 \x03(\x02\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\x13\n\x0b\x65nd_session\x18\x05 \x01(\x08\x42\r\n\x0b_start_step\"w\n\x13StreamStepsResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nstart_step\x18\x02 \x01(\x04\x12\x11\n\tnum_steps\x18\x03 \x01(\r\x12\x0f\n\x07outputs\x18\x04 \x03(\x02\x12\x14\n\x0c\x64urable_step\x18\x05 \x01(\x04\"3\n\x0ePredictRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\x02\x12\x11\n\tnum_steps\x18\x02 \x01(\r\"\"\n\x0fPredictResponse\x12\x0f\n\x07outputs\x18\x01 \x03(\x02\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x15\x45xportSessionResponse\x12\r\n\x05state\x18\x01 \x01(\x0c\"9\n\x14ImportSessionRequest\x12\r\n\x05state\x18\x01 \x01(\x0c\x12\x12\n\nsession_id\x18\x02 \x01(\t\"A\n\x15ImportSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.lstm_stream.v1.Session*e\n\nOutputKind\x12\x1b\n\x17OUTPUT_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16OUTPUT_KIND_REGRESSION\x10\x01\x12\x1e\n\x1aOUTPUT_KIND_CLASSIFICATION\x10\x02\x32\xe2\x05\n\x10InferenceService\x12Y\n\x0cGetModelInfo\x12#.lstm_stream.v1.GetModelInfoRequest\x1a$.lstm_stream.v1.GetModelInfoResponse\x12\\\n\rCreateSession\x12$.lstm_stream.v1.CreateSessionRequest\x1a%.lstm_stream.v1.CreateSessionResponse\x12S\n\nGetSession\x12!.lstm_stream.v1.GetSessionRequest\x1a\".lstm_stream.v1.GetSessionResponse\x12\\\n\rDeleteSession\x12$.lstm_stream.v1.DeleteSessionRequest\x1a%.lstm_stream.v1.DeleteSessionResponse\x12Z\n\x0bStreamSteps\x12\".lstm_stream.v1.StreamStepsRequest\x1a#.lstm_stream.v1.StreamStepsResponse(\x01\x30\x01\x12J\n\x07Predict\x12\x1e.lstm_stream.v1.PredictRequest\x1a\x1f.lstm_stream.v1.PredictResponse\x12\\\n\rExportSession\x12$.lstm_stream.v1.ExportSessionRequest\x1a%.lstm_stream.v1.ExportSessionResponse\x12\\\n\rImportSession\x12$.lstm_stream.v1.ImportSessionRequest\x1a%.lstm_stream.v1.ImportSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elstm_stream/v1/inference.proto\x12\x0elstm_stream.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xb2\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tnext_step\x18\x02 \x01(\x04\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_active_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11replay_start_step\x18\x05 \x01(\x04\"\x15\n\x13GetModelInfoRequest\"\xdf\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x13\n\x0boutput_size\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12/\n\x0boutput_kind\x18\x07 \x01(\x0e\x32\x1a.lstm_stream.v1.OutputKind\x12\x0e\n\x06labels\x18\x08 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x17\n\x0fmax_chunk_steps\x18\x0b \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x0c \x01(\t\x12\x14\n\x0creplay_steps\x18\r \x01(\r\x12\x18\n\x10\x64urable_sessions\x18\x0e \x01(\x08\x12\x18\n\x10max_batch_chunks\x18\x0f \x01(\r\"*\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"A\n\x15\x43reateSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.lstm_stream.v1.Session\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\">\n\x12GetSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.lstm_stream.v1.Session\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\x9b\x01\n\x12StreamStepsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\nstart_step\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06inputs\x18\x03 \x03(\x02\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\x13\n\x0b\x65nd_session\x18\x05 \x01(\x08\x12\x15\n\rpacked_inputs\x18\x06 \x01(\x0c\x42\r\n\x0b_start_step\"\x8f\x01\n\x13StreamStepsResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nstart_step\x18\x02 \x01(\x04\x12\x11\n\tnum_steps\x18\x03 \x01(\r\x12\x0f\n\x07outputs\x18\x04 \x03(\x02\x12\x14\n\x0c\x64urable_step\x18\x05 \x01(\x04\x12\x16\n\x0epacked_outputs\x18\x06 \x01(\x0c\"J\n\x0ePredictRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\x02\x12\x11\n\tnum_steps\x18\x02 \x01(\r\x12\x15\n\rpacked_inputs\x18\x03 \x01(\x0c\":\n\x0fPredictResponse\x12\x0f\n\x07outputs\x18\x01 \x03(\x02\x12\x16\n\x0epacked_outputs\x18\x02 \x01(\x0c\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x15\x45xportSessionResponse\x12\r\n\x05state\x18\x01 \x01(\x0c\"9\n\x14ImportSessionRequest\x12\r\n\x05state\x18\x01 \x01(\x0c\x12\x12\n\nsession_id\x18\x02 \x01(\t\"A\n\x15ImportSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.lstm_stream.v1.Session\"X\n\x10StepBatchRequest\x12,\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1c.lstm_stream.v1.SessionChunk\x12\x16\n\x0e\x63reate_missing\x18\x02 \x01(\x08\"\x95\x01\n\x0cSessionChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\nstart_step\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06inputs\x18\x03 \x03(\x02\x12\x15\n\rpacked_inputs\x18\x04 \x01(\x0c\x12\r\n\x05reset\x18\x05 \x01(\x08\x12\x13\n\x0b\x65nd_session\x18\x06 \x01(\x08\x42\r\n\x0b_start_step\"A\n\x11StepBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.lstm_stream.v1.ChunkResult\"\xaa\x01\n\x0b\x43hunkResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nstart_step\x18\x02 \x01(\x04\x12\x11\n\tnum_steps\x18\x03 \x01(\r\x12\x0f\n\x07outputs\x18\x04 \x03(\x02\x12\x16\n\x0epacked_outputs\x18\x05 \x01(\x0c\x12\x14\n\x0c\x64urable_step\x18\x06 \x01(\x04\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.Status*e\n\nOutputKind\x12\x1b\n\x17OUTPUT_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16OUTPUT_KIND_REGRESSION\x10\x01\x12\x1e\n\x1aOUTPUT_KIND_CLASSIFICATION\x10\x02\x32\x8e\x07\n\x10InferenceService\x12Y\n\x0cGetModelInfo\x12#.lstm_stream.v1.GetModelInfoRequest\x1a$.lstm_stream.v1.GetModelInfoResponse\x12\\\n\rCreateSession\x12$.lstm_stream.v1.CreateSessionRequest\x1a%.lstm_stream.v1.CreateSessionResponse\x12S\n\nGetSession\x12!.lstm_stream.v1.GetSessionRequest\x1a\".lstm_stream.v1.GetSessionResponse\x12\\\n\rDeleteSession\x12$.lstm_stream.v1.DeleteSessionRequest\x1a%.lstm_stream.v1.DeleteSessionResponse\x12Z\n\x0bStreamSteps\x12\".lstm_stream.v1.StreamStepsRequest\x1a#.lstm_stream.v1.StreamStepsResponse(\x01\x30\x01\x12J\n\x07Predict\x12\x1e.lstm_stream.v1.PredictRequest\x1a\x1f.lstm_stream.v1.PredictResponse\x12\\\n\rExportSession\x12$.lstm_stream.v1.ExportSessionRequest\x1a%.lstm_stream.v1.ExportSessionResponse\x12\\\n\rImportSession\x12$.lstm_stream.v1.ImportSessionRequest\x1a%.lstm_stream.v1.ImportSessionResponse\x12P\n\tStepBatch\x12 .lstm_stream.v1.StepBatchRequest\x1a!.lstm_stream.v1.StepBatchResponse\x12X\n\rStreamBatches\x12 .lstm_stream.v1.StepBatchRequest\x1a!.lstm_stream.v1.StepBatchResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lstm_stream.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTKIND']._serialized_start=1455
-  _globals['_OUTPUTKIND']._serialized_end=1556
-  _globals['_SESSION']._serialized_start=84
-  _globals['_SESSION']._serialized_end=262
-  _globals['_GETMODELINFOREQUEST']._serialized_start=264
-  _globals['_GETMODELINFOREQUEST']._serialized_end=285
-  _globals['_GETMODELINFORESPONSE']._serialized_start=288
-  _globals['_GETMODELINFORESPONSE']._serialized_end=613
-  _globals['_CREATESESSIONREQUEST']._serialized_start=615
-  _globals['_CREATESESSIONREQUEST']._serialized_end=657
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=659
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=724
-  _globals['_GETSESSIONREQUEST']._serialized_start=726
-  _globals['_GETSESSIONREQUEST']._serialized_end=765
-  _globals['_GETSESSIONRESPONSE']._serialized_start=767
-  _globals['_GETSESSIONRESPONSE']._serialized_end=829
-  _globals['_DELETESESSIONREQUEST']._serialized_start=831
-  _globals['_DELETESESSIONREQUEST']._serialized_end=873
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=875
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=898
-  _globals['_STREAMSTEPSREQUEST']._serialized_start=901
-  _globals['_STREAMSTEPSREQUEST']._serialized_end=1033
-  _globals['_STREAMSTEPSRESPONSE']._serialized_start=1035
-  _globals['_STREAMSTEPSRESPONSE']._serialized_end=1154
-  _globals['_PREDICTREQUEST']._serialized_start=1156
-  _globals['_PREDICTREQUEST']._serialized_end=1207
-  _globals['_PREDICTRESPONSE']._serialized_start=1209
-  _globals['_PREDICTRESPONSE']._serialized_end=1243
-  _globals['_EXPORTSESSIONREQUEST']._serialized_start=1245
-  _globals['_EXPORTSESSIONREQUEST']._serialized_end=1287
-  _globals['_EXPORTSESSIONRESPONSE']._serialized_start=1289
-  _globals['_EXPORTSESSIONRESPONSE']._serialized_end=1327
-  _globals['_IMPORTSESSIONREQUEST']._serialized_start=1329
-  _globals['_IMPORTSESSIONREQUEST']._serialized_end=1386
-  _globals['_IMPORTSESSIONRESPONSE']._serialized_start=1388
-  _globals['_IMPORTSESSIONRESPONSE']._serialized_end=1453
-  _globals['_INFERENCESERVICE']._serialized_start=1559
-  _globals['_INFERENCESERVICE']._serialized_end=2297
+  _globals['_OUTPUTKIND']._serialized_start=2083
+  _globals['_OUTPUTKIND']._serialized_end=2184
+  _globals['_SESSION']._serialized_start=109
+  _globals['_SESSION']._serialized_end=287
+  _globals['_GETMODELINFOREQUEST']._serialized_start=289
+  _globals['_GETMODELINFOREQUEST']._serialized_end=310
+  _globals['_GETMODELINFORESPONSE']._serialized_start=313
+  _globals['_GETMODELINFORESPONSE']._serialized_end=664
+  _globals['_CREATESESSIONREQUEST']._serialized_start=666
+  _globals['_CREATESESSIONREQUEST']._serialized_end=708
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=710
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=775
+  _globals['_GETSESSIONREQUEST']._serialized_start=777
+  _globals['_GETSESSIONREQUEST']._serialized_end=816
+  _globals['_GETSESSIONRESPONSE']._serialized_start=818
+  _globals['_GETSESSIONRESPONSE']._serialized_end=880
+  _globals['_DELETESESSIONREQUEST']._serialized_start=882
+  _globals['_DELETESESSIONREQUEST']._serialized_end=924
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=926
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=949
+  _globals['_STREAMSTEPSREQUEST']._serialized_start=952
+  _globals['_STREAMSTEPSREQUEST']._serialized_end=1107
+  _globals['_STREAMSTEPSRESPONSE']._serialized_start=1110
+  _globals['_STREAMSTEPSRESPONSE']._serialized_end=1253
+  _globals['_PREDICTREQUEST']._serialized_start=1255
+  _globals['_PREDICTREQUEST']._serialized_end=1329
+  _globals['_PREDICTRESPONSE']._serialized_start=1331
+  _globals['_PREDICTRESPONSE']._serialized_end=1389
+  _globals['_EXPORTSESSIONREQUEST']._serialized_start=1391
+  _globals['_EXPORTSESSIONREQUEST']._serialized_end=1433
+  _globals['_EXPORTSESSIONRESPONSE']._serialized_start=1435
+  _globals['_EXPORTSESSIONRESPONSE']._serialized_end=1473
+  _globals['_IMPORTSESSIONREQUEST']._serialized_start=1475
+  _globals['_IMPORTSESSIONREQUEST']._serialized_end=1532
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_start=1534
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_end=1599
+  _globals['_STEPBATCHREQUEST']._serialized_start=1601
+  _globals['_STEPBATCHREQUEST']._serialized_end=1689
+  _globals['_SESSIONCHUNK']._serialized_start=1692
+  _globals['_SESSIONCHUNK']._serialized_end=1841
+  _globals['_STEPBATCHRESPONSE']._serialized_start=1843
+  _globals['_STEPBATCHRESPONSE']._serialized_end=1908
+  _globals['_CHUNKRESULT']._serialized_start=1911
+  _globals['_CHUNKRESULT']._serialized_end=2081
+  _globals['_INFERENCESERVICE']._serialized_start=2187
+  _globals['_INFERENCESERVICE']._serialized_end=3097
 # @@protoc_insertion_point(module_scope)

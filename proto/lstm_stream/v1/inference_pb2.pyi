@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -38,7 +39,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("name", "version", "input_size", "output_size", "hidden_size", "num_layers", "output_kind", "labels", "device", "dtype", "max_chunk_steps", "fingerprint", "replay_steps", "durable_sessions")
+    __slots__ = ("name", "version", "input_size", "output_size", "hidden_size", "num_layers", "output_kind", "labels", "device", "dtype", "max_chunk_steps", "fingerprint", "replay_steps", "durable_sessions", "max_batch_chunks")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +54,7 @@ class GetModelInfoResponse(_message.Message):
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     REPLAY_STEPS_FIELD_NUMBER: _ClassVar[int]
     DURABLE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     input_size: int
@@ -67,7 +69,8 @@ class GetModelInfoResponse(_message.Message):
     fingerprint: str
     replay_steps: int
     durable_sessions: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., output_kind: _Optional[_Union[OutputKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_chunk_steps: _Optional[int] = ..., fingerprint: _Optional[str] = ..., replay_steps: _Optional[int] = ..., durable_sessions: _Optional[bool] = ...) -> None: ...
+    max_batch_chunks: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., output_kind: _Optional[_Union[OutputKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_chunk_steps: _Optional[int] = ..., fingerprint: _Optional[str] = ..., replay_steps: _Optional[int] = ..., durable_sessions: _Optional[bool] = ..., max_batch_chunks: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -104,46 +107,54 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StreamStepsRequest(_message.Message):
-    __slots__ = ("session_id", "start_step", "inputs", "reset", "end_session")
+    __slots__ = ("session_id", "start_step", "inputs", "reset", "end_session", "packed_inputs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     END_SESSION_FIELD_NUMBER: _ClassVar[int]
+    PACKED_INPUTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_step: int
     inputs: _containers.RepeatedScalarFieldContainer[float]
     reset: bool
     end_session: bool
-    def __init__(self, session_id: _Optional[str] = ..., start_step: _Optional[int] = ..., inputs: _Optional[_Iterable[float]] = ..., reset: _Optional[bool] = ..., end_session: _Optional[bool] = ...) -> None: ...
+    packed_inputs: bytes
+    def __init__(self, session_id: _Optional[str] = ..., start_step: _Optional[int] = ..., inputs: _Optional[_Iterable[float]] = ..., reset: _Optional[bool] = ..., end_session: _Optional[bool] = ..., packed_inputs: _Optional[bytes] = ...) -> None: ...
 
 class StreamStepsResponse(_message.Message):
-    __slots__ = ("session_id", "start_step", "num_steps", "outputs", "durable_step")
+    __slots__ = ("session_id", "start_step", "num_steps", "outputs", "durable_step", "packed_outputs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     DURABLE_STEP_FIELD_NUMBER: _ClassVar[int]
+    PACKED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_step: int
     num_steps: int
     outputs: _containers.RepeatedScalarFieldContainer[float]
     durable_step: int
-    def __init__(self, session_id: _Optional[str] = ..., start_step: _Optional[int] = ..., num_steps: _Optional[int] = ..., outputs: _Optional[_Iterable[float]] = ..., durable_step: _Optional[int] = ...) -> None: ...
+    packed_outputs: bytes
+    def __init__(self, session_id: _Optional[str] = ..., start_step: _Optional[int] = ..., num_steps: _Optional[int] = ..., outputs: _Optional[_Iterable[float]] = ..., durable_step: _Optional[int] = ..., packed_outputs: _Optional[bytes] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("inputs", "num_steps")
+    __slots__ = ("inputs", "num_steps", "packed_inputs")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_INPUTS_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedScalarFieldContainer[float]
     num_steps: int
-    def __init__(self, inputs: _Optional[_Iterable[float]] = ..., num_steps: _Optional[int] = ...) -> None: ...
+    packed_inputs: bytes
+    def __init__(self, inputs: _Optional[_Iterable[float]] = ..., num_steps: _Optional[int] = ..., packed_inputs: _Optional[bytes] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("outputs",)
+    __slots__ = ("outputs", "packed_outputs")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, outputs: _Optional[_Iterable[float]] = ...) -> None: ...
+    packed_outputs: bytes
+    def __init__(self, outputs: _Optional[_Iterable[float]] = ..., packed_outputs: _Optional[bytes] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -170,3 +181,51 @@ class ImportSessionResponse(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     session: Session
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class StepBatchRequest(_message.Message):
+    __slots__ = ("chunks", "create_missing")
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_MISSING_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[SessionChunk]
+    create_missing: bool
+    def __init__(self, chunks: _Optional[_Iterable[_Union[SessionChunk, _Mapping]]] = ..., create_missing: _Optional[bool] = ...) -> None: ...
+
+class SessionChunk(_message.Message):
+    __slots__ = ("session_id", "start_step", "inputs", "packed_inputs", "reset", "end_session")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    END_SESSION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    start_step: int
+    inputs: _containers.RepeatedScalarFieldContainer[float]
+    packed_inputs: bytes
+    reset: bool
+    end_session: bool
+    def __init__(self, session_id: _Optional[str] = ..., start_step: _Optional[int] = ..., inputs: _Optional[_Iterable[float]] = ..., packed_inputs: _Optional[bytes] = ..., reset: _Optional[bool] = ..., end_session: _Optional[bool] = ...) -> None: ...
+
+class StepBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ChunkResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ChunkResult, _Mapping]]] = ...) -> None: ...
+
+class ChunkResult(_message.Message):
+    __slots__ = ("session_id", "start_step", "num_steps", "outputs", "packed_outputs", "durable_step", "error")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_STEP_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    start_step: int
+    num_steps: int
+    outputs: _containers.RepeatedScalarFieldContainer[float]
+    packed_outputs: bytes
+    durable_step: int
+    error: _status_pb2.Status
+    def __init__(self, session_id: _Optional[str] = ..., start_step: _Optional[int] = ..., num_steps: _Optional[int] = ..., outputs: _Optional[_Iterable[float]] = ..., packed_outputs: _Optional[bytes] = ..., durable_step: _Optional[int] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...

@@ -74,6 +74,16 @@ class InferenceServiceStub:
                 request_serializer=lstm__stream_dot_v1_dot_inference__pb2.ImportSessionRequest.SerializeToString,
                 response_deserializer=lstm__stream_dot_v1_dot_inference__pb2.ImportSessionResponse.FromString,
                 _registered_method=True)
+        self.StepBatch = channel.unary_unary(
+                '/lstm_stream.v1.InferenceService/StepBatch',
+                request_serializer=lstm__stream_dot_v1_dot_inference__pb2.StepBatchRequest.SerializeToString,
+                response_deserializer=lstm__stream_dot_v1_dot_inference__pb2.StepBatchResponse.FromString,
+                _registered_method=True)
+        self.StreamBatches = channel.stream_stream(
+                '/lstm_stream.v1.InferenceService/StreamBatches',
+                request_serializer=lstm__stream_dot_v1_dot_inference__pb2.StepBatchRequest.SerializeToString,
+                response_deserializer=lstm__stream_dot_v1_dot_inference__pb2.StepBatchResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -133,6 +143,21 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StepBatch(self, request, context):
+        """The next chunk of many sessions in one message (gateways, stream processors). Each chunk
+        obeys the StreamSteps rules; a refused chunk gets its own error and changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamBatches(self, request_iterator, context):
+        """StepBatch over a stream: one response per request message, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +200,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ImportSession,
                     request_deserializer=lstm__stream_dot_v1_dot_inference__pb2.ImportSessionRequest.FromString,
                     response_serializer=lstm__stream_dot_v1_dot_inference__pb2.ImportSessionResponse.SerializeToString,
+            ),
+            'StepBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepBatch,
+                    request_deserializer=lstm__stream_dot_v1_dot_inference__pb2.StepBatchRequest.FromString,
+                    response_serializer=lstm__stream_dot_v1_dot_inference__pb2.StepBatchResponse.SerializeToString,
+            ),
+            'StreamBatches': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamBatches,
+                    request_deserializer=lstm__stream_dot_v1_dot_inference__pb2.StepBatchRequest.FromString,
+                    response_serializer=lstm__stream_dot_v1_dot_inference__pb2.StepBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -393,6 +428,60 @@ class InferenceService:
             '/lstm_stream.v1.InferenceService/ImportSession',
             lstm__stream_dot_v1_dot_inference__pb2.ImportSessionRequest.SerializeToString,
             lstm__stream_dot_v1_dot_inference__pb2.ImportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm_stream.v1.InferenceService/StepBatch',
+            lstm__stream_dot_v1_dot_inference__pb2.StepBatchRequest.SerializeToString,
+            lstm__stream_dot_v1_dot_inference__pb2.StepBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lstm_stream.v1.InferenceService/StreamBatches',
+            lstm__stream_dot_v1_dot_inference__pb2.StepBatchRequest.SerializeToString,
+            lstm__stream_dot_v1_dot_inference__pb2.StepBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

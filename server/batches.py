@@ -1,0 +1,201 @@
+"""Many sessions in one message (DESIGN 1.7): the chunks of a StepBatch or StreamBatches message,
+planned one by one and applied as one batcher entry, so they run in one engine batch where they
+fit. Each chunk obeys the StreamSteps rules; a refused chunk gets its own error, changes nothing
+and leaves the others alone. A batch call owns no session: it neither takes a session over from
+a stream nor is interrupted by one attaching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from server.batcher import Row
+from server.engine import StepWork
+from server.errors import BadInput, ServiceError, SessionExists, SessionNotFound
+from server.sessions import NO_OUTPUTS, Session, plan_chunk
+
+if TYPE_CHECKING:
+    from server.runtime import Runtime
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRequest:
+    """A decoded SessionChunk."""
+
+    session_id: str
+    inputs: np.ndarray  # (T, input_size) float32
+    start_step: int | None = None
+    reset: bool = False
+    end_session: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkAnswer:
+    session_id: str
+    start_step: int  # step index of the first output row
+    outputs: np.ndarray  # (T, output_size)
+    durable_step: int
+
+
+Outcome = ChunkAnswer | ServiceError
+
+
+@dataclass(eq=False, slots=True)
+class _Planned:
+    index: int  # the chunk's position in the message
+    session: Session
+    chunk: ChunkRequest
+    # (R, O) outputs answered from the replay buffer
+    replayed: np.ndarray = field(default_factory=lambda: NO_OUTPUTS)
+    first: int = 0
+    row: Row | None = None  # the work to run, if any
+
+
+async def start_batch(
+    runtime: Runtime,
+    chunks: list[ChunkRequest | ServiceError],
+    principal: str,
+    create_missing: bool = False,
+) -> asyncio.Future[list[Outcome]]:
+    """Plan the chunks and queue them as one batcher entry; a future of every chunk's answer or
+    refusal, in chunk order. By the time this returns, each session's chunk is queued (or
+    refused), so a later message's chunks for the same sessions queue behind it."""
+    runtime.refuse_if_draining()
+    outcomes: list[Outcome | None] = [
+        chunk if isinstance(chunk, ServiceError) else None for chunk in chunks
+    ]
+    planned = await _find_sessions(runtime, chunks, outcomes, principal, create_missing)
+    # Locks are taken in slot order: two messages naming the same sessions cannot each hold
+    # one the other waits for.
+    planned.sort(key=lambda p: p.session.slot)
+    held: list[_Planned] = []
+    try:
+        for item in planned:
+            await item.session.lock.acquire()
+            held.append(item)
+    except BaseException:  # cancelled while waiting: give back what was taken
+        for item in held:
+            item.session.lock.release()
+        raise
+    rows = []
+    for item in held:  # no await from here to the submit: nothing can interleave
+        try:
+            _plan(runtime, item)
+        except ServiceError as err:
+            outcomes[item.index] = err
+        if item.row is None:
+            item.session.lock.release()
+        else:
+            rows.append(item.row)
+    applied = runtime.batcher.submit_rows(rows) if rows else None  # releases the locks
+    # A task, not a coroutine: sessions that end are closed even if nobody awaits the answer.
+    return asyncio.ensure_future(_answers(runtime, held, outcomes, applied))
+
+
+async def step_batch(
+    runtime: Runtime,
+    chunks: list[ChunkRequest | ServiceError],
+    principal: str,
+    create_missing: bool = False,
+) -> list[Outcome]:
+    """Every chunk's answer or refusal, in chunk order."""
+    return await asyncio.shield(await start_batch(runtime, chunks, principal, create_missing))
+
+
+async def _answers(
+    runtime: Runtime,
+    held: list[_Planned],
+    outcomes: list[Outcome | None],
+    applied: asyncio.Future[list[np.ndarray | BaseException]] | None,
+) -> list[Outcome]:
+    results = iter(await applied if applied is not None else ())
+    for item in held:
+        if outcomes[item.index] is not None:
+            continue
+        outputs = item.replayed
+        if item.row is not None:
+            result = next(results)
+            if isinstance(result, BaseException):
+                outcomes[item.index] = _as_service_error(result)
+                continue
+            outputs = result if not len(outputs) else np.concatenate([outputs, result])
+        if item.chunk.end_session:
+            await runtime.close_session(item.session, "ended")
+        outcomes[item.index] = ChunkAnswer(
+            item.session.session_id, item.first, outputs, item.session.durable_step
+        )
+    return outcomes  # type: ignore[return-value]  # every chunk has its outcome now
+
+
+async def _find_sessions(
+    runtime: Runtime,
+    chunks: list[ChunkRequest | ServiceError],
+    outcomes: list[Outcome | None],
+    principal: str,
+    create_missing: bool,
+) -> list[_Planned]:
+    """The session of each good chunk (created with create_missing); refusals into outcomes."""
+    found: list[_Planned] = []
+    seen: dict[str, int] = {}
+    for index, chunk in enumerate(chunks):
+        if isinstance(chunk, ServiceError):
+            continue
+        if chunk.session_id in seen:
+            outcomes[index] = BadInput(
+                f"chunks[{index}]: expected one chunk per session in a message, got a second "
+                f"for session {chunk.session_id!r} (the first is chunks[{seen[chunk.session_id]}])"
+            )
+            continue
+        seen[chunk.session_id] = index
+        try:
+            session = await _session(runtime, chunk.session_id, principal, create_missing)
+        except ServiceError as err:
+            outcomes[index] = err
+            continue
+        found.append(_Planned(index, session, chunk))
+    return found
+
+
+async def _session(runtime: Runtime, session_id: str, principal: str, create: bool) -> Session:
+    """A held session at once; one held nowhere else (the state store) is loaded or created."""
+    try:
+        return runtime.sessions.get(session_id, principal)
+    except SessionNotFound:
+        if runtime.store is None and not create:
+            raise
+    try:
+        return await runtime.get_session(session_id, principal)
+    except SessionNotFound:
+        if not create:
+            raise
+    try:
+        return await runtime.open_session(session_id, principal)
+    except SessionExists:  # created meanwhile by another call
+        return runtime.sessions.get(session_id, principal)
+
+
+def _plan(runtime: Runtime, item: _Planned) -> None:
+    """Decide what the chunk does, as a StreamSteps message would; the lock is held."""
+    session, chunk = item.session, item.chunk
+    runtime.refuse_if_draining()
+    if session.closed:
+        raise SessionNotFound(session.session_id)
+    plan = plan_chunk(
+        session, chunk.start_step, chunk.inputs, chunk.reset, runtime.model_config.output_size
+    )
+    runtime.rate_limiter.take(session.principal, len(plan.new))
+    runtime.sessions.touch(session)
+    item.replayed = plan.replayed
+    item.first = plan.new_start - len(plan.replayed)
+    if len(plan.new) or plan.reset:
+        item.row = Row(session, StepWork(session.slot, plan.new, plan.reset), plan.new_start)
+
+
+def _as_service_error(exc: BaseException) -> ServiceError:
+    if isinstance(exc, ServiceError):
+        return exc
+    return ServiceError(f"the batch holding this chunk failed: {type(exc).__name__}: {exc}")
