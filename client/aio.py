@@ -111,9 +111,9 @@ class AsyncStreamingClient:
     async def predict(self, inputs: ArrayLike) -> np.ndarray:
         info = await self.info()
         rows = as_rows(inputs, info.input_size)
-        request = pb.PredictRequest(inputs=rows.ravel().tolist(), num_steps=len(rows))
+        request = pb.PredictRequest(packed_inputs=rows.astype("<f4").tobytes(), num_steps=len(rows))
         response = await self.call("Predict", request)
-        return np.asarray(response.outputs, dtype=np.float32).reshape(-1, info.output_size)
+        return np.frombuffer(response.packed_outputs, "<f4").reshape(-1, info.output_size).copy()
 
 
 class Opening:

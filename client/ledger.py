@@ -39,7 +39,16 @@ class Chunk:
         return pb.StreamStepsRequest(
             session_id=session_id,
             start_step=self.start,
-            inputs=self.rows.ravel().tolist(),
+            packed_inputs=self.rows.astype("<f4", copy=False).tobytes(),
+            reset=self.reset,
+            end_session=self.end_session,
+        )
+
+    def session_chunk(self, session_id: str) -> pb.SessionChunk:
+        return pb.SessionChunk(
+            session_id=session_id,
+            start_step=self.start,
+            packed_inputs=self.rows.astype("<f4", copy=False).tobytes(),
             reset=self.reset,
             end_session=self.end_session,
         )
@@ -78,6 +87,7 @@ class Ledger:
         self._resending: deque[Chunk] = deque()  # kept chunks sent again; answers dropped
         self.resent_steps = 0  # timesteps applied again after a lost replica
         self.unkept_steps = 0  # answered timesteps no longer kept although not stored
+        self.doomed = 0  # unanswered chunks numbered after a refused one (see refuse)
 
     def add(self, rows: np.ndarray, reset: bool = False, end_session: bool = False) -> Chunk:
         chunk = Chunk(self.next_step, rows, reset, end_session)
@@ -107,13 +117,24 @@ class Ledger:
             return None
         chunk = self.pending.popleft()
         _check(response, chunk)
-        outputs = np.asarray(response.outputs, dtype=np.float32).reshape(
-            response.num_steps, self.output_size
-        )
+        self.doomed = max(self.doomed - 1, 0)
+        outputs = decode_outputs(response, self.output_size)
         self.answered_step = chunk.end
         if self.keep_until_durable and not chunk.end_session:
             self._keep(chunk)
         return chunk, outputs
+
+    def refuse(self) -> Chunk:
+        """The oldest unanswered chunk was refused: the server applied none of it. New chunks
+        are numbered from where it began; chunks sent after it, numbered past it, are doomed
+        (the server will refuse them as a gap)."""
+        chunk = self.pending.popleft()
+        if self.doomed:
+            self.doomed -= 1
+        elif len(chunk.rows):
+            self.doomed = len(self.pending)
+            self.next_step = chunk.start
+        return chunk
 
     def rewind(self, error: LstmStreamError) -> bool:
         """After a gap refusal (STEP_OUT_OF_ORDER naming the step the server holds): whether
@@ -157,7 +178,16 @@ class Ledger:
             self._kept_steps -= len(self.kept.popleft().rows)
 
 
-def _check(response: pb.StreamStepsResponse, chunk: Chunk) -> None:
+def decode_outputs(response: pb.StreamStepsResponse | pb.ChunkResult, width: int) -> np.ndarray:
+    """A response's outputs (num_steps, width), from packed bytes or repeated floats."""
+    if response.packed_outputs:
+        flat = np.frombuffer(response.packed_outputs, dtype="<f4")
+    else:
+        flat = np.asarray(response.outputs, dtype=np.float32)
+    return flat.reshape(response.num_steps, width).copy()  # writable, the caller's own
+
+
+def _check(response: pb.StreamStepsResponse | pb.ChunkResult, chunk: Chunk) -> None:
     if response.start_step != chunk.start or response.num_steps != len(chunk.rows):
         raise RuntimeError(
             f"response for steps {response.start_step}+{response.num_steps} does not answer "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,10 @@ class ClientOptions:
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 2.0
     extra_metadata: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    # Behind a session-affine balancer: route every call by the session's partition,
+    # crc32(id) % partitions, sent as `x-lstm-partition` (0: off, route by x-session-id).
+    # Batch calls then carry one partition's sessions each. The README's scale-out section.
+    partitions: int = 0
 
     @property
     def secure(self) -> bool:
@@ -98,12 +103,17 @@ class ClientOptions:
             options.append(("grpc.ssl_target_name_override", self.tls_server_name))
         return options
 
-    def metadata(self, session_id: str = "") -> tuple[tuple[str, str], ...]:
-        """Per-call metadata: the session id for a balancer, the token on plaintext channels
-        (TLS channels carry it as call credentials instead)."""
+    def metadata(self, session_id: str = "", partition: str = "") -> tuple[tuple[str, str], ...]:
+        """Per-call metadata: the session id (and, with partitions, its partition) for a
+        balancer, the token on plaintext channels (TLS channels carry it as call credentials
+        instead). A batch call names its partition instead of a session."""
         metadata = list(self.extra_metadata)
         if session_id:
             metadata.append(("x-session-id", session_id))
+            if self.partitions:
+                partition = str(zlib.crc32(session_id.encode()) % self.partitions)
+        if partition:
+            metadata.append(("x-lstm-partition", partition))
         if self.token and not self.secure:
             metadata.append(("authorization", f"Bearer {self.token}"))
         return tuple(metadata)

@@ -10,24 +10,23 @@ after a reconnect (with backoff), so each output is seen once and in order.
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
 import numpy as np
 
+from lstm_stream.client.batching import BatchResult
+from lstm_stream.client.call_stream import CallStream
 from lstm_stream.client.errors import LstmStreamError, from_rpc_error
 from lstm_stream.client.ledger import Chunk
 from lstm_stream.client.options import ClientOptions
 from lstm_stream.client.policy import ArrayLike, StreamRetry, UnaryRetry, as_rows, new_session_id
 from lstm_stream.client.session_core import SessionCore
+from lstm_stream.client.sync_batches import BatchFeeder
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
-
-_END = object()
 
 
 def make_channel(options: ClientOptions) -> grpc.Channel:
@@ -49,6 +48,7 @@ class StreamingClient:
         self._channel = make_channel(options)
         self.stub = pb_grpc.InferenceServiceStub(self._channel)
         self._info: pb.GetModelInfoResponse | None = None
+        self._batches: BatchFeeder | None = None
 
     def __enter__(self) -> StreamingClient:
         return self
@@ -57,6 +57,8 @@ class StreamingClient:
         self.close()
 
     def close(self) -> None:
+        if self._batches is not None:
+            self._batches.close_streams()
         self._channel.close()
 
     def call(self, method: str, request: Any, session_id: str = "") -> Any:
@@ -105,52 +107,39 @@ class StreamingClient:
     def delete_session(self, session_id: str) -> None:
         self.call("DeleteSession", pb.DeleteSessionRequest(session_id=session_id), session_id)
 
+    @property
+    def batches(self) -> BatchFeeder:
+        """What feeds sessions by batch calls: their ledgers, shared by step_batch and
+        stream_batches."""
+        if self._batches is None:
+            self._batches = BatchFeeder(self)
+        return self._batches
+
+    def step_batch(
+        self,
+        chunks: Mapping[str, ArrayLike],
+        reset: Collection[str] = (),
+        end: Collection[str] = (),
+    ) -> BatchResult:
+        """The next chunk of many sessions in one call: `{session_id: (num_steps, input_size)}`
+        -> each session's outputs (`result[session_id]`, which raises that session's error if
+        its chunk was refused). A session id not fed before is a new session (see
+        `batches.attach` to go on with one fed elsewhere); `reset` and `end` name sessions."""
+        return self.batches.step(chunks, reset, end)
+
+    def stream_batches(
+        self, batches: Iterable[Mapping[str, ArrayLike]], window: int = 4
+    ) -> Iterator[BatchResult]:
+        """step_batch over one stream, up to `window` batches in flight; a result per batch."""
+        return self.batches.stream(batches, window)
+
     def predict(self, inputs: ArrayLike) -> np.ndarray:
         """A whole sequence (T, input_size) from zero state -> outputs (T, output_size)."""
         info = self.info()
         rows = as_rows(inputs, info.input_size)
-        request = pb.PredictRequest(inputs=rows.ravel().tolist(), num_steps=len(rows))
+        request = pb.PredictRequest(packed_inputs=rows.astype("<f4").tobytes(), num_steps=len(rows))
         response = self.call("Predict", request)
-        return np.asarray(response.outputs, dtype=np.float32).reshape(-1, info.output_size)
-
-
-class _Stream:
-    """One StreamSteps call: requests go in through a queue; a reader thread puts responses
-    (and finally the call's error) into another, so reads can have a deadline."""
-
-    def __init__(self, stub: pb_grpc.InferenceServiceStub, metadata: Sequence) -> None:
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._responses: queue.SimpleQueue = queue.SimpleQueue()
-        self._call = stub.StreamSteps(iter(self._requests.get, _END), metadata=metadata)
-        threading.Thread(target=self._read, daemon=True, name="lstm-stream-reader").start()
-
-    def _read(self) -> None:
-        try:
-            for response in self._call:
-                self._responses.put(response)
-            self._responses.put(_END)
-        except grpc.RpcError as err:
-            self._responses.put(err)
-
-    def write(self, request: pb.StreamStepsRequest) -> None:
-        self._requests.put(request)
-
-    def read(self, timeout: float | None) -> pb.StreamStepsResponse:
-        try:
-            item = self._responses.get(timeout=timeout)
-        except queue.Empty:
-            raise LstmStreamError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout} s"
-            ) from None
-        if item is _END:
-            raise LstmStreamError(grpc.StatusCode.UNAVAILABLE, "stream ended by the server")
-        if isinstance(item, grpc.RpcError):
-            raise from_rpc_error(item)
-        return item
-
-    def close(self) -> None:
-        self._requests.put(_END)
-        self._call.cancel()
+        return np.frombuffer(response.packed_outputs, "<f4").reshape(-1, info.output_size).copy()
 
 
 class StreamSession(SessionCore):
@@ -159,7 +148,7 @@ class StreamSession(SessionCore):
     def __init__(self, client: StreamingClient, session_id: str, next_step: int = 0) -> None:
         super().__init__(client.options, client.info(), session_id, next_step)
         self._client = client
-        self._stream: _Stream | None = None
+        self._stream: CallStream | None = None
 
     def __enter__(self) -> StreamSession:
         return self
@@ -214,7 +203,9 @@ class StreamSession(SessionCore):
             self._stream.write(chunk.request(self.session_id))
 
     def _open(self) -> None:
-        self._stream = _Stream(self._client.stub, self._options.metadata(self.session_id))
+        self._stream = CallStream(
+            self._client.stub.StreamSteps, self._options.metadata(self.session_id)
+        )
         for chunk in self._ledger.to_send():
             self._stream.write(chunk.request(self.session_id))
 
