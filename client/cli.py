@@ -178,16 +178,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from lstm_stream.client.batch_loadgen import run_batch_load
     from lstm_stream.client.loadgen import run_load
 
     if args.sessions < 1 or args.chunk < 1 or args.duration <= 0:
         raise UsageError("--sessions and --chunk must be >= 1 and --duration > 0")
-    result = asyncio.run(run_load(options_from(args), args.sessions, args.chunk, args.duration))
+    if args.sessions_per_message < 0 or args.window < 1:
+        raise UsageError(
+            f"--sessions-per-message must be >= 0 and --window >= 1, got "
+            f"{args.sessions_per_message} and {args.window}"
+        )
+    options = options_from(args)
+    if args.sessions_per_message:
+        run = run_batch_load(
+            options,
+            args.sessions,
+            args.sessions_per_message,
+            args.chunk,
+            args.duration,
+            args.window,
+        )
+    else:
+        run = run_load(options, args.sessions, args.chunk, args.duration, packed=args.packed)
+    result = asyncio.run(run)
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=2))
     else:
+        shape = (
+            f"{result.sessions_per_message} sessions a StreamBatches message, "
+            if result.sessions_per_message
+            else ""
+        )
         print(
-            f"{result.sessions} sessions x {result.chunk_steps}-step messages for "
+            f"{result.sessions} sessions x {result.chunk_steps}-step chunks, {shape}for "
             f"{result.duration_s:.1f} s: {result.timesteps_per_s:,.0f} timesteps/s; latency "
             f"p50 {result.latency_p50_s * 1e3:.2f} ms, p95 {result.latency_p95_s * 1e3:.2f} ms,"
             f" p99 {result.latency_p99_s * 1e3:.2f} ms; {result.errors} errors"
@@ -249,6 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, default=16)
     p.add_argument("--chunk", type=int, default=1, help="timesteps per message")
     p.add_argument("--duration", type=float, default=10.0, help="seconds")
+    p.add_argument(
+        "--sessions-per-message",
+        type=int,
+        default=0,
+        help="feed the sessions by StreamBatches, N sessions' chunks a message (default 0: "
+        "one StreamSteps stream per session)",
+    )
+    p.add_argument(
+        "--window", type=int, default=4, help="batch messages in flight per stream (default 4)"
+    )
+    p.add_argument(
+        "--packed", action="store_true", help="StreamSteps with packed inputs and outputs"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_bench)
     return parser

@@ -44,6 +44,8 @@ class LoadResult:
     latency_p99_s: float
     errors: int
     error_sample: str = ""
+    sessions_per_message: int = 0  # StreamBatches runs (batch_loadgen.py); 0: StreamSteps
+    packed: bool = False  # inputs and outputs as packed bytes (DESIGN 1.6)
 
 
 @dataclass
@@ -95,11 +97,9 @@ class _Session:
                 sent = now
                 response = await self._exchange(request)
                 now = perf_counter()
-                if len(response.outputs) != self.expected_outputs:
-                    raise RuntimeError(
-                        f"expected {self.expected_outputs} output values, "
-                        f"got {len(response.outputs)}"
-                    )
+                got = len(response.outputs) or len(response.packed_outputs) // 4
+                if got != self.expected_outputs:
+                    raise RuntimeError(f"expected {self.expected_outputs} output values, got {got}")
                 if window.start <= now and (now <= window.end or not latencies):
                     latencies.append(now - sent)
                     self.timesteps += response.num_steps
@@ -142,10 +142,14 @@ def _channels(client: ClientOptions, sessions: int) -> list[grpc.aio.Channel]:
     return [grpc.aio.secure_channel(client.target, credentials, options) for _ in range(count)]
 
 
-def _requests(sessions: int, values: int, seed: int) -> list[pb.StreamStepsRequest]:
+def _requests(
+    sessions: int, values: int, seed: int, packed: bool = False
+) -> list[pb.StreamStepsRequest]:
     """One request per session, random standard-normal inputs, built before the clock starts."""
     rng = np.random.default_rng(seed)
     data = rng.standard_normal((sessions, values), dtype=np.float32)
+    if packed:
+        return [pb.StreamStepsRequest(packed_inputs=row.tobytes()) for row in data]
     return [pb.StreamStepsRequest(inputs=row.tolist()) for row in data]
 
 
@@ -154,7 +158,7 @@ def _percentile(values: np.ndarray, q: float) -> float:
 
 
 def _summarise(
-    sessions: list[_Session], chunk_steps: int, window: _Window, lost: int
+    sessions: list[_Session], chunk_steps: int, window: _Window, lost: int, packed: bool
 ) -> LoadResult:
     latencies = np.concatenate([np.asarray(s.latencies) for s in sessions])
     timesteps = sum(s.timesteps for s in sessions)
@@ -173,6 +177,7 @@ def _summarise(
         latency_p99_s=_percentile(latencies, 99),
         errors=len(errors) + lost,
         error_sample=errors[0] if errors else ("run stalled past its deadline" if lost else ""),
+        packed=packed,
     )
 
 
@@ -183,6 +188,7 @@ async def run_load(
     duration_s: float,
     warmup_s: float = 0.5,
     seed: int = 0,
+    packed: bool = False,
 ) -> LoadResult:
     """Drive `sessions` concurrent closed-loop streams of `chunk_steps`-step messages, to a
     target address or with full ClientOptions (TLS, token).
@@ -198,7 +204,7 @@ async def run_load(
         info = await pb_grpc.InferenceServiceStub(channels[0]).GetModelInfo(
             pb.GetModelInfoRequest(), metadata=metadata, timeout=client.deadline_s
         )
-        requests = _requests(sessions, chunk_steps * info.input_size, seed)
+        requests = _requests(sessions, chunk_steps * info.input_size, seed, packed)
         streams = [
             _Session(
                 pb_grpc.InferenceServiceStub(channels[i % len(channels)]),
@@ -223,7 +229,7 @@ async def run_load(
         await asyncio.gather(*(s.close() for s in streams))
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
-    return _summarise(streams, chunk_steps, window, lost)
+    return _summarise(streams, chunk_steps, window, lost, packed)
 
 
 def format_result(r: LoadResult) -> str:

@@ -4,6 +4,7 @@ main() is the lstm-serve console script."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -209,6 +210,9 @@ def _describe_tls(config: ServerConfig) -> str:
     return "mutual TLS" if config.tls_client_ca else "TLS"
 
 
+GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (Python's default: 700)
+
+
 async def serve(config: ServerConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -220,11 +224,22 @@ async def serve(config: ServerConfig) -> None:
     if server.tokens is not None:
         loop.add_signal_handler(signal.SIGHUP, server.tokens.reload)
     await server.start()
+    settle_garbage_collector()
     log.info("serving on %s:%d", config.host, port)
     await stop.wait()
     log.info("shutdown requested: draining (grace %.1f s)", config.shutdown_grace_s)
     await server.stop(config.shutdown_grace_s)
     log.info("stopped")
+
+
+def settle_garbage_collector() -> None:
+    """What was built at start (the model, torch, gRPC, restored sessions) lives as long as the
+    process: freeze it out of the collector's passes, and collect young objects in bigger
+    rounds. A batch message makes thousands of short-lived objects; with the defaults, full
+    passes over the whole heap halved StreamBatches throughput (docs/performance.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

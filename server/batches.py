@@ -22,37 +22,25 @@ if TYPE_CHECKING:
     from server.runtime import Runtime
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False, slots=True)
 class ChunkRequest:
-    """A decoded SessionChunk."""
+    """A decoded SessionChunk; planning and applying it fill in the rest, and an answered
+    chunk is its own answer (`outputs`)."""
 
     session_id: str
     inputs: np.ndarray  # (T, input_size) float32
     start_step: int | None = None
     reset: bool = False
     end_session: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkAnswer:
-    session_id: str
-    start_step: int  # step index of the first output row
-    outputs: np.ndarray  # (T, output_size)
-    durable_step: int
-
-
-Outcome = ChunkAnswer | ServiceError
-
-
-@dataclass(eq=False, slots=True)
-class _Planned:
-    index: int  # the chunk's position in the message
-    session: Session
-    chunk: ChunkRequest
-    # (R, O) outputs answered from the replay buffer
-    replayed: np.ndarray = field(default_factory=lambda: NO_OUTPUTS)
-    first: int = 0
+    index: int = 0  # position in the message
+    session: Session | None = None
+    first: int = 0  # step index of the first output row
+    replayed: np.ndarray = field(default_factory=lambda: NO_OUTPUTS)  # (R, O) from replay
     row: Row | None = None  # the work to run, if any
+    outputs: np.ndarray = field(default_factory=lambda: NO_OUTPUTS)  # (T, O) once answered
+
+
+Outcome = ChunkRequest | ServiceError
 
 
 async def start_batch(
@@ -71,8 +59,8 @@ async def start_batch(
     planned = await _find_sessions(runtime, chunks, outcomes, principal, create_missing)
     # Locks are taken in slot order: two messages naming the same sessions cannot each hold
     # one the other waits for.
-    planned.sort(key=lambda p: p.session.slot)
-    held: list[_Planned] = []
+    planned.sort(key=_slot)
+    held: list[ChunkRequest] = []
     try:
         for item in planned:
             await item.session.lock.acquire()
@@ -106,9 +94,14 @@ async def step_batch(
     return await asyncio.shield(await start_batch(runtime, chunks, principal, create_missing))
 
 
+def _slot(chunk: ChunkRequest) -> int:
+    assert chunk.session is not None
+    return chunk.session.slot
+
+
 async def _answers(
     runtime: Runtime,
-    held: list[_Planned],
+    held: list[ChunkRequest],
     outcomes: list[Outcome | None],
     applied: asyncio.Future[list[np.ndarray | BaseException]] | None,
 ) -> list[Outcome]:
@@ -123,11 +116,10 @@ async def _answers(
                 outcomes[item.index] = _as_service_error(result)
                 continue
             outputs = result if not len(outputs) else np.concatenate([outputs, result])
-        if item.chunk.end_session:
+        item.outputs = outputs
+        if item.end_session:
             await runtime.close_session(item.session, "ended")
-        outcomes[item.index] = ChunkAnswer(
-            item.session.session_id, item.first, outputs, item.session.durable_step
-        )
+        outcomes[item.index] = item
     return outcomes  # type: ignore[return-value]  # every chunk has its outcome now
 
 
@@ -137,9 +129,9 @@ async def _find_sessions(
     outcomes: list[Outcome | None],
     principal: str,
     create_missing: bool,
-) -> list[_Planned]:
+) -> list[ChunkRequest]:
     """The session of each good chunk (created with create_missing); refusals into outcomes."""
-    found: list[_Planned] = []
+    found: list[ChunkRequest] = []
     seen: dict[str, int] = {}
     for index, chunk in enumerate(chunks):
         if isinstance(chunk, ServiceError):
@@ -156,7 +148,8 @@ async def _find_sessions(
         except ServiceError as err:
             outcomes[index] = err
             continue
-        found.append(_Planned(index, session, chunk))
+        chunk.index, chunk.session = index, session
+        found.append(chunk)
     return found
 
 
@@ -178,9 +171,10 @@ async def _session(runtime: Runtime, session_id: str, principal: str, create: bo
         return runtime.sessions.get(session_id, principal)
 
 
-def _plan(runtime: Runtime, item: _Planned) -> None:
+def _plan(runtime: Runtime, item: ChunkRequest) -> None:
     """Decide what the chunk does, as a StreamSteps message would; the lock is held."""
-    session, chunk = item.session, item.chunk
+    session, chunk = item.session, item
+    assert session is not None
     runtime.refuse_if_draining()
     if session.closed:
         raise SessionNotFound(session.session_id)

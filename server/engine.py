@@ -25,7 +25,7 @@ T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepWork:
     """One session's chunk in a batch."""
 
@@ -111,8 +111,8 @@ class Engine:
         if stepped:
             y = self._forward([batch[i] for i in stepped])  # (B, T_max, O)
             for i, y_row in zip(stepped, y, strict=True):
-                # A copy, so a session's replay buffer does not keep the whole batch alive.
-                outputs[i] = y_row[: len(batch[i].inputs)].copy()
+                # A view of the batch's outputs: replay buffers copy what they keep.
+                outputs[i] = y_row[: len(batch[i].inputs)]
         return outputs
 
     def _forward(self, rows: list[StepWork]) -> np.ndarray:

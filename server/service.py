@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 from server import metrics
-from server.batches import ChunkAnswer, ChunkRequest
+from server.batches import ChunkRequest
 from server.codec import (
     check_session_id,
     decode_chunks,
@@ -392,7 +392,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
 
 def batch_response(
-    request: pb.StepBatchRequest, outcomes: list[ChunkAnswer | ServiceError], rpc: str
+    request: pb.StepBatchRequest, outcomes: list[ChunkRequest | ServiceError], rpc: str
 ) -> pb.StepBatchResponse:
     response = pb.StepBatchResponse()
     results = response.results
@@ -401,11 +401,12 @@ def batch_response(
             metrics.CHUNKS_REFUSED.labels(rpc, outcome.code.name).inc()
             results.add(session_id=chunk.session_id, error=outcome.status_message())
             continue
+        assert outcome.session is not None
         results.add(
             session_id=outcome.session_id,
-            start_step=outcome.start_step,
+            start_step=outcome.first,
             num_steps=len(outcome.outputs),
-            durable_step=outcome.durable_step,
+            durable_step=outcome.session.durable_step,
             **encode_outputs(outcome.outputs, bool(chunk.packed_inputs)),
         )
     return response

@@ -50,8 +50,14 @@ class ReplayBuffer:
             self._ring = np.zeros((self.capacity, outputs.shape[1]), dtype=np.float32)
         if count > self.capacity:
             start, outputs = start + count - self.capacity, outputs[-self.capacity :]
-        rows = (start + np.arange(len(outputs))) % self.capacity
-        self._ring[rows] = outputs
+            count = self.capacity
+        first = start % self.capacity
+        if first + count <= self.capacity:
+            self._ring[first : first + count] = outputs
+        else:
+            split = self.capacity - first
+            self._ring[first:] = outputs[:split]
+            self._ring[: count - split] = outputs[split:]
         self._steps = min(self._steps + count, self.capacity)
 
     def first_step(self, next_step: int) -> int:
@@ -97,7 +103,7 @@ class Session:
 NO_OUTPUTS = np.zeros((0, 0), dtype=np.float32)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ChunkPlan:
     """What to do with a chunk: answer `replayed` from the buffer, apply `new` from `new_start`."""
 
