@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Generator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Collection, Generator, Iterable, Mapping
 from typing import Any
 
 import grpc
 import numpy as np
 
+from lstm_stream.client.aio_batches import AsyncBatchFeeder
+from lstm_stream.client.batching import BatchResult
 from lstm_stream.client.errors import LstmStreamError, from_rpc_error
 from lstm_stream.client.ledger import Chunk
 from lstm_stream.client.options import ClientOptions
@@ -43,6 +45,7 @@ class AsyncStreamingClient:
         self._channel = make_channel(options)
         self.stub = pb_grpc.InferenceServiceStub(self._channel)
         self._info: asyncio.Task[pb.GetModelInfoResponse] | None = None
+        self._batches: AsyncBatchFeeder | None = None
 
     async def __aenter__(self) -> AsyncStreamingClient:
         return self
@@ -51,6 +54,8 @@ class AsyncStreamingClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._batches is not None:
+            self._batches.close_streams()
         await self._channel.close()
 
     async def call(self, method: str, request: Any, session_id: str = "") -> Any:
@@ -107,6 +112,29 @@ class AsyncStreamingClient:
 
     async def delete_session(self, session_id: str) -> None:
         await self.call("DeleteSession", pb.DeleteSessionRequest(session_id=session_id), session_id)
+
+    async def batches(self) -> AsyncBatchFeeder:
+        """What feeds sessions by batch calls: their ledgers, shared by step_batch and
+        stream_batches."""
+        if self._batches is None:
+            self._batches = AsyncBatchFeeder(self, await self.info())
+        return self._batches
+
+    async def step_batch(
+        self,
+        chunks: Mapping[str, ArrayLike],
+        reset: Collection[str] = (),
+        end: Collection[str] = (),
+    ) -> BatchResult:
+        """The next chunk of many sessions in one call; see StreamingClient.step_batch."""
+        return await (await self.batches()).step(chunks, reset, end)
+
+    async def stream_batches(
+        self, batches: Iterable[Mapping[str, ArrayLike]], window: int = 4
+    ) -> AsyncIterator[BatchResult]:
+        """step_batch over one stream, up to `window` batches in flight; a result per batch."""
+        async for result in (await self.batches()).stream(batches, window):
+            yield result
 
     async def predict(self, inputs: ArrayLike) -> np.ndarray:
         info = await self.info()
