@@ -129,7 +129,11 @@ def test_docker_compose_scale_profiles_are_replicas_behind_nginx_with_redis(prof
         v.endswith("deploy/nginx/nginx.conf:/etc/nginx/nginx.conf:ro") for v in nginx["volumes"]
     )
     conf = (DEPLOY / "nginx/nginx.conf").read_text()
-    assert "hash $http_x_session_id consistent;" in conf and "grpc_pass grpc://" in conf
+    assert "hash $lstm_route_key consistent;" in conf and "grpc_pass grpc://" in conf
+    # Batch calls route by partition, single-session calls by id unless they name one too.
+    assert re.search(
+        r'""\s+\$http_x_session_id;\s+default partition-\$http_x_lstm_partition;', conf
+    )
     upstreams = re.findall(r"^\s*server (replica-\d+):50051", conf, flags=re.M)
     assert upstreams == ["replica-1", "replica-2", "replica-3"]
 

@@ -287,3 +287,57 @@ def test_an_import_takes_a_free_id_only_and_is_stored_as_a_new_session(bundled_m
         moved = on_b.attach("imported")
         np.testing.assert_allclose(moved.send(steps[3:]), expected[3:], atol=1e-5, rtol=0)
         wait_for(lambda: (rec := stored(store, "imported")) and rec.next_step == 6)
+
+
+def test_batch_fed_sessions_stay_on_their_replica_and_survive_a_killed_one(bundled_model, tmp_path):
+    """Routed by partition: batch calls keep each session on one replica while all live; a
+    killed replica's sessions go on elsewhere, every output equal offline, none lost or
+    repeated, the steps it had not stored sent again."""
+    sessions, rounds = 120, 30
+    ids = [f"gw-{i}" for i in range(sessions)]
+    inputs = [random_steps(rounds * 2, 6, seed=4000 + i) for i in range(sessions)]
+
+    def batch(round_: int) -> dict:
+        return {sid: inputs[i][2 * round_ : 2 * round_ + 2] for i, sid in enumerate(ids)}
+
+    outputs: dict[str, list[np.ndarray]] = {sid: [] for sid in ids}
+    with RedisServer() as store:
+        replicas = [start_replica(store.url) for _ in range(REPLICAS)]
+        try:
+            with Nginx(tmp_path / "nginx", [r.port for r in replicas]) as nginx:
+                options = ClientOptions(target=nginx.target, partitions=32, **OPTIONS)
+                with StreamingClient(options=options) as client:
+                    for round_ in range(10):
+                        result = client.step_batch(batch(round_))
+                        for sid in ids:
+                            outputs[sid].append(result[sid])
+                    created = counts(replicas, "lstm_sessions_created_total")
+                    loads_before = counts(replicas, "lstm_state_store_loads_total")
+                    store.client().execute_command("CLIENT", "PAUSE", "600000", "WRITE")
+                    for result in client.stream_batches(map(batch, range(10, 15)), window=3):
+                        for sid in ids:
+                            outputs[sid].append(result[sid])
+                    victim = replicas[0]
+                    victim_sessions = metric_value(victim.metrics_port, "lstm_sessions_active")
+                    victim.process.send_signal(signal.SIGKILL)
+                    victim.process.wait(30)
+                    store.client().execute_command("CLIENT", "UNPAUSE")
+                    for result in client.stream_batches(map(batch, range(15, rounds)), window=3):
+                        for sid in ids:
+                            outputs[sid].append(result[sid])
+                    resent = sum(
+                        ledger.resent_steps for ledger in client.batches.book.ledgers.values()
+                    )
+                    loads_after = counts(replicas[1:], "lstm_state_store_loads_total")
+        finally:
+            for r in replicas:
+                r.__exit__()
+    assert sum(created) == sessions and all(c > 0 for c in created), created
+    assert loads_before == [0] * REPLICAS  # no session moved while every replica lived
+    assert victim_sessions > 0
+    assert sum(loads_after) == victim_sessions, (loads_after, victim_sessions)
+    assert resent > 0  # answered, unstored steps of the killed replica were applied again
+    for i, sid in enumerate(ids):
+        got = np.concatenate(outputs[sid])
+        assert got.shape == (rounds * 2, 4)  # none lost, none repeated
+        np.testing.assert_allclose(got, offline(bundled_model, inputs[i]), atol=1e-5, rtol=0)
