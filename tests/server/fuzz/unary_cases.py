@@ -43,7 +43,9 @@ UNARY_KINDS = [
     *(f"ImportSession: {kind} state" for kind in IMPORT_KINDS),
     *(f"{name}: random bytes" for name in RAW_UNARY),
     *(f"{name}: truncated" for name in TRUNCATED_UNARY),
+    "StepBatch: hostile chunks",
 ]
+BATCH_CHUNK_KINDS = ["bad inputs", "both encodings", "malformed id", "no id", "unknown", "twice"]
 IMPORT_CRAFTED_KINDS = CRAFTED_KINDS
 
 
@@ -196,6 +198,52 @@ async def send_raw_unary(ctx: Context, kind: str, name: str, data: bytes) -> Non
     ctx.ledger.check(kind, expected, outcome, details)
 
 
+def hostile_chunk(ctx: Context, kind: str, earlier: list[str]) -> tuple[pb.SessionChunk, Outcome]:
+    """One refused chunk of a batch; none names a target, so no target can change."""
+    session_id = random_valid_id(ctx.rng, "batch-")
+    if kind == "bad inputs":
+        return pb.SessionChunk(session_id=session_id, inputs=bad_input_values(ctx.rng)), BAD
+    if kind == "both encodings":
+        values = random_inputs(ctx.rng, 1)
+        packed = bytes(4 * INPUT_SIZE)
+        return pb.SessionChunk(session_id=session_id, inputs=values, packed_inputs=packed), BAD
+    if kind == "malformed id":
+        return pb.SessionChunk(session_id=random_invalid_id(ctx.rng)), BAD
+    if kind == "no id":
+        return pb.SessionChunk(inputs=random_inputs(ctx.rng, 1)), BAD
+    if kind == "twice" and earlier:
+        return pb.SessionChunk(session_id=ctx.rng.choice(earlier)), BAD
+    return pb.SessionChunk(session_id=session_id, inputs=random_inputs(ctx.rng, 1)), NOT_FOUND
+
+
+async def batch_hostile(ctx: Context) -> None:
+    """A StepBatch of refused chunks: the call succeeds and each chunk has its own error."""
+    chunks, expected, ids = [], [], []
+    for _ in range(ctx.rng.randint(1, 8)):
+        chunk, outcome = hostile_chunk(ctx, ctx.rng.choice(BATCH_CHUNK_KINDS), ids)
+        chunks.append(chunk)
+        expected.append(outcome)
+        if chunk.session_id and outcome == NOT_FOUND:
+            ids.append(chunk.session_id)
+    call = ctx.stub.StepBatch(pb.StepBatchRequest(chunks=chunks), timeout=TIMEOUT_S)
+    outcome, response, details = await unary(call)
+    kind = "StepBatch: hostile chunks"
+    if not ctx.ledger.check(kind, OK, outcome, details) or response is None:
+        return
+    got = [chunk_outcome(result) for result in response.results]
+    if got != expected:
+        ctx.ledger.fail(kind, f"chunk outcomes {got}, expected {expected}")
+
+
+def chunk_outcome(result: pb.ChunkResult) -> Outcome:
+    from lstm_stream.client.batching import chunk_error
+
+    if not result.HasField("error"):
+        return OK
+    error = chunk_error(result.error)
+    return (error.code.name, error.reason, error.metadata.get("expected_step"))
+
+
 UNARY_CASES = [
     (predict_bad_inputs, 14),
     (predict_num_steps, 5),
@@ -209,4 +257,5 @@ UNARY_CASES = [
     (import_one_crafted, 1),
     (raw_unary_bytes, 8),
     (truncated_unary, 5),
+    (batch_hostile, 6),
 ]
