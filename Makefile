@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint proto train eval serve soak bench bench-gpu clean
+.PHONY: venv test lint proto train eval serve soak bench bench-batches bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ soak: venv
 
 bench: venv
 	$(BIN)/python -m bench.run --out-dir docs
+
+# StreamBatches against StreamSteps in one run (about a minute): docs/batches.{json,md}.
+bench-batches: venv
+	$(BIN)/python -m bench.batches --out-dir docs
 
 bench-gpu:
 	bash bench/gpu.sh

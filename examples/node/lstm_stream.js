@@ -23,7 +23,7 @@ const MAX_RETRIES = 10;
 function connect(target, { token } = {}) {
   const definition = protoLoader.loadSync('lstm_stream/v1/inference.proto', {
     ...LOADER_OPTIONS,
-    includeDirs: [PROTO_DIR],
+    includeDirs: [PROTO_DIR, GOOGLE_PROTOS],  // google/rpc/status.proto (ChunkResult.error)
   });
   const { InferenceService } = grpc.loadPackageDefinition(definition).lstm_stream.v1;
   const client = new InferenceService(target, grpc.credentials.createInsecure());
