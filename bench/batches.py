@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from bench.cpu_meter import _process_cpu_s
 from bench.process import lstm_serve, running_server
 from lstm_stream.client.batch_loadgen import run_batch_load
 from lstm_stream.client.loadgen import run_load
@@ -37,10 +38,15 @@ def measure(trials: int, duration_s: float) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in CELLS}
     with tempfile.TemporaryDirectory() as work:
         command = lstm_serve("--metrics-port", "0", "--max-sessions", "4096")
-        with running_server(command, Path(work) / "serve.log") as (target, _):
+        with running_server(command, Path(work) / "serve.log") as (target, pid):
             for _ in range(trials):
                 for name, cell in CELLS.items():
-                    runs[name].append(asdict(asyncio.run(cell(target, duration_s))))
+                    before = _process_cpu_s(pid)
+                    row = asdict(asyncio.run(cell(target, duration_s)))
+                    # Server CPU per timestep over the whole cell (set-up and warm-up
+                    # included, so an upper bound): a chunk is one timestep here.
+                    row["server_cpu_s"] = _process_cpu_s(pid) - before
+                    runs[name].append(row)
     medians = {
         name: statistics.median(r["timesteps_per_s"] for r in rows) for name, rows in runs.items()
     }
@@ -64,14 +70,18 @@ def render(result: dict) -> str:
         f"{result['duration_s']:.0f} s each; one lstm-serve (bundled model, CPU, defaults), "
         "one load generator. Written by `make bench-batches` (bench/batches.py).",
         "",
-        "| cell | timesteps/s (median) | each trial | p99 latency per message (median) |",
-        "| --- | ---: | --- | ---: |",
+        "| cell | timesteps/s (median) | each trial | p99 latency per message (median) "
+        "| server CPU per timestep (median, upper bound) |",
+        "| --- | ---: | --- | ---: | ---: |",
     ]
     for name, rows in result["runs"].items():
         each = ", ".join(f"{r['timesteps_per_s']:,.0f}" for r in rows)
         p99 = statistics.median(r["latency_p99_s"] for r in rows) * 1e3
         median = result["median_timesteps_per_s"][name]
-        lines.append(f"| {name} | {median:,.0f} | {each} | {p99:.1f} ms |")
+        cpu = statistics.median(
+            r["server_cpu_s"] / (r["timesteps_per_s"] * r["duration_s"]) for r in rows
+        )
+        lines.append(f"| {name} | {median:,.0f} | {each} | {p99:.1f} ms | {cpu * 1e6:.1f} us |")
     lines += [
         "",
         f"StreamBatches / StreamSteps (floats), medians of the same run: "

@@ -140,6 +140,8 @@ class Engine:
         """A whole sequence (T, input_size) from zero state; no session state is touched."""
         if not len(inputs):
             return np.zeros((0, self.config.output_size), dtype=np.float32)
+        if not inputs.flags.writeable:  # packed bytes decode to a read-only view
+            inputs = inputs.copy()
         x = torch.from_numpy(inputs).to(self.device, self.dtype)[None]  # (1, T, I)
         y, _ = self.model(x)  # (1, T, O)
         return y[0].float().cpu().numpy()
