@@ -178,15 +178,19 @@ def _plan(runtime: Runtime, item: ChunkRequest) -> None:
     runtime.refuse_if_draining()
     if session.closed:
         raise SessionNotFound(session.session_id)
-    plan = plan_chunk(
-        session, chunk.start_step, chunk.inputs, chunk.reset, runtime.model_config.output_size
-    )
-    runtime.rate_limiter.take(session.principal, len(plan.new))
+    next_step = session.next_step
+    if chunk.start_step is None or chunk.start_step == next_step:  # the usual: no replay
+        new, start, reset = chunk.inputs, next_step, chunk.reset
+    else:
+        plan = plan_chunk(
+            session, chunk.start_step, chunk.inputs, chunk.reset, runtime.model_config.output_size
+        )
+        new, start, reset, item.replayed = plan.new, plan.new_start, plan.reset, plan.replayed
+    runtime.rate_limiter.take(session.principal, len(new))
     runtime.sessions.touch(session)
-    item.replayed = plan.replayed
-    item.first = plan.new_start - len(plan.replayed)
-    if len(plan.new) or plan.reset:
-        item.row = Row(session, StepWork(session.slot, plan.new, plan.reset), plan.new_start)
+    item.first = start - len(item.replayed)
+    if len(new) or reset:
+        item.row = Row(session, StepWork(session.slot, new, reset), start)
 
 
 def _as_service_error(exc: BaseException) -> ServiceError:

@@ -18,6 +18,7 @@ from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 from server import metrics
 from server.batches import ChunkRequest
 from server.codec import (
+    PACKED_DTYPE,
     check_session_id,
     decode_chunks,
     decode_steps,
@@ -402,11 +403,14 @@ def batch_response(
             results.add(session_id=chunk.session_id, error=outcome.status_message())
             continue
         assert outcome.session is not None
-        results.add(
+        result = results.add(
             session_id=outcome.session_id,
             start_step=outcome.first,
             num_steps=len(outcome.outputs),
             durable_step=outcome.session.durable_step,
-            **encode_outputs(outcome.outputs, bool(chunk.packed_inputs)),
         )
+        if chunk.packed_inputs:
+            result.packed_outputs = outcome.outputs.astype(PACKED_DTYPE, copy=False).tobytes()
+        else:
+            result.outputs.extend(outcome.outputs.ravel().tolist())
     return response

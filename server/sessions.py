@@ -44,6 +44,10 @@ class ReplayBuffer:
         """Record the outputs of steps start .. start + len(outputs) - 1, which follow on from
         what the buffer holds."""
         count = len(outputs)
+        if count == 1 and self._ring is not None:  # the usual, made cheap
+            self._ring[start % self.capacity] = outputs
+            self._steps += self._steps < self.capacity
+            return
         if not count:
             return
         if self._ring is None:
