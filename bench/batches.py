@@ -2,6 +2,8 @@
 
     python -m bench.batches            # 3 alternating trials, into docs/batches.{json,md}
 
+It also adds its section to docs/benchmarks.md (re-rendered from benchmarks.json).
+
 One lstm-serve (bundled model) on this machine; the same load generator process kind for
 every cell. Cells: 64 StreamSteps sessions of 1-step messages (repeated floats, then packed
 bytes), and 1,024 sessions fed by StreamBatches, 1,024 1-step chunks a message, a window of 4.
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from bench.cpu_meter import _process_cpu_s
 from bench.process import lstm_serve, running_server
+from bench.report import render_outputs
 from lstm_stream.client.batch_loadgen import run_batch_load
 from lstm_stream.client.loadgen import run_load
 
@@ -62,9 +65,9 @@ def measure(trials: int, duration_s: float) -> dict:
     }
 
 
-def render(result: dict) -> str:
+def render(result: dict, heading: str = "#") -> str:
     lines = [
-        "# Many sessions per message (StreamBatches) against StreamSteps",
+        f"{heading} Many sessions per message (StreamBatches) against StreamSteps",
         "",
         f"Machine: {result['machine']}. {result['trials']} alternating trials of "
         f"{result['duration_s']:.0f} s each; one lstm-serve (bundled model, CPU, defaults), "
@@ -101,6 +104,9 @@ def main() -> None:
     (args.out_dir / "batches.json").write_text(json.dumps(result, indent=2) + "\n")
     text = render(result)
     (args.out_dir / "batches.md").write_text(text)
+    benchmarks = args.out_dir / "benchmarks.json"
+    if benchmarks.exists():
+        render_outputs(json.loads(benchmarks.read_text()), args.out_dir)
     print(text)
 
 

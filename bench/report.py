@@ -1,5 +1,6 @@
 """The report a run leaves in its out-dir: benchmarks.json (every row and the machine), and
-benchmarks.md and img/benchmarks.png rendered from that JSON alone."""
+benchmarks.md and img/benchmarks.png rendered from that JSON alone (plus, when `make
+bench-batches` left one there, batches.json's section)."""
 
 from __future__ import annotations
 
@@ -18,5 +19,11 @@ def write_outputs(doc: dict[str, Any], out_dir: Path) -> None:
 
 
 def render_outputs(doc: dict[str, Any], out_dir: Path) -> None:
+    from bench.batches import render as render_batches
+
     render_plot(doc, out_dir / "img" / "benchmarks.png")
-    (out_dir / "benchmarks.md").write_text(render_markdown(doc))
+    text = render_markdown(doc)
+    batches = out_dir / "batches.json"
+    if batches.exists():
+        text = text.rstrip("\n") + "\n\n" + render_batches(json.loads(batches.read_text()), "##")
+    (out_dir / "benchmarks.md").write_text(text)
