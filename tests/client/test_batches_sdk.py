@@ -144,3 +144,31 @@ def test_partitions_split_a_batch_and_name_each_message_partition():
     assert partition_of("dev-1", 4) == __import__("zlib").crc32(b"dev-1") % 4
     metadata = dict(ClientOptions(partitions=4).metadata("dev-1"))
     assert metadata["x-lstm-partition"] == str(partition_of("dev-1", 4))
+
+
+def test_asyncio_stream_batches_through_a_connection_cutting_relay(server, bundled_model):
+    ids = [f"aio-cut-{i}" for i in range(60)]
+    inputs, plans = feeds(len(ids), 50, seed=700)
+
+    async def run():
+        relay = CuttingRelay(server.port, min_bytes=20_000, max_bytes=50_000, seed=3)
+        await relay.start()
+        outputs: dict[str, list[np.ndarray]] = {sid: [] for sid in ids}
+        try:
+            options = ClientOptions(target=f"127.0.0.1:{relay.port}", **OPTIONS)
+            async with AsyncStreamingClient(options=options) as client:
+                async for result in client.stream_batches(batches_of(ids, inputs, plans)):
+                    assert not result.errors, result.errors
+                    for sid in result:
+                        outputs[sid].append(result[sid])
+                recoveries = (await client.batches()).recoveries
+        finally:
+            await relay.stop()
+        return outputs, relay.cuts, recoveries
+
+    outputs, cuts, recoveries = asyncio.run(run())
+    assert cuts >= 2 and recoveries >= 1
+    for i, sid in enumerate(ids):
+        got = np.concatenate(outputs[sid])
+        assert got.shape == (50, 4)  # none lost, none repeated
+        np.testing.assert_allclose(got, offline(bundled_model, inputs[i]), atol=1e-5, rtol=0)
