@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.batcher import Batcher
+from server.batcher import Batcher, Row
 from server.engine import StepWork
 from server.errors import SessionCapacity, SessionExists, StepOutOfOrder
 from server.sessions import ReplayBuffer, Session, SessionTable, plan_chunk
@@ -136,6 +136,30 @@ def test_batches_are_bounded_by_max_batch_size_oldest_first():
         await batcher.stop()
         assert engine.batches == [[0, 1, 2], [3, 4]]
         assert [s.next_step for s in sessions] == [1] * 5
+        assert not any(s.lock.locked() for s in sessions)
+
+    asyncio.run(run())
+
+
+def test_an_entry_larger_than_a_batch_is_split_in_order_and_answered_once():
+    """A batch message's rows share one entry: split across batches only past
+    --max-batch-size, the next entry's rows fill the room left, one future for all."""
+
+    async def run():
+        engine = RecordingEngine()
+        batcher = Batcher(engine, max_batch_size=3, max_batch_delay_us=0)
+        sessions = [Session(str(i), i, ReplayBuffer(4)) for i in range(6)]
+        for s in sessions:
+            await s.lock.acquire()
+        rows = [Row(s, StepWork(s.slot, np.zeros((1, 1))), 0) for s in sessions[:5]]
+        many = batcher.submit_rows(rows)
+        one = batcher.submit(sessions[5], StepWork(5, np.zeros((2, 1))), 0)
+        batcher.start()
+        results, single = await asyncio.gather(many, one)
+        await batcher.stop()
+        assert engine.batches == [[0, 1, 2], [3, 4, 5]]
+        assert [r.shape for r in results] == [(1, 1)] * 5 and single.shape == (2, 1)
+        assert [s.next_step for s in sessions] == [1, 1, 1, 1, 1, 2]
         assert not any(s.lock.locked() for s in sessions)
 
     asyncio.run(run())
