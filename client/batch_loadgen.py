@@ -11,6 +11,7 @@ first message creates the sessions (create_missing) and is not counted; the last
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import secrets
 import time
@@ -25,7 +26,7 @@ from lstm_stream.client.loadgen import (
     LoadResult,
     _channels,
     _describe,
-    _percentile,
+    _summarise,
     _Window,
 )
 from lstm_stream.client.options import ClientOptions
@@ -176,21 +177,6 @@ async def run_batch_load(
         await asyncio.gather(*(g.close() for g in groups))
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
-    latencies = np.concatenate([np.asarray(g.latencies) for g in groups])
-    errors = [g.error for g in groups if g.error]
-    end = max([measured.end, *(g.last_counted for g in groups)])
-    timesteps = sum(g.timesteps for g in groups)
-    return LoadResult(
-        sessions=sessions,
-        chunk_steps=chunk_steps,
-        duration_s=end - measured.start,
-        messages=len(latencies),
-        timesteps=timesteps,
-        timesteps_per_s=timesteps / (end - measured.start),
-        latency_p50_s=_percentile(latencies, 50),
-        latency_p95_s=_percentile(latencies, 95),
-        latency_p99_s=_percentile(latencies, 99),
-        errors=len(errors) + lost,
-        error_sample=errors[0] if errors else ("run stalled past its deadline" if lost else ""),
-        sessions_per_message=sessions_per_message,
-    )
+    # A group has what _summarise reads of a session: latencies, timesteps, error, last_counted.
+    result = _summarise(groups, chunk_steps, measured, lost, packed=True)  # type: ignore[arg-type]
+    return dataclasses.replace(result, sessions=sessions, sessions_per_message=sessions_per_message)

@@ -150,6 +150,23 @@ def test_bench_prints_json_for_machines(server):
     assert report["latency_p99_s"] >= report["latency_p50_s"] > 0
 
 
+def test_bench_feeds_sessions_by_batch_messages(server):
+    """--sessions-per-message: StreamBatches streams of that many sessions' chunks."""
+    flags = ["--sessions", "40", "--sessions-per-message", "16", "--chunk", "2"]
+    result = lstm_client("bench", "--target", server.target, *flags, "--duration", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["sessions"], report["sessions_per_message"], report["errors"]) == (40, 16, 0)
+    # Three streams of 16, 16 and 8 sessions: every counted message is one of them.
+    per_message = {16 * 2, 8 * 2}
+    assert report["timesteps"] > 0 and report["messages"] > 0
+    assert min(per_message) * report["messages"] <= report["timesteps"]
+    assert report["timesteps"] <= max(per_message) * report["messages"]
+    bad = lstm_client("bench", "--target", server.target, "--sessions-per-message", "-1")
+    assert bad.returncode == 2
+    assert "--sessions-per-message must be >= 0" in bad.stderr
+
+
 def test_bench_sends_the_token_it_is_given(tmp_path):
     from tests.factories import ServeProcess
 
