@@ -28,7 +28,7 @@ from lstm_stream.client.options import ClientOptions, is_retryable
 from lstm_stream.client.policy import ArrayLike, as_rows
 from lstm_stream.v1 import inference_pb2 as pb
 
-PARTITION_METADATA = "x-lstm-partition"
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
 Item = tuple[str, Chunk]  # a session's chunk, as sent
 
 
@@ -149,6 +149,8 @@ class BatchBook:
             if sid in self.ledgers
         ]
         depth = max((len(q) for q in queues), default=0)
+        if not depth:  # every unanswered chunk is in a ledger: nothing to send is a bug
+            raise RuntimeError(f"answers owed to {len(session_ids)} sessions with nothing to send")
         return [[q[n] for q in queues if n < len(q)] for n in range(depth)]
 
     def settle(
@@ -176,7 +178,8 @@ class BatchBook:
                 chunk, outputs = accepted
                 self._deliver(chunk, outputs)
                 if chunk.end_session:
-                    self.ledgers.pop(session_id, None)
+                    ended = f"session {session_id!r} was ended by an earlier chunk"
+                    self._drop(session_id, LstmStreamError(NOT_FOUND, ended, "SESSION_NOT_FOUND"))
         return again
 
     def _refused(self, ledger: Ledger, err: LstmStreamError) -> bool:
@@ -186,8 +189,14 @@ class BatchBook:
         chunk = ledger.refuse()
         self._deliver(chunk, err)
         if err.reason == "SESSION_NOT_FOUND" or chunk.end_session:
-            self.ledgers.pop(ledger.session_id, None)  # a later chunk starts a new session
+            self._drop(ledger.session_id, err)  # a later chunk starts a new session
         return False
+
+    def _drop(self, session_id: str, err: LstmStreamError) -> None:
+        """Forget a session that is gone; its chunks still unanswered get `err`."""
+        ledger = self.ledgers.pop(session_id, None)
+        for chunk in ledger.pending if ledger is not None else ():
+            self._deliver(chunk, err)
 
     def _deliver(self, chunk: Chunk, answer: np.ndarray | LstmStreamError) -> None:
         owed = self._owed.pop(id(chunk), None)

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 SERVICE = "lstm_stream.v1.InferenceService"
+PARTITION_METADATA = "x-lstm-partition"  # the routing key of batch calls (batching.py)
 UNARY_METHODS = (
     "GetModelInfo",
     "CreateSession",
@@ -113,7 +114,7 @@ class ClientOptions:
             if self.partitions:
                 partition = str(zlib.crc32(session_id.encode()) % self.partitions)
         if partition:
-            metadata.append(("x-lstm-partition", partition))
+            metadata.append((PARTITION_METADATA, partition))
         if self.token and not self.secure:
             metadata.append(("authorization", f"Bearer {self.token}"))
         return tuple(metadata)

@@ -172,3 +172,24 @@ def test_asyncio_stream_batches_through_a_connection_cutting_relay(server, bundl
         got = np.concatenate(outputs[sid])
         assert got.shape == (50, 4)  # none lost, none repeated
         np.testing.assert_allclose(got, offline(bundled_model, inputs[i]), atol=1e-5, rtol=0)
+
+
+def test_a_session_found_gone_fails_its_chunks_in_flight_not_the_client():
+    """Two chunks of one session in flight, the first answered SESSION_NOT_FOUND: the second
+    gets that error too (nothing waits for it forever), and a new chunk starts at step 0."""
+    from lstm_stream.client.batching import BatchBook
+    from lstm_stream.v1 import inference_pb2 as pb
+    from server.errors import SessionNotFound
+
+    book = BatchBook(ClientOptions(), pb.GetModelInfoResponse(input_size=2, output_size=1))
+    first, items_1 = book.add({"gone": np.zeros((1, 2)), "kept": np.zeros((1, 2))})
+    second, _ = book.add({"gone": np.zeros((1, 2))})
+    refused = pb.StepBatchResponse()
+    refused.results.add(session_id="gone", error=SessionNotFound("gone").status_message())
+    refused.results.add(session_id="kept", start_step=0, num_steps=1, outputs=[0.5])
+    assert book.settle(items_1, refused) == {}
+    assert first.errors["gone"].reason == second.errors["gone"].reason == "SESSION_NOT_FOUND"
+    assert first["kept"].tolist() == [[0.5]]
+    assert book.unanswered([first, second]) == set()
+    _, again = book.add({"gone": np.zeros((1, 2))})
+    assert again[0][1].start == 0
