@@ -132,6 +132,7 @@ async def _find_sessions(
 ) -> list[ChunkRequest]:
     """The session of each good chunk (created with create_missing); refusals into outcomes."""
     found: list[ChunkRequest] = []
+    missing: list[ChunkRequest] = []
     seen: dict[str, int] = {}
     for index, chunk in enumerate(chunks):
         if isinstance(chunk, ServiceError):
@@ -143,23 +144,37 @@ async def _find_sessions(
             )
             continue
         seen[chunk.session_id] = index
+        chunk.index = index
         try:
-            session = await _session(runtime, chunk.session_id, principal, create_missing)
-        except ServiceError as err:
-            outcomes[index] = err
+            chunk.session = runtime.sessions.get(chunk.session_id, principal)
+        except SessionNotFound as err:
+            if runtime.store is None and not create_missing:
+                outcomes[index] = err
+            else:
+                missing.append(chunk)
             continue
-        chunk.index, chunk.session = index, session
         found.append(chunk)
+    # Sessions held nowhere here are loaded from the store (or created) all at once, not one
+    # round trip after another.
+    loaded = await asyncio.gather(
+        *(_load_or_create(runtime, c.session_id, principal, create_missing) for c in missing),
+        return_exceptions=True,
+    )
+    for chunk, result in zip(missing, loaded, strict=True):
+        if isinstance(result, ServiceError):
+            outcomes[chunk.index] = result
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            chunk.session = result
+            found.append(chunk)
     return found
 
 
-async def _session(runtime: Runtime, session_id: str, principal: str, create: bool) -> Session:
-    """A held session at once; one held nowhere else (the state store) is loaded or created."""
-    try:
-        return runtime.sessions.get(session_id, principal)
-    except SessionNotFound:
-        if runtime.store is None and not create:
-            raise
+async def _load_or_create(
+    runtime: Runtime, session_id: str, principal: str, create: bool
+) -> Session:
+    """A session this replica does not hold: from the state store, else (create_missing) new."""
     try:
         return await runtime.get_session(session_id, principal)
     except SessionNotFound:

@@ -117,11 +117,13 @@ def _finite_or_refused(steps: np.ndarray) -> np.ndarray | BadInput:
     return steps
 
 
-def encode_outputs(outputs: np.ndarray, packed: bool) -> dict[str, object]:
-    """A response's output fields, mirroring its request (DESIGN 1.6)."""
+def put_outputs(message, outputs: np.ndarray, packed: bool) -> None:
+    """Set a response's outputs, mirroring its request (DESIGN 1.6): packed bytes for packed
+    inputs, repeated floats otherwise."""
     if packed:
-        return {"packed_outputs": outputs.astype(PACKED_DTYPE, copy=False).tobytes()}
-    return {"outputs": outputs.ravel().tolist()}
+        message.packed_outputs = outputs.astype(PACKED_DTYPE, copy=False).tobytes()
+    else:
+        message.outputs.extend(outputs.ravel().tolist())
 
 
 def check_session_id(session_id: str) -> str:

@@ -18,11 +18,10 @@ from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 from server import metrics
 from server.batches import ChunkRequest
 from server.codec import (
-    PACKED_DTYPE,
     check_session_id,
     decode_chunks,
     decode_steps,
-    encode_outputs,
+    put_outputs,
     resolve_session_id,
 )
 from server.errors import BadInput, ServiceError, StepOutOfOrder
@@ -205,7 +204,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             )
         self.runtime.rate_limiter.take(self._principal(context), len(inputs))
         outputs = await self.runtime.predict(inputs)
-        return pb.PredictResponse(**encode_outputs(outputs, bool(request.packed_inputs)))
+        response = pb.PredictResponse()
+        put_outputs(response, outputs, bool(request.packed_inputs))
+        return response
 
     @unary("ExportSession")
     async def ExportSession(self, request: pb.ExportSessionRequest, context: Any):
@@ -288,13 +289,14 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         first, outputs = await self.runtime.step(
             session, inputs, start_step, request.reset, attachment
         )
-        return pb.StreamStepsResponse(
+        response = pb.StreamStepsResponse(
             session_id=session.session_id,
             start_step=first,
             num_steps=len(outputs),
             durable_step=session.durable_step,
-            **encode_outputs(outputs, bool(request.packed_inputs)),
         )
+        put_outputs(response, outputs, bool(request.packed_inputs))
+        return response
 
     def _decode(self, request: pb.StreamStepsRequest | pb.PredictRequest) -> np.ndarray:
         return decode_steps(
@@ -346,15 +348,16 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         context: Any,
         answers: asyncio.Queue[tuple[float, Any] | None],
     ) -> None:
+        principal: str | None = None
         async for request in request_iterator:
             received = time.perf_counter()
             try:
                 if isinstance(request, Malformed):
                     raise request.error
+                if principal is None:  # once a stream
+                    principal = self._principal(context)
                 chunks = self._batch_chunks(request, "StreamBatches")
-                pending = await self.runtime.start_batch(
-                    chunks, self._principal(context), request.create_missing
-                )
+                pending = await self.runtime.start_batch(chunks, principal, request.create_missing)
             except ServiceError as err:
                 await answers.put((received, err))
                 return
@@ -409,8 +412,5 @@ def batch_response(
             num_steps=len(outcome.outputs),
             durable_step=outcome.session.durable_step,
         )
-        if chunk.packed_inputs:
-            result.packed_outputs = outcome.outputs.astype(PACKED_DTYPE, copy=False).tobytes()
-        else:
-            result.outputs.extend(outcome.outputs.ravel().tolist())
+        put_outputs(result, outcome.outputs, bool(chunk.packed_inputs))
     return response
