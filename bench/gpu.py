@@ -94,7 +94,7 @@ def engine_checks(args: argparse.Namespace, device: torch.device) -> None:
     batches = [one_step_batch(sessions, 32, seed=r) for r in range(5)]
     batches.append(one_step_batch(sessions, 32, seed=9)[: sessions * 2 // 3 + 1])
     for batch in batches:
-        for a, b in zip(graphs.step(batch), plain.step(batch), strict=True):
+        for a, b in zip(graphs.step(batch).rows, plain.step(batch).rows, strict=True):
             worst = max(worst, float(np.abs(a - b).max()))
     report("max |graph path - plain path|, 6 batches", f"{worst:.2e}")
 
@@ -103,7 +103,7 @@ def engine_checks(args: argparse.Namespace, device: torch.device) -> None:
     xs = np.random.default_rng(5).standard_normal((8, 5, 32)).astype(np.float32)
     streamed = np.stack(
         [
-            np.concatenate(fresh.step([StepWork(s, xs[s, t : t + 1]) for s in range(8)]))
+            np.concatenate(fresh.step([StepWork(s, xs[s, t : t + 1]) for s in range(8)]).rows)
             for t in range(5)
         ],
         axis=1,
@@ -147,7 +147,7 @@ def engine_checks(args: argparse.Namespace, device: torch.device) -> None:
     for label, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
         low, full = make_engine(args, device, dtype), make_engine(args, device, graphs=False)
         one = one_step_batch(sessions, 32, seed=3)
-        got, ref = np.concatenate(low.step(one)), np.concatenate(full.step(one))
+        got, ref = np.concatenate(low.step(one).rows), np.concatenate(full.step(one).rows)
         rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
         seconds = median_time(lambda low=low: low.step(batch), args.repeats, device)
         report(

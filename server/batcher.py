@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server import metrics
-from server.engine import Engine, StepWork
-from server.sessions import Session
+from server.engine import Engine, StepOutputs, StepWork
+from server.sessions import ReplayPool, Session
 from server.state_store import StateStore
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,11 @@ class Batcher:
         max_batch_size: int,
         max_batch_delay_us: int,
         store: StateStore | None = None,
+        replay: ReplayPool | None = None,  # the sessions' rings, written a batch at a time
     ) -> None:
         self._engine = engine
         self._store = store
+        self._replay = replay
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_batch_delay_us / 1e6
         self._queue: deque[Entry] = deque()
@@ -167,10 +169,11 @@ class Batcher:
                 entry.settle([exc] * len(entry_rows))
             return
         finished = time.perf_counter()
+        recorded = self._record(rows, outputs)
         steps = 0
-        done = iter(outputs)
+        done = iter(outputs.rows)
         for entry, entry_rows in batch:
-            results = [self._commit(row, next(done)) for row in entry_rows]
+            results = [self._commit(row, next(done), recorded) for row in entry_rows]
             for row, result in zip(entry_rows, results, strict=True):
                 if isinstance(result, np.ndarray):
                     steps += len(result)
@@ -182,11 +185,24 @@ class Batcher:
         metrics.BATCH_COMPUTE.observe(finished - dispatched)
         metrics.TIMESTEPS.inc(steps)
 
+    def _record(self, rows: list[Row], outputs: StepOutputs) -> bool:
+        """Write a uniform batch's outputs to the replay rings in one go; False: each chunk's
+        commit records its own."""
+        if self._replay is None or outputs.uniform is None:
+            return False
+        try:
+            slots = [row.session.slot for row in rows]
+            self._replay.write(slots, [row.start for row in rows], outputs.uniform)
+        except Exception:
+            log.exception("recording a batch of %d in the replay rings failed", len(rows))
+            return False
+        return True
+
     @staticmethod
-    def _commit(row: Row, out: np.ndarray) -> np.ndarray | BaseException:
+    def _commit(row: Row, out: np.ndarray, recorded: bool) -> np.ndarray | BaseException:
         """Commit one chunk; a failure here fails that chunk alone."""
         try:
-            row.session.commit(row.start, out)
+            row.session.commit(row.start, out, recorded)
         except Exception as exc:
             log.exception("committing a chunk of session %s failed", row.session.session_id[:6])
             return exc

@@ -19,6 +19,9 @@ STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
+ONE_STEP_KERNELS = ("nn.LSTM", "fused", "fastest")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "[::]"
@@ -39,6 +42,7 @@ class ServerConfig:
     state_store: str = ""  # redis://HOST:PORT/DB: durable sessions shared by replicas
     state_store_interval_ms: float = 100.0  # pause between writes (0: after every batch)
     torch_threads: int = 0  # 0: all cores but the one the event loop runs on
+    one_step_kernel: str = "nn.LSTM"  # nn.LSTM | fused | fastest (server/one_step.py)
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
     # Security (docs/security.md)
@@ -98,6 +102,11 @@ class ServerConfig:
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.one_step_kernel not in ONE_STEP_KERNELS:
+            raise ValueError(
+                f"--one-step-kernel must be one of {', '.join(ONE_STEP_KERNELS)}, "
+                f"got {self.one_step_kernel!r}"
+            )
 
 
 _HELP = {
@@ -123,6 +132,9 @@ _HELP = {
     "gathers more batches: durability lags by about this much, and costs less throughput "
     "(0: write as soon as the last write is done)",
     "torch_threads": "torch intra-op threads (0: cores minus one)",
+    "one_step_kernel": "what runs one-step batches: nn.LSTM; fused (one addmm per layer: faster "
+    "for small batches on a CPU, but its outputs drift from nn.LSTM's by float rounding, which "
+    "a recurrence can amplify past 1e-5); fastest (of the two, per batch size, timed at start)",
     "shutdown_grace_s": "how long in-flight work gets on shutdown",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "tls_cert": "PEM certificate chain: serve TLS",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lstm_model.checkpoint import LoadedModel
-from server.graphs import OneStepRunner
+from server.one_step import OneStepRunner
 from server.state_pool import StatePool
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,44 @@ def default_torch_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+@dataclass(slots=True)
+class StepOutputs:
+    """What a batch gave: each row's outputs (T_b, output_size), views of one batch array, and
+    that array (B, T, output_size) when every row had the same length T (the usual)."""
+
+    rows: list[np.ndarray]
+    uniform: np.ndarray | None = None
+
+
+class Staging:
+    """Host buffers reused batch after batch (pinned on CUDA, so one copy reaches the device):
+    a batch's inputs are joined straight into one, its slot indices into another."""
+
+    def __init__(self, input_size: int, device: torch.device) -> None:
+        self._pin = device.type == "cuda"
+        self._input_size = input_size
+        self._inputs = self._alloc((0, input_size), torch.float32)
+        self._slots = self._alloc((0,), torch.int64)
+
+    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=self._pin)
+
+    def inputs(self, arrays: list[np.ndarray], rows: int) -> torch.Tensor:
+        """The arrays (T_b, I) joined into the first `rows` rows: (rows, I)."""
+        if len(self._inputs) < rows:
+            self._inputs = self._alloc((max(rows, 2 * len(self._inputs)), self._input_size),
+                                       torch.float32)  # fmt: skip
+        np.concatenate(arrays, out=self._inputs[:rows].numpy())
+        return self._inputs[:rows]
+
+    def slots(self, slots: list[int]) -> torch.Tensor:
+        if len(self._slots) < len(slots):
+            self._slots = self._alloc((max(len(slots), 2 * len(self._slots)),), torch.int64)
+        view = self._slots[: len(slots)]
+        view.numpy()[:] = slots
+        return view
+
+
 class Engine:
     def __init__(
         self,
@@ -65,6 +103,7 @@ class Engine:
         max_batch_size: int = 256,
         one_step_graphs: bool | None = None,  # None: on CUDA only
         torch_threads: int = 0,  # 0: default_torch_threads()
+        one_step_kernel: str = "nn.LSTM",  # nn.LSTM | fused | fastest (server/one_step.py)
     ) -> None:
         self.model = loaded.model.to(device=device, dtype=dtype).eval()
         if device.type == "cuda":
@@ -76,64 +115,90 @@ class Engine:
         self.pool = StatePool(
             self.config.num_layers, self.config.hidden_size, capacity, device, dtype
         )
+        self.torch_threads = torch_threads or default_torch_threads()
         # torch's thread count is per thread: set it in the worker that runs the model.
         self._executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="engine",
             initializer=torch.set_num_threads,
-            initargs=(torch_threads or default_torch_threads(),),
+            initargs=(self.torch_threads,),
         )
-        use_graphs = device.type == "cuda" if one_step_graphs is None else one_step_graphs
-        self.one_step = (
-            OneStepRunner(self.model, self.pool, max_batch_size, capture=device.type == "cuda")
-            if use_graphs
-            else None
-        )
-        if self.one_step is not None and device.type == "cuda":
-            self.one_step.warm_up()
+        self._staging = Staging(self.config.input_size, device)
+        self._no_outputs = np.zeros((0, self.config.output_size), dtype=np.float32)
+        graphs = device.type == "cuda" if one_step_graphs is None else one_step_graphs
+        self.one_step = OneStepRunner(
+            self.model, self.pool, max_batch_size, capture=graphs and device.type == "cuda",
+            kernel=one_step_kernel, pad=graphs,
+        )  # fmt: skip
+        self.run_on_worker(self.one_step.warm_up)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn on the engine's worker thread, in order with the batches."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    def run_on_worker(self, fn: Callable[[], T]) -> T:
+        """Run fn on the engine's worker thread and wait for it (no event loop needed)."""
+        return self._executor.submit(fn).result()
+
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
     @torch.inference_mode()
-    def step(self, batch: Sequence[StepWork]) -> list[np.ndarray]:
+    def step(self, batch: Sequence[StepWork]) -> StepOutputs:
         """Apply each work's chunk to its slot's state; each row's outputs (T, output_size)."""
         resets = [w.slot for w in batch if w.reset]
         if resets:
-            self.pool.zero(torch.tensor(resets, device=self.device))
-        empty = np.zeros((0, self.config.output_size), dtype=np.float32)
-        outputs = [empty] * len(batch)
-        stepped = [i for i, w in enumerate(batch) if len(w.inputs)]
-        if stepped:
-            y = self._forward([batch[i] for i in stepped])  # (B, T_max, O)
-            for i, y_row in zip(stepped, y, strict=True):
-                # A view of the batch's outputs: replay buffers copy what they keep.
-                outputs[i] = y_row[: len(batch[i].inputs)]
+            self.pool.zero(resets)
+        inputs = [w.inputs for w in batch]
+        lengths = list(map(len, inputs))
+        longest = max(lengths, default=0)
+        if not longest:
+            return StepOutputs([self._no_outputs] * len(batch))
+        if min(lengths) < longest:
+            return StepOutputs(self._step_mixed(batch, lengths))
+        x = self._staging.inputs(inputs, len(batch) * longest).view(len(batch), longest, -1)
+        y = self._forward(x, self._staging.slots([w.slot for w in batch]))  # (B, T, O)
+        return StepOutputs(list(y), y)
+
+    def _step_mixed(self, batch: Sequence[StepWork], lengths: list[int]) -> list[np.ndarray]:
+        """Rows of different lengths (or none): padded to the longest, run packed."""
+        stepped = [i for i, n in enumerate(lengths) if n]
+        longest = max(lengths)
+        x = np.zeros((len(stepped), longest, self.config.input_size), dtype=np.float32)
+        for b, i in enumerate(stepped):
+            x[b, : lengths[i]] = batch[i].inputs
+        packed = torch.tensor([lengths[i] for i in stepped])
+        slots = self._staging.slots([batch[i].slot for i in stepped])
+        y = self._forward(torch.from_numpy(x), slots, packed)  # (B', T_max, O)
+        outputs = [self._no_outputs] * len(batch)
+        for i, y_row in zip(stepped, y, strict=True):
+            outputs[i] = y_row[: lengths[i]]
         return outputs
 
-    def _forward(self, rows: list[StepWork]) -> np.ndarray:
-        lengths = [len(w.inputs) for w in rows]
-        longest = max(lengths)
-        if min(lengths) == longest:
-            x = np.stack([w.inputs for w in rows])  # (B, T, I)
-            packed_lengths = None
+    def _forward(
+        self, x: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """x (B, T, I) and slots (B,) on the host -> y (B, T, O) float32 on the host."""
+        x_dev = x.to(self.device, self.dtype, non_blocking=True)
+        slots_dev = slots.to(self.device, non_blocking=True)
+        if x.shape[1] == 1 and lengths is None:
+            y = self.one_step.run(x_dev, slots_dev)  # (B, 1, O)
         else:
-            x = np.zeros((len(rows), longest, self.config.input_size), dtype=np.float32)
-            for b, w in enumerate(rows):
-                x[b, : len(w.inputs)] = w.inputs
-            packed_lengths = torch.tensor(lengths)
-        slots = torch.tensor([w.slot for w in rows], device=self.device)
-        x_dev = torch.from_numpy(x).to(self.device, self.dtype, non_blocking=True)
-        if self.one_step is not None and longest == 1:
-            return self.one_step.run(x_dev, slots).float().cpu().numpy()  # (B, 1, O)
-        h, c = self.pool.gather(slots)  # (L, B, H)
-        y, (h, c) = self.model(x_dev, (h, c), packed_lengths)  # y (B, T_max, O)
-        self.pool.scatter(slots, h, c)
-        return y.float().cpu().numpy()
+            h, c = self.pool.gather(slots_dev)  # (L, B, H)
+            y, (h, c) = self.model(x_dev, (h, c), lengths)  # (B, T, O)
+            self.pool.scatter(slots_dev, h, c)
+        return self._to_host(y)
+
+    def _to_host(self, y: torch.Tensor) -> np.ndarray:
+        """A fresh host array for each batch: its rows are answered after the next batch has
+        started, so they cannot live in a buffer that batch reuses."""
+        if y.device.type == "cpu" and y.dtype == torch.float32:
+            return y.numpy()  # the model's own output tensor: no copy
+        host = torch.empty(y.shape, dtype=torch.float32, pin_memory=y.is_cuda)
+        host.copy_(y, non_blocking=True)
+        if y.is_cuda:
+            torch.cuda.current_stream(y.device).synchronize()
+        return host.numpy()
 
     @torch.inference_mode()
     def predict(self, inputs: np.ndarray) -> np.ndarray:

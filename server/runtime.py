@@ -28,7 +28,7 @@ from server.errors import (
     StoreUnavailable,
 )
 from server.security import RateLimiter
-from server.sessions import Session, SessionTable, plan_chunk
+from server.sessions import ReplayPool, Session, SessionTable, plan_chunk
 from server.state_store import StateStore
 
 log = logging.getLogger("lstm_serve")
@@ -67,11 +67,11 @@ class Runtime:
             DTYPES[config.dtype],
             config.max_batch_size,
             torch_threads=config.torch_threads,
+            one_step_kernel=config.one_step_kernel,
         )
         self.model_config = loaded.model.config
-        self.sessions = SessionTable(
-            self.engine.pool, config.replay_steps, config.max_sessions_per_principal
-        )
+        replay = ReplayPool(config.max_sessions, config.replay_steps, self.model_config.output_size)
+        self.sessions = SessionTable(self.engine.pool, replay, config.max_sessions_per_principal)
         self.rate_limiter = RateLimiter(config.rate_limit_steps_per_s)
         self.store = (
             StateStore(
@@ -88,7 +88,7 @@ class Runtime:
             else None
         )
         self.batcher = Batcher(
-            self.engine, config.max_batch_size, config.max_batch_delay_us, self.store
+            self.engine, config.max_batch_size, config.max_batch_delay_us, self.store, replay
         )
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
@@ -200,7 +200,7 @@ class Runtime:
         await asyncio.shield(self._free_slot(slot))
 
     async def _free_slot(self, slot: int) -> None:
-        await self.engine.call(self.engine.pool.zero, torch.tensor([slot]))
+        await self.engine.call(self.engine.pool.zero, [slot])
         self.sessions.release_slot(slot)
 
     async def delete_session(self, session_id: str, principal: str = "") -> None:

@@ -28,13 +28,14 @@ from server.state_pool import SlotsExhausted, StatePool
 
 
 class ReplayBuffer:
-    """The outputs of a session's last `capacity` steps, in a ring allocated at first use."""
+    """The outputs of a session's last `capacity` steps, in a ring: its row of a ReplayPool, or
+    (standing alone) an array allocated at first use."""
 
     __slots__ = ("_ring", "_steps", "capacity")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, ring: np.ndarray | None = None) -> None:
         self.capacity = capacity
-        self._ring: np.ndarray | None = None  # (capacity, O): step s lives at row s % capacity
+        self._ring = ring  # (capacity, O): step s lives at row s % capacity
         self._steps = 0  # steps held, at most capacity
 
     def __len__(self) -> int:
@@ -44,10 +45,6 @@ class ReplayBuffer:
         """Record the outputs of steps start .. start + len(outputs) - 1, which follow on from
         what the buffer holds."""
         count = len(outputs)
-        if count == 1 and self._ring is not None:  # the usual, made cheap
-            self._ring[start % self.capacity] = outputs
-            self._steps += self._steps < self.capacity
-            return
         if not count:
             return
         if self._ring is None:
@@ -62,6 +59,11 @@ class ReplayBuffer:
             split = self.capacity - first
             self._ring[first:] = outputs[:split]
             self._ring[: count - split] = outputs[split:]
+        self.advance(count)
+
+    def advance(self, count: int) -> None:
+        """`count` more steps were written to the ring (by append, or by the pool for a whole
+        batch at once)."""
         self._steps = min(self._steps + count, self.capacity)
 
     def first_step(self, next_step: int) -> int:
@@ -75,6 +77,31 @@ class ReplayBuffer:
         if stop <= self.capacity:
             return self._ring[first:stop].copy()
         return np.concatenate((self._ring[first:], self._ring[: stop - self.capacity]))
+
+
+class ReplayPool:
+    """Every session's replay ring in one array, by slot, so a batch's outputs are recorded in
+    one write rather than one per session. The array is allocated zeroed and untouched: the
+    operating system commits a session's pages only when its outputs first land there."""
+
+    def __init__(self, capacity: int, steps: int, output_size: int) -> None:
+        self.steps = steps
+        self._rings = np.zeros((capacity, steps, output_size), dtype=np.float32)  # (N, R, O)
+
+    def buffer(self, slot: int) -> ReplayBuffer:
+        """The slot's ring, holding nothing yet (a reused slot's old rows are unreachable)."""
+        return ReplayBuffer(self.steps, self._rings[slot])
+
+    def write(self, slots: list[int], starts: list[int], outputs: np.ndarray) -> None:
+        """Record a batch whose rows all ran T steps: row b's steps starts[b] .. + T - 1, from
+        outputs (B, T, O). Each row's ReplayBuffer must then advance(T)."""
+        kept = min(outputs.shape[1], self.steps)  # a chunk longer than the ring keeps its tail
+        first = np.asarray(starts) + (outputs.shape[1] - kept)  # (B,)
+        if kept == 1:
+            self._rings[slots, first % self.steps] = outputs[:, -1]
+            return
+        columns = (first[:, None] + np.arange(kept)) % self.steps  # (B, kept)
+        self._rings[np.asarray(slots)[:, None], columns] = outputs[:, -kept:]
 
 
 @dataclass(eq=False, slots=True)  # slots: 100,000 idle sessions must stay small
@@ -98,9 +125,13 @@ class Session:
         self.last_active_time = time.time()
         self.last_active_monotonic = time.monotonic()
 
-    def commit(self, start: int, outputs: np.ndarray) -> None:
-        """Record a chunk the engine applied (called by the batcher when the batch completes)."""
-        self.replay.append(start, outputs)
+    def commit(self, start: int, outputs: np.ndarray, recorded: bool = False) -> None:
+        """Record a chunk the engine applied (called by the batcher when the batch completes);
+        `recorded`: the ReplayPool already holds its outputs."""
+        if recorded:
+            self.replay.advance(len(outputs))
+        else:
+            self.replay.append(start, outputs)
         self.next_step = start + len(outputs)
 
 
@@ -144,9 +175,9 @@ class SessionTable:
     """Live sessions, bounded by the pool's capacity, least recently active first. Sessions are
     keyed by (principal, id): another principal's session is indistinguishable from none."""
 
-    def __init__(self, pool: StatePool, replay_steps: int, per_principal: int = 0) -> None:
+    def __init__(self, pool: StatePool, replay: ReplayPool | int, per_principal: int = 0) -> None:
         self._pool = pool
-        self._replay_steps = replay_steps
+        self._replay = replay  # a pool, or a ring size for sessions with rings of their own
         self._per_principal = per_principal
         self._sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self._counts: Counter[str] = Counter()
@@ -167,7 +198,12 @@ class SessionTable:
             slot = self._pool.allocate()
         except SlotsExhausted:
             raise SessionCapacity(self._pool.capacity) from None
-        session = Session(session_id, slot, ReplayBuffer(self._replay_steps), principal)
+        replay = (
+            self._replay.buffer(slot)
+            if isinstance(self._replay, ReplayPool)
+            else ReplayBuffer(self._replay)
+        )
+        session = Session(session_id, slot, replay, principal)
         self._sessions[principal, session_id] = session
         self._counts[principal] += 1
         metrics.SESSIONS_CREATED.inc()

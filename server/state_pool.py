@@ -53,9 +53,10 @@ class StatePool:
 
     # The methods below run on the engine's worker thread only.
 
-    def zero(self, slots: torch.Tensor) -> None:
-        self.h.index_fill_(1, slots, 0.0)
-        self.c.index_fill_(1, slots, 0.0)
+    def zero(self, slots: list[int]) -> None:
+        index = torch.tensor(slots, device=self.h.device)
+        self.h.index_fill_(1, index, 0.0)
+        self.c.index_fill_(1, index, 0.0)
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.h.index_select(1, slots), self.c.index_select(1, slots)  # (L, B, H)

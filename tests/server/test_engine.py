@@ -1,15 +1,22 @@
 """The engine, without gRPC: batches of mixed chunk lengths equal each chunk run alone."""
 
 import numpy as np
+import pytest
 import torch
 
 from lstm_model.checkpoint import LoadedModel
 from server.engine import Engine, StepWork
+from server.one_step import KERNELS
+from server.state_pool import StatePool
 from tests.factories import make_model, offline, random_steps
 
 
 def make_engine(
-    capacity: int = 64, one_step_graphs: bool = False, max_batch_size: int = 64, **model_args
+    capacity: int = 64,
+    one_step_graphs: bool = False,
+    max_batch_size: int = 64,
+    one_step_kernel: str = "nn.LSTM",
+    **model_args,
 ) -> Engine:
     model = make_model(**({"input_size": 6, "hidden_size": 32, "output_size": 4} | model_args))
     return Engine(
@@ -19,6 +26,7 @@ def make_engine(
         torch.float32,
         max_batch_size,
         one_step_graphs,
+        one_step_kernel=one_step_kernel,
     )
 
 
@@ -35,10 +43,10 @@ def test_a_batch_mixing_1_and_32_step_chunks_equals_the_unbatched_result():
             batch.append(
                 StepWork(slot, sequences[slot][starts[slot] : starts[slot] + plan[round_]])
             )
-        for work, out in zip(batch, engine.step(batch), strict=True):
+        for work, out in zip(batch, engine.step(batch).rows, strict=True):
             batched[work.slot].append(out)
     for slot, steps in sequences.items():
-        alone = np.concatenate([reference.step([StepWork(slot, steps[:66])])[0]])
+        alone = np.concatenate([reference.step([StepWork(slot, steps[:66])]).rows[0]])
         np.testing.assert_allclose(np.concatenate(batched[slot]), alone, atol=1e-5, rtol=0)
         np.testing.assert_allclose(alone, offline(engine.model, steps), atol=1e-5, rtol=0)
 
@@ -47,7 +55,7 @@ def test_reset_zeroes_only_its_own_slot_and_empty_chunks_give_empty_outputs():
     engine = make_engine()
     steps = random_steps(5, 6, seed=2)
     engine.step([StepWork(0, steps), StepWork(1, steps)])
-    outputs = engine.step([StepWork(0, steps[:0], reset=True), StepWork(1, steps[:0])])
+    outputs = engine.step([StepWork(0, steps[:0], reset=True), StepWork(1, steps[:0])]).rows
     assert [o.shape for o in outputs] == [(0, 4), (0, 4)]
     (h0,), _ = engine.pool.read([0])
     (h1,), _ = engine.pool.read([1])
@@ -73,9 +81,47 @@ def test_bucketed_one_step_path_equals_the_plain_path():
         slots = rng.choice(64, size=size, replace=False)
         steps = random_steps(size, 6, seed=size)
         batch = [StepWork(int(slot), steps[i : i + 1]) for i, slot in enumerate(slots)]
-        for got, want in zip(bucketed.step(batch), plain.step(batch), strict=True):
+        for got, want in zip(bucketed.step(batch).rows, plain.step(batch).rows, strict=True):
             np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     real = slice(0, 64)
     torch.testing.assert_close(bucketed.pool.h[:, real], plain.pool.h[:, real], atol=1e-6, rtol=0)
     torch.testing.assert_close(bucketed.pool.c[:, real], plain.pool.c[:, real], atol=1e-6, rtol=0)
     assert torch.count_nonzero(plain.pool.h[:, 64]) == 0  # the plain path never uses scratch
+
+
+@pytest.mark.parametrize("kernel", ["fused", "fastest"])
+def test_each_one_step_kernel_streams_what_nn_lstm_does(kernel):
+    """Ten sessions stepped one timestep per batch, with a mixed batch and a reset between."""
+    engine, plain = make_engine(one_step_kernel=kernel), make_engine()
+    assert {engine.one_step.kernel_for(n) for n in (1, 10, 64)} <= set(KERNELS)
+    steps = {slot: random_steps(8, 6, seed=slot) for slot in range(10)}
+    for t in range(8):
+        if t == 4:  # a batch of uneven chunks, then one with a reset alone
+            batch = [StepWork(slot, steps[slot][t : t + 1 + slot % 2]) for slot in range(10)]
+            batch.append(StepWork(10, steps[0][:0], reset=True))
+        else:
+            batch = [StepWork(slot, steps[slot][t : t + 1]) for slot in range(10)]
+        for got, want in zip(engine.step(batch).rows, plain.step(batch).rows, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(engine.pool.h, plain.pool.h, atol=1e-5, rtol=0)
+
+
+def test_a_uniform_batch_hands_back_one_array_whose_rows_are_the_outputs():
+    engine = make_engine()
+    steps = random_steps(6, 6, seed=4)
+    out = engine.step([StepWork(slot, steps[slot * 3 : slot * 3 + 3]) for slot in range(2)])
+    assert out.uniform is not None and out.uniform.shape == (2, 3, 4)
+    for row, array in zip(out.rows, out.uniform, strict=True):
+        assert np.shares_memory(row, out.uniform) and np.array_equal(row, array)
+    np.testing.assert_allclose(out.rows[0], offline(engine.model, steps[:3]), atol=1e-5, rtol=0)
+
+
+def test_zeroing_slots_builds_its_index_on_the_pools_own_device():
+    """Ending a session zeroes its slot from the event loop's side; an index made on the CPU
+    fails against a pool on another device (seen on the GPU as one error per session)."""
+    pool = StatePool(2, 3, 4, torch.device("meta"), torch.float32)  # checks devices like CUDA
+    pool.zero([1, 2])
+    cpu = StatePool(1, 2, 4, torch.device("cpu"), torch.float32)
+    cpu.h.fill_(1.0)
+    cpu.zero([2])
+    assert cpu.h[0, :, 0].tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from server.batcher import Batcher, Row
-from server.engine import StepWork
+from server.engine import StepOutputs, StepWork
 from server.errors import SessionCapacity, SessionExists, StepOutOfOrder
-from server.sessions import ReplayBuffer, Session, SessionTable, plan_chunk
+from server.sessions import ReplayBuffer, ReplayPool, Session, SessionTable, plan_chunk
 from server.state_pool import StatePool
 
 
@@ -71,7 +71,7 @@ def test_a_resent_reset_is_not_applied_again():
 
 def test_table_capacity_and_duplicate_ids():
     async def run():
-        table = SessionTable(make_pool(2), replay_steps=4)
+        table = SessionTable(make_pool(2), replay=4)
         a = table.create("a")
         table.create()
         with pytest.raises(SessionExists):
@@ -99,7 +99,7 @@ class FailingEngine:
 class RecordingEngine(FailingEngine):
     def step(self, batch):
         self.batches.append([w.slot for w in batch])
-        return [np.zeros((len(w.inputs), 1), dtype=np.float32) for w in batch]
+        return StepOutputs([np.zeros((len(w.inputs), 1), dtype=np.float32) for w in batch])
 
 
 def test_a_failed_batch_fails_every_future_and_moves_no_session():
@@ -169,7 +169,7 @@ def test_idle_since_finds_every_idle_session_oldest_first(monkeypatch):
     """Sessions touched later move behind the idle ones, however they were created."""
     clock = [100.0]
     monkeypatch.setattr("server.sessions.time.monotonic", lambda: clock[0])
-    table = SessionTable(make_pool(capacity=6), replay_steps=4)
+    table = SessionTable(make_pool(capacity=6), replay=4)
     for name in "abcdef":  # created and stepped one second apart: a at 100 ... f at 105
         table.touch(table.create(name))
         clock[0] += 1
@@ -179,3 +179,27 @@ def test_idle_since_finds_every_idle_session_oldest_first(monkeypatch):
     assert [s.session_id for s in table.idle_since(106.0)] == ["b", "d", "f"]
     assert [s.session_id for s in table.idle_since(111.5)] == ["b", "d", "f", "a", "c"]
     assert table.idle_since(100.0) == []
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7])
+def test_a_batch_written_to_the_replay_pool_reads_back_as_appended_one_by_one(steps):
+    """The batch-wide write (one fancy index for every row) holds what per-session appends
+    would: rows starting anywhere in the ring, chunks that wrap, and one longer than the ring."""
+    ring, rng = 5, np.random.default_rng(steps)
+    pool = ReplayPool(capacity=4, steps=ring, output_size=2)
+    pooled = [pool.buffer(slot) for slot in range(4)]
+    alone = [ReplayBuffer(ring) for _ in range(4)]
+    next_steps = [0, 3, 4, 9]
+    for b, start in enumerate(next_steps):  # give each some history first
+        history = rng.standard_normal((start, 2), dtype=np.float32)
+        pooled[b].append(0, history)
+        alone[b].append(0, history)
+    batch = rng.standard_normal((4, steps, 2), dtype=np.float32)  # (B, T, O)
+    pool.write([0, 1, 2, 3], next_steps, batch)
+    for b, start in enumerate(next_steps):
+        pooled[b].advance(steps)
+        alone[b].append(start, batch[b])
+        end = start + steps
+        first = alone[b].first_step(end)
+        assert pooled[b].first_step(end) == first
+        np.testing.assert_array_equal(pooled[b].read(first, end, 2), alone[b].read(first, end, 2))
