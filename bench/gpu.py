@@ -4,13 +4,19 @@ Engine level, on the hidden-256 two-layer model: the one-step CUDA-graph path ag
 path and against the model on the CPU; one-step batch time (graph replay, eager, and the whole
 engine step with host transfers); 32-step chunk throughput; float16/bfloat16 error and time.
 Server level: lstm-serve on the device under several load-generator processes at once (one
-Python process cannot produce the load a GPU absorbs), aggregate timesteps/s.
+Python process cannot produce the load a GPU absorbs), aggregate timesteps/s; then one host
+used whole: --processes lstm-serve processes sharing the device behind nginx with the shipped
+session-affine config (deploy/nginx/nginx.conf), or, with no nginx on the host, each load
+process talking to one server process (the affinity nginx would give, without its cost).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.process import lstm_serve, running_server
+from bench.process import local_nginx, lstm_serve, running_server
 from lstm_model.checkpoint import LoadedModel, save_model
 from lstm_model.cli import init_model
 from server.engine import Engine, StepWork, resolve_device
@@ -156,60 +162,76 @@ def engine_checks(args: argparse.Namespace, device: torch.device) -> None:
         )
 
 
+def serve_command(model_dir: Path, device: torch.device, batch: int, threads: int = 0) -> list[str]:
+    return lstm_serve(
+        "--metrics-port", "0", "--model", str(model_dir), "--device", str(device),
+        "--max-sessions", "8192", "--max-batch-size", str(batch), "--torch-threads", str(threads),
+    )  # fmt: skip
+
+
 def server_load(args: argparse.Namespace, device: torch.device) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(init_model(32, args.hidden, 2, 8, seed=0), Path(tmp) / "m")
-        command = lstm_serve(
-            "--metrics-port",
-            "0",
-            "--model",
-            str(model_dir),
-            "--device",
-            str(device),
-            "--max-sessions",
-            "8192",
-            "--max-batch-size",
-            str(args.sessions),
-        )
+        command = serve_command(model_dir, device, args.sessions)
         with running_server(command, Path(tmp) / "server.log") as (target, _):
             for chunk in (1, 32):
-                load_round(args, target, chunk)
+                load_round(args, [target], chunk, "server")
 
 
-def load_round(args: argparse.Namespace, target: str, chunk: int) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "lstm_stream.client.cli",
-        "bench",
-        "--target",
-        target,
-        "--sessions",
-        str(args.load_sessions),
-        "--chunk",
-        str(chunk),
-        "--duration",
-        str(args.duration),
-        "--json",
-    ]
+def host_load(args: argparse.Namespace, device: torch.device) -> None:
+    """--processes servers on the one device, behind nginx where the host has it."""
+    balancer = args.balancer
+    if balancer == "auto":
+        balancer = "nginx" if shutil.which("nginx") else "direct"
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        model_dir = save_model(init_model(32, args.hidden, 2, 8, seed=0), Path(tmp) / "m")
+        # The host's cores shared out: N processes each using all of them would fight over them.
+        threads = max(1, (os.cpu_count() or 1) // args.processes)
+        command = serve_command(model_dir, device, args.sessions, threads)
+        targets = [
+            stack.enter_context(running_server(command, Path(tmp) / f"server-{i}.log"))[0]
+            for i in range(args.processes)
+        ]
+        if balancer == "nginx":
+            ports = [int(t.rsplit(":", 1)[1]) for t in targets]
+            targets = [stack.enter_context(local_nginx(Path(tmp) / "nginx", ports))]
+        label = f"one host, {args.processes} processes ({balancer})"
+        for chunk in (1, 32):
+            load_round(args, targets, chunk, label)
+
+
+def load_round(args: argparse.Namespace, targets: list[str], chunk: int, label: str) -> None:
+    """--load-procs load generators at once, spread over the targets."""
     procs = [
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(args.load_procs)
-    ]
+        subprocess.Popen(bench_command(args, targets[i % len(targets)], chunk),
+                         stdout=subprocess.PIPE, text=True)
+        for i in range(args.load_procs)
+    ]  # fmt: skip
     outputs = [p.communicate()[0] for p in procs]
     failed = [p.returncode for p in procs if p.returncode not in (0, 1)]
     if failed:
-        report(f"server, {chunk}-step messages", f"load generator failed: exit codes {failed}")
+        report(f"{label}, {chunk}-step messages", f"load generator failed: exit codes {failed}")
         return
     results = [json.loads(out) for out in outputs]
     total = sum(r["timesteps_per_s"] for r in results)
     p50 = statistics.median(r["latency_p50_s"] for r in results) * 1e3
     p99 = max(r["latency_p99_s"] for r in results) * 1e3
     errors = sum(r["errors"] for r in results)
+    samples = sorted({r["error_sample"] for r in results if r["error_sample"]})
     sessions = args.load_procs * args.load_sessions
     report(
-        f"server, {sessions} sessions x {chunk}-step messages ({args.load_procs} load procs)",
-        f"{total:,.0f} timesteps/s, p50 {p50:.2f} ms, worst p99 {p99:.2f} ms, {errors} errors",
+        f"{label}, {sessions} sessions x {chunk}-step messages ({args.load_procs} load procs)",
+        f"{total:,.0f} timesteps/s, p50 {p50:.2f} ms, worst p99 {p99:.2f} ms, {errors} errors"
+        + (f" (first: {samples[0]})" if samples else ""),
     )
+
+
+def bench_command(args: argparse.Namespace, target: str, chunk: int) -> list[str]:
+    return [
+        sys.executable, "-m", "lstm_stream.client.cli", "bench", "--target", target,
+        "--sessions", str(args.load_sessions), "--chunk", str(chunk),
+        "--duration", str(args.duration), "--packed", "--json",
+    ]  # fmt: skip
 
 
 def main() -> None:
@@ -221,16 +243,20 @@ def main() -> None:
     parser.add_argument("--load-procs", type=int, default=8)
     parser.add_argument("--load-sessions", type=int, default=64)
     parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--processes", type=int, default=4, help="server processes on one host")
+    parser.add_argument("--balancer", choices=("auto", "nginx", "direct"), default="auto")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--out", help="write the table as JSON here")
     args = parser.parse_args()
     if args.quick:
         args.sessions, args.hidden, args.repeats = 16, 16, 3
         args.load_procs, args.load_sessions, args.duration = 2, 2, 0.5
+        args.processes = 2
     device = resolve_device(args.device)
     torch.manual_seed(0)
     engine_checks(args, device)
     server_load(args, device)
+    host_load(args, device)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(ROWS), indent=2))
     print("\n| check | result |\n| --- | --- |")

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+NGINX_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "nginx.conf"
 PORT_PATTERN = re.compile(r"serving on \S+:(\d+)")
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
@@ -94,3 +95,52 @@ def redis_server() -> Iterator[tuple[str, int]]:
     finally:
         process.kill()
         process.wait()
+
+
+def nginx_config(listen_port: int, replica_ports: list[int]) -> str:
+    """The shipped config with its upstream servers and listen address made local."""
+    text = NGINX_CONF.read_text()
+    servers = re.findall(r"^( *)server replica-\d+:50051( [^;]*)?;\n", text, re.M)
+    if not servers:
+        raise ValueError(f"{NGINX_CONF} names no replica-N upstream servers")
+    indent, options = servers[0][0], servers[0][1]
+    local = "".join(f"{indent}server 127.0.0.1:{port}{options};\n" for port in replica_ports)
+    text = re.sub(r"^ *server replica-\d+:50051[^;]*;\n", "", text, flags=re.M)
+    text = text.replace("keepalive 256;", "keepalive 256;\n" + local.rstrip("\n"), 1)
+    text, count = re.subn(r"listen 50051 http2;", f"listen 127.0.0.1:{listen_port} http2;", text)
+    if count != 1:
+        raise ValueError(f"{NGINX_CONF}: expected one 'listen 50051 http2;', found {count}")
+    return text
+
+
+@contextmanager
+def local_nginx(directory: Path, replica_ports: list[int]) -> Iterator[str]:
+    """nginx with the shipped config in front of local servers; yield its target."""
+    binary = shutil.which("nginx")
+    if binary is None:
+        raise RuntimeError("the balancer needs nginx (apt-get install nginx)")
+    port = free_port()
+    (directory / "logs").mkdir(parents=True, exist_ok=True)
+    conf = directory / "nginx.conf"
+    conf.write_text(nginx_config(port, replica_ports))
+    globals_ = f"daemon off; pid {directory}/nginx.pid; error_log {directory}/logs/error.log;"
+    process = subprocess.Popen(
+        [binary, "-p", str(directory), "-c", str(conf), "-g", globals_],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not _listening(port):
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"nginx did not start on port {port}")
+            time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

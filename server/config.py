@@ -131,7 +131,8 @@ _HELP = {
     "state_store_interval_ms": "pause after each write to the state store, so that the next one "
     "gathers more batches: durability lags by about this much, and costs less throughput "
     "(0: write as soon as the last write is done)",
-    "torch_threads": "torch intra-op threads (0: cores minus one)",
+    "torch_threads": "torch intra-op threads (0: per batch, all cores but one for one-step "
+    "chunks and every core for chunks of 8 or more timesteps)",
     "one_step_kernel": "what runs one-step batches: nn.LSTM; fused (one addmm per layer: faster "
     "for small batches on a CPU, but its outputs drift from nn.LSTM's by float rounding, which "
     "a recurrence can amplify past 1e-5); fastest (of the two, per batch size, timed at start)",

@@ -10,7 +10,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -50,9 +50,35 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: taskset, a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_torch_threads() -> int:
     """All cores but one: the event loop needs a core of its own to keep answering."""
-    return max(1, (os.cpu_count() or 2) - 1)
+    return max(1, usable_cores() - 1)
+
+
+CHUNKED_STEPS = 8  # timesteps per row from which a batch's compute outweighs its messages
+
+
+@dataclass(frozen=True)
+class ThreadPolicy:
+    """How many torch threads a batch runs on. Fixed when --torch-threads is set; otherwise a
+    batch of short chunks (one-step traffic, where the event loop is busy with a message per
+    timestep) leaves the loop a core, and a batch of long chunks (CHUNKED_STEPS or more
+    timesteps per row, where the loop idles while the model computes) takes every core."""
+
+    fixed: int = 0
+    cores: int = field(default_factory=usable_cores)
+
+    def threads(self, rows: int, timesteps: int) -> int:
+        if self.fixed:
+            return self.fixed
+        if timesteps >= CHUNKED_STEPS * rows:
+            return self.cores
+        return max(1, self.cores - 1)
 
 
 @dataclass(slots=True)
@@ -115,7 +141,9 @@ class Engine:
         self.pool = StatePool(
             self.config.num_layers, self.config.hidden_size, capacity, device, dtype
         )
-        self.torch_threads = torch_threads or default_torch_threads()
+        self.threads = ThreadPolicy(torch_threads)
+        self.torch_threads = torch_threads or default_torch_threads()  # for one-step batches
+        self._threads_now = self.torch_threads
         # torch's thread count is per thread: set it in the worker that runs the model.
         self._executor = ThreadPoolExecutor(
             max_workers=1,
@@ -179,6 +207,7 @@ class Engine:
         self, x: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> np.ndarray:
         """x (B, T, I) and slots (B,) on the host -> y (B, T, O) float32 on the host."""
+        self._use_threads(self.threads.threads(x.shape[0], x.shape[0] * x.shape[1]))
         x_dev = x.to(self.device, self.dtype, non_blocking=True)
         slots_dev = slots.to(self.device, non_blocking=True)
         if x.shape[1] == 1 and lengths is None:
@@ -188,6 +217,11 @@ class Engine:
             y, (h, c) = self.model(x_dev, (h, c), lengths)  # (B, T, O)
             self.pool.scatter(slots_dev, h, c)
         return self._to_host(y)
+
+    def _use_threads(self, threads: int) -> None:
+        if threads != self._threads_now:  # cheap (well under a microsecond), but not free
+            torch.set_num_threads(threads)
+            self._threads_now = threads
 
     def _to_host(self, y: torch.Tensor) -> np.ndarray:
         """A fresh host array for each batch: its rows are answered after the next batch has

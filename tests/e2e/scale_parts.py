@@ -3,14 +3,12 @@ shipped deploy/nginx/nginx.conf, its upstreams pointed at local replicas)."""
 
 from __future__ import annotations
 
-import re
 import socket
 import subprocess
 from pathlib import Path
 
+from bench.process import nginx_config
 from tests.factories import free_port, require_binary, wait_for
-
-NGINX_CONF = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "nginx.conf"
 
 
 def port_open(port: int) -> bool:
@@ -56,20 +54,6 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def nginx_config(listen_port: int, replica_ports: list[int]) -> str:
-    """The shipped config with its upstream servers and listen address made local."""
-    text = NGINX_CONF.read_text()
-    servers = re.findall(r"^( *)server replica-\d+:50051( [^;]*)?;\n", text, re.M)
-    assert servers, "deploy/nginx/nginx.conf names no replica-N upstream servers"
-    indent, options = servers[0][0], servers[0][1]
-    local = "".join(f"{indent}server 127.0.0.1:{port}{options};\n" for port in replica_ports)
-    text = re.sub(r"^ *server replica-\d+:50051[^;]*;\n", "", text, flags=re.M)
-    text = text.replace("keepalive 256;", "keepalive 256;\n" + local.rstrip("\n"), 1)
-    text, count = re.subn(r"listen 50051 http2;", f"listen 127.0.0.1:{listen_port} http2;", text)
-    assert count == 1, "deploy/nginx/nginx.conf: expected one 'listen 50051 http2;'"
-    return text
 
 
 class Nginx:
