@@ -10,15 +10,18 @@ from typing import Any
 COMPUTE_BATCH, COMPUTE_STEPS = 64, 32  # the bare-model forward: (64, 32, input_size)
 
 
-def time_bare_model(model_dir: Path | None, device: str, repeats: int = 30) -> dict[str, Any]:
-    """Median wall time of SequenceModel's forward on a (64, 32, input) batch with state, at the
-    torch thread count lstm-serve uses by default; in timesteps per second."""
+def time_bare_model(
+    model_dir: Path | None, device: str, repeats: int = 30, threads: int = 0
+) -> dict[str, Any]:
+    """Median wall time of SequenceModel's forward on a (64, 32, input) batch with state, at
+    `threads` torch threads (0: lstm-serve's own for such a batch, every core); in timesteps
+    per second."""
     import torch
 
     from lstm_model import BUNDLED_MODEL_DIR, load_model
-    from server.engine import default_torch_threads
+    from server.engine import ThreadPolicy
 
-    threads = default_torch_threads()
+    threads = threads or ThreadPolicy().threads(COMPUTE_BATCH, COMPUTE_BATCH * COMPUTE_STEPS)
     torch.set_num_threads(threads)
     model = load_model(model_dir or BUNDLED_MODEL_DIR, device=device).model
     x = torch.randn(COMPUTE_BATCH, COMPUTE_STEPS, model.config.input_size, device=device)

@@ -92,8 +92,12 @@ def kernel_times(threads: int, repeats: int = 50, **shape: int) -> list[dict[str
 
 def run_all(repeats: int = 200) -> dict[str, Any]:
     threads = sorted({1, default_torch_threads(), torch.get_num_threads()})
+    kernel_repeats = max(5, repeats // 4)
     kernels = [
-        row for shape in (TINY, INIT256) for t in threads for row in kernel_times(t, **shape)
+        row
+        for shape in (TINY, INIT256)
+        for t in threads
+        for row in kernel_times(t, kernel_repeats, **shape)
     ]
     return {"step_overhead": step_overhead(repeats=repeats), "kernels": kernels}
 

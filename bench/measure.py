@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench import engine_step
 from bench.bare_compute import time_bare_model
 from bench.cpu_meter import BUSY_CORES, CpuMeter, QuietGate
 from bench.process import redis_server, running_server
@@ -38,6 +39,7 @@ class Grid:
     device: str
     retries: int = 0  # reruns of a cell that other processes disturbed
     quiet_budget_s: float = 0.0  # most seconds, over the run, spent waiting for a quiet machine
+    engine_repeats: int = 200  # timed runs of Engine.step (bench/engine_step.py)
 
 
 def measure_cell(
@@ -100,7 +102,7 @@ def measure_settled(
 
 
 def run_grid(grid: Grid) -> dict[str, Any]:
-    from server.engine import resolve_device
+    from server.engine import resolve_device, usable_cores
 
     device = str(resolve_device(grid.device))
     grid = Grid(**{**asdict(grid), "device": device})
@@ -115,10 +117,22 @@ def run_grid(grid: Grid) -> dict[str, Any]:
             meter = CpuMeter()
             model["bare_compute"] = time_bare_model(model_dir, device)
             model["bare_compute"]["other_cpu_cores"] = meter.cores()["other_cpu_cores"]
+            # The yardstick: torch's own default, every core.
+            model["bare_compute_default_threads"] = time_bare_model(
+                model_dir, device, threads=usable_cores()
+            )
             models.append(model)
             for variant in grid.variants:
                 rows += measure_variant(grid, gate, model, model_dir, variant, workdir)
-    return {"machine": machine_info(), "grid": asdict(grid), "models": models, "rows": rows}
+    gate.wait()
+    engine = engine_step.run_all(grid.engine_repeats) if device == "cpu" else None
+    return {
+        "machine": machine_info(),
+        "grid": asdict(grid),
+        "models": models,
+        "rows": rows,
+        "engine": engine,
+    }
 
 
 def machine_info() -> dict[str, Any]:
@@ -135,7 +149,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         **{name: metadata.version(name) for name in ("torch", "grpcio", "protobuf", "numpy")},
-        "server_torch_threads": default_torch_threads(),
+        "server_torch_threads": default_torch_threads(),  # one-step batches; chunked: all
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "bench.run", *sys.argv[1:]]),
     }

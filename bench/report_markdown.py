@@ -88,14 +88,83 @@ def compute_table(doc: dict[str, Any]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for model in doc["models"]:
-        bare = model["bare_compute"]
         shipped = find_row(doc["rows"], model["key"], "shipped", COMPUTE_BATCH, COMPUTE_STEPS)
-        ratio = f"{shipped['timesteps_per_s'] / bare['timesteps_per_s']:.2f}" if shipped else "—"
-        lines.append(
-            f"| `{model['key']}` | {bare['torch_threads']} | {bare['median_s'] * 1e3:.2f} ms "
-            f"| {bare['timesteps_per_s']:,.0f} | {_rate(shipped)} | {ratio} |"
-        )
+        runs = [model["bare_compute"], model.get("bare_compute_default_threads")]
+        seen = set()
+        for bare in runs:
+            if not bare or bare["torch_threads"] in seen:
+                continue
+            seen.add(bare["torch_threads"])
+            ratio = (
+                f"{shipped['timesteps_per_s'] / bare['timesteps_per_s']:.2f}" if shipped else "—"
+            )
+            lines.append(
+                f"| `{model['key']}` | {bare['torch_threads']} | {bare['median_s'] * 1e3:.2f} ms "
+                f"| {bare['timesteps_per_s']:,.0f} | {_rate(shipped)} | {ratio} |"
+            )
     return lines
+
+
+def targets_table(doc: dict[str, Any]) -> list[str]:
+    """Issue 14's targets on this machine, each from this run's own rows."""
+    rows, model = doc["rows"], "init256"
+    one = {v: find_row(rows, model, v, 64, 1) for v in ("shipped", "echo", "unbatched")}
+    chunked = find_row(rows, model, "shipped", COMPUTE_BATCH, COMPUTE_STEPS)
+    bare = next((m.get("bare_compute_default_threads") for m in doc["models"]
+                 if m["key"] == model), None)  # fmt: skip
+    checks: list[tuple[str, float | None, float, str]] = []
+    if all(one.values()):
+        s, e, u = one["shipped"], one["echo"], one["unbatched"]
+        checks += [
+            ("64 sessions, 1-step: shipped / echo ts/s", _div(s, e), 0.7, ">="),
+            ("64 sessions, 1-step: shipped / unbatched ts/s", _div(s, u), 5.0, ">="),
+            ("64 sessions, 1-step: shipped p99 / echo p99",
+             s["latency_p99_s"] / e["latency_p99_s"], 2.0, "<="),
+        ]  # fmt: skip
+    if chunked and bare:
+        ratio = chunked["timesteps_per_s"] / bare["timesteps_per_s"]
+        checks.append(
+            (f"64 sessions, 32-step: shipped / bare 64 × 32 forward ({bare['torch_threads']} "
+             "threads)", ratio, 0.6, ">="),
+        )  # fmt: skip
+    engine = doc.get("engine")
+    if engine:
+        overhead = engine["step_overhead"]
+        checks.append(
+            (f"`Engine.step` host work per row, {overhead['rows']:,} one-step rows (µs)",
+             overhead["host_us_per_row"], 0.3, "<="),
+        )  # fmt: skip
+    lines = ["| target (`init256`) | measured | goal | met |", "| --- | --- | --- | --- |"]
+    for name, value, goal, sense in checks:
+        met = value is not None and (value >= goal if sense == ">=" else value <= goal)
+        shown = "—" if value is None else f"{value:.2f}"
+        lines.append(f"| {name} | {shown} | {sense} {goal:g} | {'yes' if met else '**no**'} |")
+    return lines
+
+
+def _div(top: Row, bottom: Row) -> float | None:
+    return top["timesteps_per_s"] / bottom["timesteps_per_s"] if bottom["timesteps_per_s"] else None
+
+
+def engine_lines(doc: dict[str, Any]) -> list[str]:
+    from bench.engine_step import kernel_table, overhead_lines
+
+    engine = doc.get("engine")
+    if not engine:
+        return []
+    return [
+        "## The engine alone",
+        "",
+        "`python -m bench.engine_step`, in the same run. The host work per row is `Engine.step`'s",
+        "median less the median of the same batch's compute alone (gather, one step, scatter on",
+        "tensors already built). The kernels: one timestep of `nn.LSTM` (through the model)",
+        "against `FusedStep` (one `addmm` per layer), median µs, zero state.",
+        "",
+        *overhead_lines(engine),
+        "",
+        *kernel_table(engine),
+        "",
+    ]
 
 
 def machine_lines(doc: dict[str, Any]) -> list[str]:
@@ -104,8 +173,9 @@ def machine_lines(doc: dict[str, Any]) -> list[str]:
         f"- CPU: {m['cpu']}, {m['cores']} cores ({m['platform']})",
         f"- Python {m['python']}, torch {m['torch']}, grpcio {m['grpcio']}, "
         f"protobuf {m['protobuf']}, numpy {m['numpy']}",
-        f"- lstm-serve on `{grid['device']}` with {m['server_torch_threads']} torch thread(s) "
-        "(its default: cores minus one); the load generator runs on the same machine",
+        f"- lstm-serve on `{grid['device']}` with its default torch threads: "
+        f"{m['server_torch_threads']} for one-step batches, every core ({m['cores']}) for "
+        "chunks of 8 steps or more; the load generator runs on the same machine",
         f"- {grid['duration_s']:g} s measured per cell after {grid['warmup_s']:g} s of warm-up",
         background_line(doc["rows"]),
         f"- run {m['date']}: `{m['command']}`",
@@ -155,13 +225,19 @@ def render_markdown(doc: dict[str, Any], plot_name: str = "img/benchmarks.png") 
         "",
         *machine_lines(doc),
         "",
+        "## Targets (issue 14)",
+        "",
+        *targets_table(doc),
+        "",
         "## The model's own compute rate",
         "",
         "`SequenceModel.forward` of a 64 × 32 batch (with state, `torch.inference_mode`), timed in",
-        "the same run, with lstm-serve's torch thread count.",
+        "the same run: at the thread count lstm-serve gives such a batch, and at torch's default",
+        "(every core) when that differs.",
         "",
         *compute_table(doc),
         "",
+        *engine_lines(doc),
         "## Results",
         "",
         f"![timesteps/s against concurrent sessions]({plot_name})",

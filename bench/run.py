@@ -75,6 +75,7 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         duration_s=args.duration or (0.5 if quick else 5.0),
         warmup_s=args.warmup if args.warmup is not None else (0.2 if quick else 1.0),
         device=args.device,
+        engine_repeats=20 if quick else 200,
         retries=args.retries if args.retries is not None else (0 if quick else 1),
         quiet_budget_s=args.quiet_budget
         if args.quiet_budget is not None

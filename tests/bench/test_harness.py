@@ -53,6 +53,12 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
     png = (tmp_path / "img" / "benchmarks.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1024
     assert doc["models"][0]["bare_compute"]["timesteps_per_s"] > 0
+    overhead = doc["engine"]["step_overhead"]
+    assert overhead["rows"] == 1024 and overhead["step_s"] > overhead["compute_s"] > 0
+    assert {(k["hidden"], k["rows"]) for k in doc["engine"]["kernels"]} == {
+        (h, r) for h in (8, 256) for r in (1, 64, 1024)
+    }
+    assert "## Targets (issue 14)" in markdown and "host work" in markdown
 
 
 def test_echo_server_answers_with_outputs_of_the_message_shape():
