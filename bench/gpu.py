@@ -81,9 +81,12 @@ def make_engine(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     graphs: bool | None = None,
+    kernel: str = "nn.LSTM",
 ) -> Engine:
     loaded = LoadedModel(init_model(32, args.hidden, 2, 8, seed=0), "bench", Path("."))
-    return Engine(loaded, args.sessions, device, dtype, args.sessions, one_step_graphs=graphs)
+    return Engine(
+        loaded, args.sessions, device, dtype, args.sessions, graphs, one_step_kernel=kernel
+    )
 
 
 def engine_checks(args: argparse.Namespace, device: torch.device) -> None:
@@ -133,6 +136,22 @@ def engine_checks(args: argparse.Namespace, device: torch.device) -> None:
             f"engine.step {label}, {sessions} x 1 step (wall, with copies)",
             f"{seconds * 1e6:.1f} us = {sessions / seconds:,.0f} timesteps/s",
         )
+
+    # The lean step (lstm_model/fused.py) in the same graphs: its time and its distance from
+    # nn.LSTM's outputs over 8 one-step rounds (the drift a recurrence adds).
+    fused = make_engine(args, device, graphs=True, kernel="fused")
+    seconds = median_time(lambda: fused.step(batch), args.repeats, device)
+    report(
+        f"engine.step graphs, fused kernel, {sessions} x 1 step (wall, with copies)",
+        f"{seconds * 1e6:.1f} us = {sessions / seconds:,.0f} timesteps/s",
+    )
+    reference = make_engine(args, device, graphs=True)
+    worst = 0.0
+    for r in range(8):
+        rows = one_step_batch(sessions, 32, seed=20 + r)
+        for a, b in zip(fused.step(rows).rows, reference.step(rows).rows, strict=True):
+            worst = max(worst, float(np.abs(a - b).max()))
+    report("max |fused kernel - nn.LSTM|, 8 one-step rounds", f"{worst:.2e}")
 
     chunk_sessions = min(256, sessions)
     x = np.random.default_rng(2).standard_normal((chunk_sessions, 32, 32)).astype(np.float32)

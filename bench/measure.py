@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import engine_step
+from bench import engine_step, wire
 from bench.bare_compute import time_bare_model
 from bench.cpu_meter import BUSY_CORES, CpuMeter, QuietGate
 from bench.process import redis_server, running_server
@@ -126,12 +126,14 @@ def run_grid(grid: Grid) -> dict[str, Any]:
                 rows += measure_variant(grid, gate, model, model_dir, variant, workdir)
     gate.wait()
     engine = engine_step.run_all(grid.engine_repeats) if device == "cpu" else None
+    wire_costs = wire.run_all(grid.engine_repeats * 10)
     return {
         "machine": machine_info(),
         "grid": asdict(grid),
         "models": models,
         "rows": rows,
         "engine": engine,
+        "wire": wire_costs,
     }
 
 

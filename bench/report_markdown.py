@@ -142,6 +142,23 @@ def targets_table(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def wire_lines(doc: dict[str, Any]) -> list[str]:
+    from bench.wire import wire_table
+
+    if not doc.get("wire"):
+        return []
+    return [
+        "## One message's encoding",
+        "",
+        "`python -m bench.wire`, in the same run: the server's side of one StreamSteps message",
+        "with each encoding (DESIGN 1.6), in process: parse and decode the request, set the",
+        "outputs and serialise the response (medians).",
+        "",
+        *wire_table(doc["wire"]),
+        "",
+    ]
+
+
 def _div(top: Row, bottom: Row) -> float | None:
     return top["timesteps_per_s"] / bottom["timesteps_per_s"] if bottom["timesteps_per_s"] else None
 
@@ -238,6 +255,7 @@ def render_markdown(doc: dict[str, Any], plot_name: str = "img/benchmarks.png") 
         *compute_table(doc),
         "",
         *engine_lines(doc),
+        *wire_lines(doc),
         "## Results",
         "",
         f"![timesteps/s against concurrent sessions]({plot_name})",
