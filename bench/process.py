@@ -123,17 +123,20 @@ def local_nginx(directory: Path, replica_ports: list[int]) -> Iterator[str]:
     (directory / "logs").mkdir(parents=True, exist_ok=True)
     conf = directory / "nginx.conf"
     conf.write_text(nginx_config(port, replica_ports))
-    globals_ = f"daemon off; pid {directory}/nginx.pid; error_log {directory}/logs/error.log;"
-    process = subprocess.Popen(
-        [binary, "-p", str(directory), "-c", str(conf), "-g", globals_],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    error_log = directory / "logs" / "error.log"
+    globals_ = f"daemon off; pid {directory}/nginx.pid; error_log {error_log};"
+    with (directory / "logs" / "stderr.log").open("w") as stderr:
+        process = subprocess.Popen(
+            [binary, "-p", str(directory), "-c", str(conf), "-g", globals_],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     try:
         deadline = time.monotonic() + 10
         while not _listening(port):
             if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"nginx did not start on port {port}")
+                said = "".join(p.read_text(errors="replace") for p in directory.glob("logs/*.log"))
+                raise RuntimeError(f"nginx did not start on port {port}: {said[-2000:]}")
             time.sleep(0.05)
         yield f"127.0.0.1:{port}"
     finally:

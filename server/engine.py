@@ -90,6 +90,12 @@ class StepOutputs:
     uniform: np.ndarray | None = None
 
 
+def _init_worker(threads: int, device: torch.device) -> None:
+    torch.set_num_threads(threads)
+    if device.type == "cuda":  # streams and graphs made on this thread belong to this device
+        torch.cuda.set_device(device)
+
+
 class Staging:
     """Host buffers reused batch after batch (pinned on CUDA, so one copy reaches the device):
     a batch's inputs are joined straight into one, its slot indices into another."""
@@ -144,12 +150,13 @@ class Engine:
         self.threads = ThreadPolicy(torch_threads)
         self.torch_threads = torch_threads or default_torch_threads()  # for one-step batches
         self._threads_now = self.torch_threads
-        # torch's thread count is per thread: set it in the worker that runs the model.
+        # torch's thread count (and current CUDA device) is per thread: set them in the worker
+        # that runs the model.
         self._executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="engine",
-            initializer=torch.set_num_threads,
-            initargs=(self.torch_threads,),
+            initializer=_init_worker,
+            initargs=(self.torch_threads, device),
         )
         self._staging = Staging(self.config.input_size, device)
         self._no_outputs = np.zeros((0, self.config.output_size), dtype=np.float32)

@@ -154,7 +154,8 @@ class OneStepRunner:
         if self._forced:
             return 0.0
         run = graph.replay if graph is not None else lambda: self._step(bucket, kernel)
-        sync = torch.cuda.synchronize if bucket.x.is_cuda else lambda: None
+        device = bucket.x.device
+        sync = (lambda: torch.cuda.synchronize(device)) if bucket.x.is_cuda else lambda: None
         times = []
         for _ in range(4):  # the first warms up
             sync()
@@ -166,7 +167,7 @@ class OneStepRunner:
 
     def _capture(self, bucket: _Bucket, kernel: str) -> torch.cuda.CUDAGraph | None:
         try:
-            side = torch.cuda.Stream()
+            side = torch.cuda.Stream(device=bucket.x.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):  # warm-up: cuDNN picks its kernels and workspace
