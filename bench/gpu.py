@@ -54,6 +54,12 @@ def median_time(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def engine_time(engine: Engine, batch: list[StepWork], repeats: int, device: torch.device) -> float:
+    """Median seconds of engine.step(batch) on the engine's own worker thread, as the server
+    runs it (its torch threads and CUDA device are set there)."""
+    return engine.run_on_worker(lambda: median_time(lambda: engine.step(batch), repeats, device))
+
+
 def replay_time(engine: Engine, size: int, repeats: int) -> float:
     """Median device time of one graph replay of the `size` bucket (CUDA events)."""
     bucket = engine.one_step._bucket(size)
@@ -131,7 +137,7 @@ def engine_checks(args: argparse.Namespace, device: torch.device) -> None:
             f"{replay_time(graphs, sessions, args.repeats) * 1e6:.1f} us",
         )
     for label, engine in (("graphs", graphs), ("plain", plain)):
-        seconds = median_time(lambda engine=engine: engine.step(batch), args.repeats, device)
+        seconds = engine_time(engine, batch, args.repeats, device)
         report(
             f"engine.step {label}, {sessions} x 1 step (wall, with copies)",
             f"{seconds * 1e6:.1f} us = {sessions / seconds:,.0f} timesteps/s",
@@ -140,7 +146,7 @@ def engine_checks(args: argparse.Namespace, device: torch.device) -> None:
     # The lean step (lstm_model/fused.py) in the same graphs: its time and its distance from
     # nn.LSTM's outputs over 8 one-step rounds (the drift a recurrence adds).
     fused = make_engine(args, device, graphs=True, kernel="fused")
-    seconds = median_time(lambda: fused.step(batch), args.repeats, device)
+    seconds = engine_time(fused, batch, args.repeats, device)
     report(
         f"engine.step graphs, fused kernel, {sessions} x 1 step (wall, with copies)",
         f"{seconds * 1e6:.1f} us = {sessions / seconds:,.0f} timesteps/s",
@@ -156,7 +162,7 @@ def engine_checks(args: argparse.Namespace, device: torch.device) -> None:
     chunk_sessions = min(256, sessions)
     x = np.random.default_rng(2).standard_normal((chunk_sessions, 32, 32)).astype(np.float32)
     chunk = [StepWork(s, x[s]) for s in range(chunk_sessions)]
-    seconds = median_time(lambda: plain.step(chunk), args.repeats, device)
+    seconds = engine_time(plain, chunk, args.repeats, device)
     report(
         f"engine.step, {chunk_sessions} x 32 steps",
         f"{chunk_sessions * 32 / seconds:,.0f} timesteps/s",
@@ -174,7 +180,7 @@ def engine_checks(args: argparse.Namespace, device: torch.device) -> None:
         one = one_step_batch(sessions, 32, seed=3)
         got, ref = np.concatenate(low.step(one).rows), np.concatenate(full.step(one).rows)
         rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-        seconds = median_time(lambda low=low: low.step(batch), args.repeats, device)
+        seconds = engine_time(low, batch, args.repeats, device)
         report(
             f"{label}: rel. error vs float32; engine.step {sessions} x 1",
             f"{rel:.1e}; {seconds * 1e6:.1f} us",
