@@ -13,13 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from lstm_model.checkpoint import BUNDLED_MODEL_DIR
+from server.one_step import CHOICES as ONE_STEP_KERNELS
 
 ENV_PREFIX = "LSTM_SERVE_"
 STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-ONE_STEP_KERNELS = ("nn.LSTM", "fused", "fastest")
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,7 @@ class ServerConfig:
     snapshot_discard_invalid: bool = False  # start empty instead of refusing a bad snapshot
     state_store: str = ""  # redis://HOST:PORT/DB: durable sessions shared by replicas
     state_store_interval_ms: float = 100.0  # pause between writes (0: after every batch)
-    torch_threads: int = 0  # 0: all cores but the one the event loop runs on
+    torch_threads: int = 0  # 0: per batch (server/engine.py ThreadPolicy)
     one_step_kernel: str = "nn.LSTM"  # nn.LSTM | fused | fastest (server/one_step.py)
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"

@@ -56,8 +56,8 @@ def usable_cores() -> int:
 
 
 def default_torch_threads() -> int:
-    """All cores but one: the event loop needs a core of its own to keep answering."""
-    return max(1, usable_cores() - 1)
+    """A one-step batch's threads by default: all cores but the event loop's."""
+    return ThreadPolicy().threads(rows=1, timesteps=1)
 
 
 CHUNKED_STEPS = 8  # timesteps per row from which a batch's compute outweighs its messages
@@ -134,7 +134,7 @@ class Engine:
         dtype: torch.dtype,
         max_batch_size: int = 256,
         one_step_graphs: bool | None = None,  # None: on CUDA only
-        torch_threads: int = 0,  # 0: default_torch_threads()
+        torch_threads: int = 0,  # 0: per batch (ThreadPolicy)
         one_step_kernel: str = "nn.LSTM",  # nn.LSTM | fused | fastest (server/one_step.py)
     ) -> None:
         self.model = loaded.model.to(device=device, dtype=dtype).eval()
@@ -148,7 +148,7 @@ class Engine:
             self.config.num_layers, self.config.hidden_size, capacity, device, dtype
         )
         self.threads = ThreadPolicy(torch_threads)
-        self.torch_threads = torch_threads or default_torch_threads()  # for one-step batches
+        self.torch_threads = self.threads.threads(rows=1, timesteps=1)  # a one-step batch's
         self._threads_now = self.torch_threads
         # torch's thread count (and current CUDA device) is per thread: set them in the worker
         # that runs the model.

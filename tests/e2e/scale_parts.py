@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from bench.process import nginx_config
+from bench.process import local_nginx
 from tests.factories import free_port, require_binary, wait_for
 
 
@@ -56,33 +58,9 @@ class RedisServer:
         self.stop()
 
 
-class Nginx:
-    def __init__(self, directory: Path, replica_ports: list[int]) -> None:
-        binary = require_binary("nginx")
-        self.port = free_port()
-        (directory / "logs").mkdir(parents=True, exist_ok=True)
-        conf = directory / "nginx.conf"
-        conf.write_text(nginx_config(self.port, replica_ports))
-        self.error_log = directory / "logs" / "error.log"
-        globals_ = f"daemon off; pid {directory}/nginx.pid; error_log {self.error_log} notice;"
-        self.process = subprocess.Popen(
-            [binary, "-p", str(directory), "-c", str(conf), "-g", globals_],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(lambda: port_open(self.port), 10, what="nginx to listen")
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-    def __enter__(self) -> Nginx:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+@contextmanager
+def nginx(directory: Path, replica_ports: list[int]) -> Iterator[str]:
+    """nginx with the shipped config in front of local replicas; yield its target."""
+    require_binary("nginx")
+    with local_nginx(directory, replica_ports) as target:
+        yield target

@@ -14,7 +14,7 @@ import torch
 from lstm_stream.client import AsyncStreamingClient, ClientOptions, LstmStreamError, StreamingClient
 from lstm_stream.v1 import inference_pb2 as pb
 from server import transfer
-from tests.e2e.scale_parts import Nginx, RedisServer
+from tests.e2e.scale_parts import RedisServer, nginx
 from tests.factories import (
     ServeProcess,
     free_port,
@@ -67,8 +67,8 @@ def test_sessions_stay_on_one_replica_and_survive_a_killed_one(bundled_model, tm
     with RedisServer() as store:
         replicas = [start_replica(store.url) for _ in range(REPLICAS)]
         try:
-            with Nginx(tmp_path / "nginx", [r.port for r in replicas]) as nginx:
-                results, observed = asyncio.run(drive(nginx.target, inputs, plans, replicas, store))
+            with nginx(tmp_path / "nginx", [r.port for r in replicas]) as balancer:
+                results, observed = asyncio.run(drive(balancer, inputs, plans, replicas, store))
             survivors = replicas[1:]
             assert sum(counts(survivors, "lstm_sessions_active")) == 0  # all ended
             for replica in survivors:  # a clean stop writes what is staged
@@ -304,8 +304,8 @@ def test_batch_fed_sessions_stay_on_their_replica_and_survive_a_killed_one(bundl
     with RedisServer() as store:
         replicas = [start_replica(store.url) for _ in range(REPLICAS)]
         try:
-            with Nginx(tmp_path / "nginx", [r.port for r in replicas]) as nginx:
-                options = ClientOptions(target=nginx.target, partitions=32, **OPTIONS)
+            with nginx(tmp_path / "nginx", [r.port for r in replicas]) as balancer:
+                options = ClientOptions(target=balancer, partitions=32, **OPTIONS)
                 with StreamingClient(options=options) as client:
                     for round_ in range(10):
                         result = client.step_batch(batch(round_))
