@@ -1,4 +1,4 @@
-"""lstm-model: create, import, train and evaluate model directories."""
+"""lstm-model: create, import, publish, train and evaluate model directories."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from lstm_model.checkpoint import BUNDLED_MODEL_DIR, ModelLoadError, load_model, save_model
 from lstm_model.config import ConfigError, LSTMConfig
 from lstm_model.model import SequenceModel
+from lstm_model.repository import PublishError, identity_from_path, publish
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -35,6 +36,7 @@ def init_model(
     kind: str = "regression",
     labels: tuple[str, ...] = (),
     name: str = "random",
+    version: str = "1",
 ) -> SequenceModel:
     """A randomly initialised model (PyTorch's default LSTM init), reproducible from `seed`."""
     config = LSTMConfig(
@@ -45,6 +47,7 @@ def init_model(
         output_kind=kind,
         labels=labels,
         name=name,
+        version=version,
         extra={"seed": seed},
     )
     torch.manual_seed(seed)
@@ -61,8 +64,16 @@ def _refuse_to_overwrite(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out {out}: exists and is not empty (--force overwrites it)")
 
 
+def _identity(args: argparse.Namespace, default_name: str) -> tuple[str, str]:
+    """(name, version) for the config: --out REPO/NAME/VERSION names them unless --name does."""
+    from_path = None if args.name else identity_from_path(Path(args.out))
+    name, version = from_path or (args.name or default_name, "1")
+    return name, args.version or version
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
     _refuse_to_overwrite(args)
+    name, version = _identity(args, "random")
     model = init_model(
         args.input_size,
         args.hidden_size,
@@ -71,11 +82,12 @@ def _cmd_init(args: argparse.Namespace) -> int:
         args.seed,
         args.kind,
         args.labels or (),
-        args.name,
+        name,
+        version,
     )
     save_model(model, args.out)
     print(
-        f"wrote {args.out}: {model.config.name} input={args.input_size} "
+        f"wrote {args.out}: {name} v{version} input={args.input_size} "
         f"hidden={args.hidden_size} layers={args.num_layers} output={args.output_size}"
     )
     return 0
@@ -85,6 +97,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from lstm_model.importer import import_state_dict, read_state_dict
 
     _refuse_to_overwrite(args)
+    name, version = _identity(args, Path(args.checkpoint).stem)
     state = read_state_dict(Path(args.checkpoint))
     model = import_state_dict(
         state,
@@ -94,15 +107,22 @@ def _cmd_import(args: argparse.Namespace) -> int:
         args.labels or (),
         args.mean or (),
         args.std or (),
-        args.name or Path(args.checkpoint).stem,
+        name,
         source=args.checkpoint,
+        version=version,
     )
     save_model(model, args.out)
     c = model.config
     print(
-        f"wrote {args.out}: {c.name} input={c.input_size} hidden={c.hidden_size} "
+        f"wrote {args.out}: {c.name} v{c.version} input={c.input_size} hidden={c.hidden_size} "
         f"layers={c.num_layers} output={c.output_size} kind={c.output_kind}"
     )
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    path, version = publish(Path(args.model_dir), Path(args.repository), args.name or "")
+    print(f"published {args.model_dir} as {path.parent.name} v{version}: {path}")
     return 0
 
 
@@ -132,6 +152,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _identity_arguments(p: argparse.ArgumentParser, default_name: str) -> None:
+    p.add_argument(
+        "--name",
+        help=f"model name in config.json (default: NAME when --out is REPO/NAME/VERSION, "
+        f"else {default_name})",
+    )
+    p.add_argument(
+        "--version",
+        help="version in config.json (default: VERSION when --out is REPO/NAME/VERSION and "
+        "--name is not given, else 1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lstm-model", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kind", choices=["regression", "classification"], default="regression")
     p.add_argument("--labels", type=_labels, help="comma-separated class labels")
-    p.add_argument("--name", default="random")
+    _identity_arguments(p, "random")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     p.set_defaults(run=_cmd_init)
 
@@ -160,9 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=_labels)
     p.add_argument("--mean", type=_floats, help="per-feature input mean, comma-separated")
     p.add_argument("--std", type=_floats, help="per-feature input std, comma-separated")
-    p.add_argument("--name")
+    _identity_arguments(p, "the checkpoint's file name")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     p.set_defaults(run=_cmd_import)
+
+    p = sub.add_parser(
+        "publish", help="add a model directory to a repository as its next version, atomically"
+    )
+    p.add_argument("model_dir", help="model directory to copy (config.json + model.safetensors)")
+    p.add_argument("--repository", required=True, help="repository: REPO/NAME/VERSION/")
+    p.add_argument("--name", help="model name in the repository (default: the config's name)")
+    p.set_defaults(run=_cmd_publish)
 
     p = sub.add_parser("eval", help="held-out accuracy after 10/25/50/100 timesteps")
     p.add_argument("model_dir", nargs="?", default=str(BUNDLED_MODEL_DIR))
@@ -182,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ModelLoadError, ConfigError) as exc:
+    except (ModelLoadError, ConfigError, PublishError) as exc:
         print(f"lstm-model: {exc}", file=sys.stderr)
         return 2
 

@@ -81,6 +81,7 @@ def import_state_dict(
     std: tuple[float, ...] = (),
     name: str = "imported",
     source: str = "checkpoint",
+    version: str = "1",
 ) -> SequenceModel:
     lstm = {k[len(lstm_prefix) :]: v for k, v in state.items() if k.startswith(lstm_prefix)}
     head = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)}
@@ -106,6 +107,7 @@ def import_state_dict(
         input_mean=mean,
         input_std=std,
         name=name,
+        version=version,
     )
     tensors = {f"lstm.{k}": v.float() for k, v in lstm.items()}
     tensors |= {f"head.{k}": v.float() for k, v in head.items()}
