@@ -21,7 +21,7 @@ from lstm_stream.client.errors import LstmStreamError, from_rpc_error
 from lstm_stream.client.ledger import Chunk
 from lstm_stream.client.options import ClientOptions
 from lstm_stream.client.policy import ArrayLike, StreamRetry, UnaryRetry, as_rows, new_session_id
-from lstm_stream.client.session_core import SessionCore
+from lstm_stream.client.session_core import SessionCore, placement
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 
@@ -44,8 +44,8 @@ class AsyncStreamingClient:
         self.options = options
         self._channel = make_channel(options)
         self.stub = pb_grpc.InferenceServiceStub(self._channel)
-        self._info: asyncio.Task[pb.GetModelInfoResponse] | None = None
-        self._batches: AsyncBatchFeeder | None = None
+        self._info: dict[tuple[str, int], asyncio.Future[pb.GetModelInfoResponse]] = {}
+        self._batches: dict[tuple[str, int], AsyncBatchFeeder] = {}
 
     async def __aenter__(self) -> AsyncStreamingClient:
         return self
@@ -54,8 +54,8 @@ class AsyncStreamingClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._batches is not None:
-            self._batches.close_streams()
+        for feeder in self._batches.values():
+            feeder.close_streams()
         await self._channel.close()
 
     async def call(self, method: str, request: Any, session_id: str = "") -> Any:
@@ -74,37 +74,59 @@ class AsyncStreamingClient:
                     raise retry.final(err) from None
                 await asyncio.sleep(wait)
 
-    async def info(self) -> pb.GetModelInfoResponse:
-        """The model's description, asked once: sessions opened at once share one call."""
-        if self._info is None or _failed(self._info):
-            self._info = asyncio.ensure_future(self.call("GetModelInfo", pb.GetModelInfoRequest()))
-        return await asyncio.shield(self._info)
+    async def info(self, model: str = "", model_version: int = 0) -> pb.GetModelInfoResponse:
+        """A model version's description ('' and 0: the default model's newest ready version),
+        asked once each: sessions opened at once share one call."""
+        key = (model, model_version)
+        if key not in self._info or _failed(self._info[key]):
+            request = pb.GetModelInfoRequest(model=model, model_version=model_version)
+            self._info[key] = asyncio.ensure_future(self.call("GetModelInfo", request))
+        return await asyncio.shield(self._info[key])
 
-    def open_session(self, session_id: str | None = None) -> Opening:
-        """Create a session (a new unguessable id unless one is given): `await` it, or use it
-        as `async with client.open_session() as session` (closed at the end)."""
-        return Opening(self._open_session(session_id))
+    async def list_models(self) -> pb.ListModelsResponse:
+        """Every model the server holds, each version with its state and live sessions."""
+        return await self.call("ListModels", pb.ListModelsRequest())
+
+    def open_session(
+        self, session_id: str | None = None, model: str = "", model_version: int = 0
+    ) -> Opening:
+        """Create a session (a new unguessable id unless one is given) on a model version ('' and
+        0: the default model's newest ready version): `await` it, or use it as `async with
+        client.open_session() as session` (closed at the end)."""
+        return Opening(self._open_session(session_id, model, model_version))
 
     def attach(self, session_id: str) -> Opening:
         """Continue an existing session from the server's next step (await it, or `async
         with`)."""
         return Opening(self._attach(session_id))
 
-    async def _open_session(self, session_id: str | None) -> AsyncStreamSession:
+    async def _open_session(
+        self, session_id: str | None, model: str, model_version: int
+    ) -> AsyncStreamSession:
         generated = not session_id
         session_id = session_id or new_session_id()
+        request = pb.CreateSessionRequest(
+            session_id=session_id, model=model, model_version=model_version
+        )
         try:
-            await self.call(
-                "CreateSession", pb.CreateSessionRequest(session_id=session_id), session_id
-            )
+            created = (await self.call("CreateSession", request, session_id)).session
         except LstmStreamError as err:
             if not (generated and err.reason == "SESSION_EXISTS"):
                 raise
-        return AsyncStreamSession(self, await self.info(), session_id, next_step=0)
+            created = await self.get_session(session_id)
+        return await self._session(session_id, 0, created, model, model_version)
 
     async def _attach(self, session_id: str) -> AsyncStreamSession:
         session = await self.get_session(session_id)
-        return AsyncStreamSession(self, await self.info(), session_id, session.next_step)
+        return await self._session(session_id, session.next_step, session)
+
+    async def _session(
+        self, session_id: str, next_step: int, placed: pb.Session, model: str = "", version: int = 0
+    ) -> AsyncStreamSession:
+        info = await self.info(*placement(placed, model, version))
+        return AsyncStreamSession(
+            self, info, session_id, next_step, placed.model, placed.model_version
+        )
 
     async def get_session(self, session_id: str) -> pb.Session:
         request = pb.GetSessionRequest(session_id=session_id)
@@ -113,33 +135,48 @@ class AsyncStreamingClient:
     async def delete_session(self, session_id: str) -> None:
         await self.call("DeleteSession", pb.DeleteSessionRequest(session_id=session_id), session_id)
 
-    async def batches(self) -> AsyncBatchFeeder:
-        """What feeds sessions by batch calls: their ledgers, shared by step_batch and
-        stream_batches."""
-        if self._batches is None:
-            self._batches = AsyncBatchFeeder(self, await self.info())
-        return self._batches
+    async def batches(self, model: str = "", model_version: int = 0) -> AsyncBatchFeeder:
+        """What feeds sessions of a model version by batch calls: their ledgers, shared by
+        step_batch and stream_batches."""
+        key = (model, model_version)
+        if key not in self._batches:
+            info = await self.info(model, model_version)
+            self._batches.setdefault(key, AsyncBatchFeeder(self, info, model, model_version))
+        return self._batches[key]
 
     async def step_batch(
         self,
         chunks: Mapping[str, ArrayLike],
         reset: Collection[str] = (),
         end: Collection[str] = (),
+        model: str = "",
+        model_version: int = 0,
     ) -> BatchResult:
         """The next chunk of many sessions in one call; see StreamingClient.step_batch."""
-        return await (await self.batches()).step(chunks, reset, end)
+        return await (await self.batches(model, model_version)).step(chunks, reset, end)
 
     async def stream_batches(
-        self, batches: Iterable[Mapping[str, ArrayLike]], window: int = 4
+        self,
+        batches: Iterable[Mapping[str, ArrayLike]],
+        window: int = 4,
+        model: str = "",
+        model_version: int = 0,
     ) -> AsyncIterator[BatchResult]:
         """step_batch over one stream, up to `window` batches in flight; a result per batch."""
-        async for result in (await self.batches()).stream(batches, window):
+        async for result in (await self.batches(model, model_version)).stream(batches, window):
             yield result
 
-    async def predict(self, inputs: ArrayLike) -> np.ndarray:
-        info = await self.info()
+    async def predict(
+        self, inputs: ArrayLike, model: str = "", model_version: int = 0
+    ) -> np.ndarray:
+        info = await self.info(model, model_version)
         rows = as_rows(inputs, info.input_size)
-        request = pb.PredictRequest(packed_inputs=rows.astype("<f4").tobytes(), num_steps=len(rows))
+        request = pb.PredictRequest(
+            packed_inputs=rows.astype("<f4").tobytes(),
+            num_steps=len(rows),
+            model=model,
+            model_version=model_version,
+        )
         response = await self.call("Predict", request)
         return np.frombuffer(response.packed_outputs, "<f4").reshape(-1, info.output_size).copy()
 
@@ -172,8 +209,10 @@ class AsyncStreamSession(SessionCore):
         info: pb.GetModelInfoResponse,
         session_id: str,
         next_step: int = 0,
+        model: str = "",
+        model_version: int = 0,
     ) -> None:
-        super().__init__(client.options, info, session_id, next_step)
+        super().__init__(client.options, info, session_id, next_step, model, model_version)
         self._client = client
         self._call: grpc.aio.StreamStreamCall | None = None
 

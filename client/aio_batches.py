@@ -28,11 +28,18 @@ Inflight = deque[tuple[BatchResult, list[tuple[str, list[Item]]]]]
 class AsyncBatchFeeder:
     """Feeds many sessions by batch calls (`AsyncStreamingClient.batches()`)."""
 
-    def __init__(self, client: AsyncStreamingClient, info: pb.GetModelInfoResponse) -> None:
+    def __init__(
+        self,
+        client: AsyncStreamingClient,
+        info: pb.GetModelInfoResponse,
+        model: str = "",
+        model_version: int = 0,
+    ) -> None:
+        """Sessions of one model version, `info` its description (see BatchFeeder)."""
         self._client = client
         self._options = client.options
         self.create_missing = True
-        self.book = BatchBook(client.options, info)
+        self.book = BatchBook(client.options, info, model, model_version)
         self._streams: dict[str, Any] = {}
         self.recoveries = 0
 

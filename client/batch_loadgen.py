@@ -64,7 +64,8 @@ class _Group:
     async def open(self) -> None:
         self.call = self.stub.StreamBatches(metadata=self.metadata)
         try:
-            first = pb.StepBatchRequest(chunks=self.request.chunks, create_missing=True)
+            first = pb.StepBatchRequest(create_missing=True)
+            first.MergeFrom(self.request)  # its chunks, and the model they run on
             await self.call.write(first)
             await self._read()
         except (grpc.RpcError, RuntimeError) as exc:
@@ -98,7 +99,9 @@ class _Group:
             chunks=[
                 pb.SessionChunk(session_id=c.session_id, end_session=True)
                 for c in self.request.chunks
-            ]
+            ],
+            model=self.request.model,
+            model_version=self.request.model_version,
         )
         try:
             await asyncio.wait_for(self._end(ending), CLOSE_TIMEOUT_S)
@@ -115,7 +118,7 @@ class _Group:
 
 
 def _batch_requests(
-    sessions: int, per_message: int, values: int, seed: int
+    sessions: int, per_message: int, values: int, seed: int, model: str = "", model_version: int = 0
 ) -> list[pb.StepBatchRequest]:
     rng = np.random.default_rng(seed)
     data = rng.standard_normal((sessions, values), dtype=np.float32)
@@ -125,7 +128,9 @@ def _batch_requests(
         for i, row in enumerate(data)
     ]
     return [
-        pb.StepBatchRequest(chunks=chunks[i : i + per_message])
+        pb.StepBatchRequest(
+            chunks=chunks[i : i + per_message], model=model, model_version=model_version
+        )
         for i in range(0, sessions, per_message)
     ]
 
@@ -139,19 +144,29 @@ async def run_batch_load(
     window: int = 4,
     warmup_s: float = 0.5,
     seed: int = 0,
+    model: str = "",
+    model_version: int = 0,
 ) -> LoadResult:
     """Drive `sessions` sessions through StreamBatches streams of `sessions_per_message`
-    chunks a message; counted as run_load counts (latency is per message)."""
+    chunks a message, on a model version ('' and 0: the default model's newest ready one);
+    counted as run_load counts (latency is per message)."""
     client = target if isinstance(target, ClientOptions) else ClientOptions(target=target)
     metadata = client.metadata()
     groups_count = math.ceil(sessions / sessions_per_message)
     channels = _channels(client, groups_count * 64)
     try:
         info = await pb_grpc.InferenceServiceStub(channels[0]).GetModelInfo(
-            pb.GetModelInfoRequest(), metadata=metadata, timeout=client.deadline_s
+            pb.GetModelInfoRequest(model=model, model_version=model_version),
+            metadata=metadata,
+            timeout=client.deadline_s,
         )
         requests = _batch_requests(
-            sessions, sessions_per_message, chunk_steps * info.input_size, seed
+            sessions,
+            sessions_per_message,
+            chunk_steps * info.input_size,
+            seed,
+            model,
+            model_version,
         )
         groups = [
             _Group(

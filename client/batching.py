@@ -78,8 +78,15 @@ def chunk_error(status) -> LstmStreamError:
 class BatchBook:
     """The ledgers of every session this client feeds by batches, and the results owed."""
 
-    def __init__(self, options: ClientOptions, info: pb.GetModelInfoResponse) -> None:
+    def __init__(
+        self,
+        options: ClientOptions,
+        info: pb.GetModelInfoResponse,
+        model: str = "",
+        model_version: int = 0,
+    ) -> None:
         self.options = options
+        self.model, self.model_version = model, model_version  # what every message names
         self.input_size, self.output_size = info.input_size, info.output_size
         self.durable = info.durable_sessions
         self.max_chunks = info.max_batch_chunks or 4096
@@ -133,11 +140,12 @@ class BatchBook:
             for i in range(0, len(group), self.max_chunks)
         ]
 
-    @staticmethod
-    def message(items: list[Item], create_missing: bool) -> pb.StepBatchRequest:
+    def message(self, items: list[Item], create_missing: bool) -> pb.StepBatchRequest:
         return pb.StepBatchRequest(
             chunks=[chunk.session_chunk(session_id) for session_id, chunk in items],
             create_missing=create_missing,
+            model=self.model,
+            model_version=self.model_version,
         )
 
     def resend_rounds(self, session_ids: Collection[str]) -> list[list[Item]]:

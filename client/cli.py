@@ -1,7 +1,9 @@
 """lstm-client: talk to a running lstm-serve from the command line.
 
-Subcommands: info, health, stream (CSV in, CSV out), demo (the bundled held-out recordings),
-bench (a load generator). Each takes --target HOST:PORT (env LSTM_CLIENT_TARGET).
+Subcommands: info (the model, and every model the server holds), health, stream (CSV in, CSV
+out), demo (the bundled held-out recordings), bench (a load generator). Each takes --target
+HOST:PORT (env LSTM_CLIENT_TARGET); info, stream, demo and bench take --model NAME and
+--model-version N.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lstm_stream.client.errors import LstmStreamError, UsageError
 from lstm_stream.client.options import ClientOptions
-from lstm_stream.client.sync import StreamingClient
+from lstm_stream.client.sync import StreamingClient, StreamSession
 from lstm_stream.v1 import inference_pb2 as pb
 
 DEFAULT_TARGET = "localhost:50051"
@@ -46,7 +48,48 @@ def options_from(args: argparse.Namespace) -> ClientOptions:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     with StreamingClient(options=options_from(args)) as client:
-        info = client.info()
+        info = client.info(args.model, args.model_version)
+        models = _list_models(client)
+    _print_info(info)
+    if models is not None:
+        print("\n".join(format_models(models)))
+    return 0
+
+
+def _list_models(client: StreamingClient) -> pb.ListModelsResponse | None:
+    """The server's models, or None from a server older than ListModels."""
+    try:
+        return client.list_models()
+    except LstmStreamError as err:
+        if err.code == grpc.StatusCode.UNIMPLEMENTED:
+            return None
+        raise
+
+
+def format_models(models: pb.ListModelsResponse) -> list[str]:
+    """One line per model version: name, version, state, live sessions; '*' marks the
+    default model."""
+    rows = [
+        (
+            "*" if model.name == models.default_model else " ",
+            model.name,
+            f"v{version.version}",
+            pb.ModelVersionState.Name(version.state).removeprefix("MODEL_VERSION_STATE_"),
+            f"{version.sessions} session{'' if version.sessions == 1 else 's'}",
+            version.error,
+        )
+        for model in models.models
+        for version in model.versions
+    ]
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(5)]
+    lines = ["models       (* the default)"]
+    for row in rows:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True))
+        lines.append(f"  {line}  {row[5]}".rstrip())
+    return lines
+
+
+def _print_info(info: pb.GetModelInfoResponse) -> None:
     kind = pb.OutputKind.Name(info.output_kind).removeprefix("OUTPUT_KIND_").lower()
     labels = f": {', '.join(info.labels)}" if info.labels else ""
     print(f"model        {info.name} v{info.version} ({info.fingerprint[:12]})")
@@ -60,7 +103,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"limits       {info.max_chunk_steps} timesteps per message, "
         f"replay buffer {info.replay_steps} steps"
     )
-    return 0
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
@@ -129,13 +171,18 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     source = sys.stdin if args.file == "-" else _open_input(args.file)
     writer = csv.writer(sys.stdout, lineterminator="\n")
     with StreamingClient(options=options_from(args)) as client:
-        info = client.info()
+        # An existing session keeps its own model; a new one is made on --model.
+        attached = _attach(client, args) if args.session else None
+        width = (attached or client.info(args.model, args.model_version)).input_size
         # The first row is read (and a bad one refused) before a session is made for it.
-        rows = read_csv_rows(source, info.input_size)
+        rows = read_csv_rows(source, width)
         first = next(rows, None)
         rows = itertools.chain([] if first is None else [first], rows)
-        session = client.attach(args.session) if args.session else client.open_session()
-        print(f"session {session.session_id} from step {session.next_step}", file=sys.stderr)
+        session = attached or client.open_session(
+            model=args.model, model_version=args.model_version
+        )
+        where = f" on {session.model} v{session.model_version}" if session.model else ""
+        print(f"session {session.session_id} from step {session.next_step}{where}", file=sys.stderr)
         chunks = chunked(rows, args.chunk)
         try:
             for outputs in session.stream(chunks, window=1):
@@ -157,6 +204,18 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attach(client: StreamingClient, args: argparse.Namespace) -> StreamSession:
+    session = client.attach(args.session)
+    asked = (args.model, args.model_version or session.model_version)
+    if args.model and session.model and asked != (session.model, session.model_version):
+        version = f" v{args.model_version}" if args.model_version else ""
+        raise UsageError(
+            f"--session {args.session} lives on {session.model} v{session.model_version}, "
+            f"not on {args.model}{version} (--model)"
+        )
+    return session
+
+
 def _open_input(path: str) -> TextIO:
     try:
         return open(path, newline="")
@@ -170,7 +229,7 @@ def _open_input(path: str) -> TextIO:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lstm_stream.client.demo import run_demo
 
-    print(run_demo(options_from(args), args.concurrency))
+    print(run_demo(options_from(args), args.concurrency, args.model, args.model_version))
     return 0
 
 
@@ -197,9 +256,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             args.chunk,
             args.duration,
             args.window,
+            model=args.model,
+            model_version=args.model_version,
         )
     else:
-        run = run_load(options, args.sessions, args.chunk, args.duration, packed=args.packed)
+        run = run_load(
+            options,
+            args.sessions,
+            args.chunk,
+            args.duration,
+            packed=args.packed,
+            model=args.model,
+            model_version=args.model_version,
+        )
     result = asyncio.run(run)
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=2))
@@ -216,6 +285,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             f" p99 {result.latency_p99_s * 1e3:.2f} ms; {result.errors} errors"
         )
     return 0 if result.errors == 0 else 1
+
+
+def _version(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a version number (0: the newest), got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--deadline", type=float, default=10.0, help="seconds per call/answer")
         return p
 
-    command("info", "what model the server runs").set_defaults(run=_cmd_info)
+    def model_arguments(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--model", default="", help=f"{what} (default: the server's default)")
+        p.add_argument(
+            "--model-version",
+            type=_version,
+            default=0,
+            help="that model's version (default 0: its newest ready version)",
+        )
+
+    p = command("info", "what model the server runs, and every model it holds")
+    model_arguments(p, "the model to describe")
+    p.set_defaults(run=_cmd_info)
 
     p = command("health", "gRPC health check; exit 0 when SERVING")
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
@@ -262,10 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=1, help="timesteps per message (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the session open at the end")
     p.add_argument("--precision", type=int, default=8, help="significant digits printed")
+    model_arguments(p, "the model a new session runs on")
     p.set_defaults(run=_cmd_stream)
 
     p = command("demo", "stream the bundled held-out recordings; accuracy and latency")
     p.add_argument("--concurrency", type=int, default=8, help="recordings streamed at once")
+    model_arguments(p, "the model to stream through (a basic-motions one)")
     p.set_defaults(run=_cmd_demo)
 
     p = command("bench", "load generator: N concurrent sessions, closed loop")
@@ -286,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--packed", action="store_true", help="StreamSteps with packed inputs and outputs"
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    model_arguments(p, "the model the sessions run on")
     p.set_defaults(run=_cmd_bench)
     return parser
 

@@ -59,10 +59,13 @@ def format_accuracy_table(accuracy: dict[int, float], count: int) -> str:
     return "\n".join(lines)
 
 
-def run_demo(options: ClientOptions, concurrency: int) -> str:
+def run_demo(
+    options: ClientOptions, concurrency: int, model: str = "", model_version: int = 0
+) -> str:
     """The demo's report: what was streamed, the accuracy table, latency quantiles."""
     heldout = load_heldout()
-    outputs, latencies = asyncio.run(stream_recordings(options, heldout.inputs, concurrency))
+    streamed = stream_recordings(options, heldout.inputs, concurrency, model, model_version)
+    outputs, latencies = asyncio.run(streamed)
     by_step = accuracy_by_step(outputs, heldout.labels)
     accuracy = {t: float(by_step[t - 1]) for t in CHECKPOINT_STEPS}
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) * 1e3
@@ -77,7 +80,13 @@ def run_demo(options: ClientOptions, concurrency: int) -> str:
     )
 
 
-async def stream_recordings(options: ClientOptions, inputs: np.ndarray, concurrency: int):
+async def stream_recordings(
+    options: ClientOptions,
+    inputs: np.ndarray,
+    concurrency: int,
+    model: str = "",
+    model_version: int = 0,
+):
     count, steps, _ = inputs.shape
     progress = Progress(count * steps, enabled=sys.stderr.isatty())
     latencies: list[float] = []
@@ -85,7 +94,7 @@ async def stream_recordings(options: ClientOptions, inputs: np.ndarray, concurre
 
     async def one(client: AsyncStreamingClient, recording: np.ndarray) -> np.ndarray:
         async with slots:
-            session = await client.open_session()
+            session = await client.open_session(model=model, model_version=model_version)
             rows = []
             for x in recording:
                 started = time.perf_counter()
@@ -96,7 +105,7 @@ async def stream_recordings(options: ClientOptions, inputs: np.ndarray, concurre
             return np.stack(rows)
 
     async with AsyncStreamingClient(options=options) as client:
-        info = await client.info()
+        info = await client.info(model, model_version)
         if info.input_size != inputs.shape[2] or info.name != DEMO_MODEL:
             raise UsageError(
                 f"the demo streams the bundled basic-motions recordings; the server "

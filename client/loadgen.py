@@ -65,6 +65,8 @@ class _Session:
     request: pb.StreamStepsRequest
     expected_outputs: int  # output values per answer: chunk_steps * output_size
     metadata: tuple[tuple[str, str], ...] = ()  # a bearer token on plaintext channels
+    model: str = ""  # where the first message creates the session
+    model_version: int = 0
     latencies: list[float] = field(default_factory=list)
     timesteps: int = 0
     last_counted: float = 0.0
@@ -84,8 +86,10 @@ class _Session:
     async def open(self) -> None:
         """Open the stream; its first message creates the session (and is not counted)."""
         self.call = self.stub.StreamSteps(metadata=self.metadata)
+        first = pb.StreamStepsRequest(model=self.model, model_version=self.model_version)
+        first.MergeFrom(self.request)
         try:
-            await self._exchange(self.request)
+            await self._exchange(first)
         except (grpc.RpcError, RuntimeError) as exc:
             self.error = _describe(exc)
 
@@ -189,9 +193,12 @@ async def run_load(
     warmup_s: float = 0.5,
     seed: int = 0,
     packed: bool = False,
+    model: str = "",
+    model_version: int = 0,
 ) -> LoadResult:
     """Drive `sessions` concurrent closed-loop streams of `chunk_steps`-step messages, to a
-    target address or with full ClientOptions (TLS, token).
+    target address or with full ClientOptions (TLS, token), on a model version ('' and 0: the
+    default model's newest ready version).
 
     All streams are opened (and their sessions created) first; then they run for
     `warmup_s + duration_s`, and only messages answered in the last `duration_s` count, plus
@@ -202,7 +209,9 @@ async def run_load(
     channels = _channels(client, sessions)
     try:
         info = await pb_grpc.InferenceServiceStub(channels[0]).GetModelInfo(
-            pb.GetModelInfoRequest(), metadata=metadata, timeout=client.deadline_s
+            pb.GetModelInfoRequest(model=model, model_version=model_version),
+            metadata=metadata,
+            timeout=client.deadline_s,
         )
         requests = _requests(sessions, chunk_steps * info.input_size, seed, packed)
         streams = [
@@ -211,6 +220,8 @@ async def run_load(
                 request,
                 chunk_steps * info.output_size,
                 metadata,
+                model,
+                model_version,
             )
             for i, request in enumerate(requests)
         ]

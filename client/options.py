@@ -14,6 +14,7 @@ SERVICE = "lstm_stream.v1.InferenceService"
 PARTITION_METADATA = "x-lstm-partition"  # the routing key of batch calls (batching.py)
 UNARY_METHODS = (
     "GetModelInfo",
+    "ListModels",
     "CreateSession",
     "GetSession",
     "DeleteSession",
@@ -24,7 +25,9 @@ UNARY_METHODS = (
 # Unary calls the client may repeat itself after a transport failure: a repeat has the same
 # effect (CreateSession with the client's own random id answers SESSION_EXISTS, which the
 # client recognises as its own).
-IDEMPOTENT = frozenset({"GetModelInfo", "CreateSession", "GetSession", "Predict", "ExportSession"})
+IDEMPOTENT = frozenset(
+    {"GetModelInfo", "ListModels", "CreateSession", "GetSession", "Predict", "ExportSession"}
+)
 # Codes after which a stream is reopened and its unanswered chunks resent: the connection or
 # the server went away, or a message was not answered in time.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})

@@ -12,6 +12,14 @@ from lstm_stream.client.policy import ArrayLike, as_rows
 from lstm_stream.v1 import inference_pb2 as pb
 
 
+def placement(session: pb.Session, model: str, model_version: int) -> tuple[str, int]:
+    """The model version whose sizes a session takes: where the server says it lives, else what
+    was asked for (a server that does not say serves one model)."""
+    if session.model:
+        return session.model, session.model_version
+    return model, model_version
+
+
 class SessionCore:
     def __init__(
         self,
@@ -19,8 +27,12 @@ class SessionCore:
         info: pb.GetModelInfoResponse,
         session_id: str,
         next_step: int = 0,
+        model: str = "",
+        model_version: int = 0,
     ) -> None:
         self._options = options
+        # Where the server says the session lives ('' and 0 where it did not say).
+        self.model, self.model_version = model, model_version
         self.input_size, self.output_size = info.input_size, info.output_size
         self._ledger = Ledger(
             session_id,

@@ -23,7 +23,7 @@ from lstm_stream.client.errors import LstmStreamError, from_rpc_error
 from lstm_stream.client.ledger import Chunk
 from lstm_stream.client.options import ClientOptions
 from lstm_stream.client.policy import ArrayLike, StreamRetry, UnaryRetry, as_rows, new_session_id
-from lstm_stream.client.session_core import SessionCore
+from lstm_stream.client.session_core import SessionCore, placement
 from lstm_stream.client.sync_batches import BatchFeeder
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
@@ -47,8 +47,8 @@ class StreamingClient:
         self.options = options
         self._channel = make_channel(options)
         self.stub = pb_grpc.InferenceServiceStub(self._channel)
-        self._info: pb.GetModelInfoResponse | None = None
-        self._batches: BatchFeeder | None = None
+        self._info: dict[tuple[str, int], pb.GetModelInfoResponse] = {}
+        self._batches: dict[tuple[str, int], BatchFeeder] = {}
 
     def __enter__(self) -> StreamingClient:
         return self
@@ -57,8 +57,8 @@ class StreamingClient:
         self.close()
 
     def close(self) -> None:
-        if self._batches is not None:
-            self._batches.close_streams()
+        for feeder in self._batches.values():
+            feeder.close_streams()
         self._channel.close()
 
     def call(self, method: str, request: Any, session_id: str = "") -> Any:
@@ -77,28 +77,48 @@ class StreamingClient:
                     raise retry.final(err) from None
                 time.sleep(wait)
 
-    def info(self) -> pb.GetModelInfoResponse:
-        """The served model (sizes, labels, device); fetched once."""
-        if self._info is None:
-            self._info = self.call("GetModelInfo", pb.GetModelInfoRequest())
-        return self._info
+    def info(self, model: str = "", model_version: int = 0) -> pb.GetModelInfoResponse:
+        """A served model version (sizes, labels, device); '' and 0: the default model's newest
+        ready version. Fetched once each."""
+        key = (model, model_version)
+        if key not in self._info:
+            request = pb.GetModelInfoRequest(model=model, model_version=model_version)
+            self._info[key] = self.call("GetModelInfo", request)
+        return self._info[key]
 
-    def open_session(self, session_id: str | None = None) -> StreamSession:
-        """Create a session (with a new unguessable id unless one is given) and return it."""
+    def list_models(self) -> pb.ListModelsResponse:
+        """Every model the server holds, each version with its state and live sessions."""
+        return self.call("ListModels", pb.ListModelsRequest())
+
+    def open_session(
+        self, session_id: str | None = None, model: str = "", model_version: int = 0
+    ) -> StreamSession:
+        """Create a session (with a new unguessable id unless one is given) on a model version
+        ('' and 0: the default model's newest ready version) and return it."""
         generated = not session_id
         session_id = session_id or new_session_id()
+        request = pb.CreateSessionRequest(
+            session_id=session_id, model=model, model_version=model_version
+        )
         try:
-            self.call("CreateSession", pb.CreateSessionRequest(session_id=session_id), session_id)
+            created = self.call("CreateSession", request, session_id).session
         except LstmStreamError as err:
             # A fresh random id that "exists" is our own create, answered again after a retry.
             if not (generated and err.reason == "SESSION_EXISTS"):
                 raise
-        return StreamSession(self, session_id, next_step=0)
+            created = self.get_session(session_id)
+        return self._session(session_id, 0, created, model, model_version)
 
     def attach(self, session_id: str) -> StreamSession:
-        """Continue an existing session from the server's next step."""
+        """Continue an existing session from the server's next step, on its own model."""
         session = self.get_session(session_id)
-        return StreamSession(self, session_id, next_step=session.next_step)
+        return self._session(session_id, session.next_step, session)
+
+    def _session(
+        self, session_id: str, next_step: int, placed: pb.Session, model: str = "", version: int = 0
+    ) -> StreamSession:
+        info = self.info(*placement(placed, model, version))
+        return StreamSession(self, session_id, next_step, info, placed.model, placed.model_version)
 
     def get_session(self, session_id: str) -> pb.Session:
         request = pb.GetSessionRequest(session_id=session_id)
@@ -109,35 +129,52 @@ class StreamingClient:
 
     @property
     def batches(self) -> BatchFeeder:
-        """What feeds sessions by batch calls: their ledgers, shared by step_batch and
-        stream_batches."""
-        if self._batches is None:
-            self._batches = BatchFeeder(self)
-        return self._batches
+        """What feeds sessions of the default model by batch calls: their ledgers, shared by
+        step_batch and stream_batches."""
+        return self.batches_on()
+
+    def batches_on(self, model: str = "", model_version: int = 0) -> BatchFeeder:
+        """What feeds sessions of one model version by batch calls (see `batches`)."""
+        key = (model, model_version)
+        if key not in self._batches:
+            self._batches[key] = BatchFeeder(self, model=model, model_version=model_version)
+        return self._batches[key]
 
     def step_batch(
         self,
         chunks: Mapping[str, ArrayLike],
         reset: Collection[str] = (),
         end: Collection[str] = (),
+        model: str = "",
+        model_version: int = 0,
     ) -> BatchResult:
         """The next chunk of many sessions in one call: `{session_id: (num_steps, input_size)}`
         -> each session's outputs (`result[session_id]`, which raises that session's error if
-        its chunk was refused). A session id not fed before is a new session (see
-        `batches.attach` to go on with one fed elsewhere); `reset` and `end` name sessions."""
-        return self.batches.step(chunks, reset, end)
+        its chunk was refused). A session id not fed before is a new session on the model
+        version asked for (see `batches.attach` to go on with one fed elsewhere); `reset` and
+        `end` name sessions."""
+        return self.batches_on(model, model_version).step(chunks, reset, end)
 
     def stream_batches(
-        self, batches: Iterable[Mapping[str, ArrayLike]], window: int = 4
+        self,
+        batches: Iterable[Mapping[str, ArrayLike]],
+        window: int = 4,
+        model: str = "",
+        model_version: int = 0,
     ) -> Iterator[BatchResult]:
         """step_batch over one stream, up to `window` batches in flight; a result per batch."""
-        return self.batches.stream(batches, window)
+        return self.batches_on(model, model_version).stream(batches, window)
 
-    def predict(self, inputs: ArrayLike) -> np.ndarray:
+    def predict(self, inputs: ArrayLike, model: str = "", model_version: int = 0) -> np.ndarray:
         """A whole sequence (T, input_size) from zero state -> outputs (T, output_size)."""
-        info = self.info()
+        info = self.info(model, model_version)
         rows = as_rows(inputs, info.input_size)
-        request = pb.PredictRequest(packed_inputs=rows.astype("<f4").tobytes(), num_steps=len(rows))
+        request = pb.PredictRequest(
+            packed_inputs=rows.astype("<f4").tobytes(),
+            num_steps=len(rows),
+            model=model,
+            model_version=model_version,
+        )
         response = self.call("Predict", request)
         return np.frombuffer(response.packed_outputs, "<f4").reshape(-1, info.output_size).copy()
 
@@ -145,8 +182,17 @@ class StreamingClient:
 class StreamSession(SessionCore):
     """One session, fed through a stream that is reopened whenever the connection drops."""
 
-    def __init__(self, client: StreamingClient, session_id: str, next_step: int = 0) -> None:
-        super().__init__(client.options, client.info(), session_id, next_step)
+    def __init__(
+        self,
+        client: StreamingClient,
+        session_id: str,
+        next_step: int = 0,
+        info: pb.GetModelInfoResponse | None = None,
+        model: str = "",
+        model_version: int = 0,
+    ) -> None:
+        info = info or client.info(model, model_version)
+        super().__init__(client.options, info, session_id, next_step, model, model_version)
         self._client = client
         self._stream: CallStream | None = None
 

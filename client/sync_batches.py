@@ -30,11 +30,20 @@ Inflight = deque[tuple[BatchResult, list[tuple[str, list[Item]]]]]
 class BatchFeeder:
     """Feeds many sessions by batch calls (`StreamingClient.batches`)."""
 
-    def __init__(self, client: StreamingClient, create_missing: bool = True) -> None:
+    def __init__(
+        self,
+        client: StreamingClient,
+        create_missing: bool = True,
+        model: str = "",
+        model_version: int = 0,
+    ) -> None:
+        """Sessions of one model version ('' and 0: the default model's newest ready one): its
+        input size decodes their chunks, and new sessions are created on it."""
         self._client = client
         self._options = client.options
         self.create_missing = create_missing
-        self.book = BatchBook(client.options, client.info())
+        info = client.info(model, model_version)
+        self.book = BatchBook(client.options, info, model, model_version)
         self._streams: dict[str, CallStream] = {}
         self.recoveries = 0  # times unanswered chunks were sent again
 

@@ -19,15 +19,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from lstm_model.checkpoint import ModelLoadError, load_model
+from lstm_model.checkpoint import ModelLoadError
 from lstm_stream.v1 import inference_pb2
 from server import metrics
 from server.config import ServerConfig, load_config
 from server.engine import default_torch_threads, resolve_device
+from server.errors import ServiceError
+from server.rollout import RepositoryError
 from server.runtime import Runtime
 from server.security import AuthInterceptor, TokenFileError, TokenStore, server_credentials
 from server.service import InferenceService, add_servicer
 from server.snapshot import (
+    SNAPSHOT_FILE,
     SnapshotError,
     discard_snapshot,
     ensure_writable,
@@ -54,6 +57,12 @@ class Server:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
+    def reload(self) -> None:
+        """SIGHUP: re-read the token file and the model repository."""
+        if self.tokens is not None:
+            self.tokens.reload()
+        self.runtime.rollout.request_reload()
+
     async def begin_drain(self) -> None:
         """Health NOT_SERVING, new streams and messages refused, in-flight ones answered."""
         await self.health.enter_graceful_shutdown()
@@ -76,7 +85,8 @@ class Server:
         if directory is None:
             return
         try:
-            records = read_snapshot(directory, self.runtime.engine.fingerprint)
+            records = read_snapshot(directory)
+            self._check_snapshot(directory, records)
         except SnapshotError as exc:
             if not self.runtime.config.snapshot_discard_invalid:
                 raise
@@ -87,12 +97,23 @@ class Server:
         if discard_snapshot(directory, "restored"):
             log.info("restored %d sessions from %s", len(sessions), directory)
 
+    def _check_snapshot(self, directory: Path, records: list) -> None:
+        """Every session's version must be loaded, with the very model it was stepped with."""
+        for record in records:
+            try:
+                self.runtime.place_record(record, "snapshot")
+            except ServiceError as exc:
+                raise SnapshotError(
+                    f"{directory / SNAPSHOT_FILE}: {exc.message}; restoring it would apply "
+                    "another model's state (serve that version, or --snapshot-discard-invalid)"
+                ) from None
+
     async def write_snapshot(self) -> None:
         directory = self._snapshot_dir
         if directory is None:
             return
         records = await self.runtime.session_records()
-        path = write_snapshot(directory, records, self.runtime.engine.fingerprint)
+        path = write_snapshot(directory, records)
         log.info("wrote %d sessions to %s", len(records), path)
 
 
@@ -102,8 +123,8 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     if config.snapshot_dir:
         ensure_writable(Path(config.snapshot_dir))
     torch.set_num_threads(config.torch_threads or default_torch_threads())
-    loaded = load_model(config.model)
-    runtime = Runtime(config, loaded, device)
+    runtime = Runtime(config, device)
+    await runtime.load_models()
     tokens = TokenStore(config.auth_tokens) if config.auth_tokens else None
     interceptors = [AuthInterceptor(tokens, config.auth_health)] if tokens else []
     grpc_server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
@@ -119,26 +140,15 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         grpc_server,
     )
     port = bind_grpc_port(grpc_server, config)
-    model = runtime.model_config
-    metrics.MODEL_INFO.info(
-        {"name": model.name, "version": model.version, "device": str(device), "dtype": config.dtype}
-    )
-    metrics.STATE_BYTES.set(runtime.engine.pool.nbytes)
     metrics.SESSIONS_CAPACITY.set(config.max_sessions)
     log.info(
-        "model %s v%s (%s) on %s/%s: input %d, hidden %d x %d layers, output %d; "
-        "capacity %d sessions, state pool %.1f MiB",
-        model.name,
-        model.version,
-        loaded.fingerprint[:12],
-        device,
-        config.dtype,
-        model.input_size,
-        model.hidden_size,
-        model.num_layers,
-        model.output_size,
+        "capacity %d sessions; default model %s%s",
         config.max_sessions,
-        runtime.engine.pool.nbytes / 2**20,
+        runtime.models.default_name,
+        f"; repository {config.model_repository}, re-read on SIGHUP"
+        + (f" and every {config.repository_poll_s:g} s" if config.repository_poll_s else "")
+        if config.model_repository
+        else "",
     )
     log.info(
         "transport %s; auth %s",
@@ -221,8 +231,7 @@ async def serve(config: ServerConfig) -> None:
     server, port = await create_server(config)
     if config.metrics_port:
         start_metrics_server(config)
-    if server.tokens is not None:
-        loop.add_signal_handler(signal.SIGHUP, server.tokens.reload)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     await server.start()
     settle_garbage_collector()
     log.info("serving on %s:%d", config.host, port)
@@ -254,7 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         asyncio.run(serve(config))
-    except (ModelLoadError, SnapshotError, TokenFileError, ValueError, OSError) as exc:
+    except (
+        ModelLoadError,
+        RepositoryError,
+        SnapshotError,
+        TokenFileError,
+        ValueError,
+        OSError,
+    ) as exc:
         print(f"lstm-serve: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -59,6 +59,8 @@ class Batcher:
         max_batch_delay_us: int,
         store: StateStore | None = None,
         replay: ReplayPool | None = None,  # the sessions' rings, written a batch at a time
+        model: str = "",  # the model version, for the metrics' labels
+        version: int = 0,
     ) -> None:
         self._engine = engine
         self._store = store
@@ -72,6 +74,10 @@ class Batcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._batch_size = metrics.BATCH_SIZE.labels(model)
+        self._queue_wait = metrics.QUEUE_WAIT.labels(model)
+        self._compute = metrics.BATCH_COMPUTE.labels(model)
+        self._timesteps = metrics.TIMESTEPS.labels(model, str(version))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="batcher")
@@ -180,10 +186,10 @@ class Batcher:
                     if self._store is not None:
                         self._store.stage(row.session)
             entry.settle(results)
-        metrics.BATCH_SIZE.observe(len(rows))
-        metrics.QUEUE_WAIT.observe(dispatched - batch[0][0].enqueued)
-        metrics.BATCH_COMPUTE.observe(finished - dispatched)
-        metrics.TIMESTEPS.inc(steps)
+        self._batch_size.observe(len(rows))
+        self._queue_wait.observe(dispatched - batch[0][0].enqueued)
+        self._compute.observe(finished - dispatched)
+        self._timesteps.inc(steps)
 
     def _record(self, rows: list[Row], outputs: StepOutputs) -> bool:
         """Write a uniform batch's outputs to the replay rings in one go; False: each chunk's

@@ -19,6 +19,7 @@ from server.errors import BadInput, ServiceError, SessionExists, SessionNotFound
 from server.sessions import NO_OUTPUTS, Session, plan_chunk
 
 if TYPE_CHECKING:
+    from server.models import ModelVersion
     from server.runtime import Runtime
 
 
@@ -47,18 +48,21 @@ async def start_batch(
     runtime: Runtime,
     chunks: list[ChunkRequest | ServiceError],
     principal: str,
-    create_missing: bool = False,
+    create_missing: bool,
+    model: ModelVersion,
 ) -> asyncio.Future[list[Outcome]]:
-    """Plan the chunks and queue them as one batcher entry; a future of every chunk's answer or
-    refusal, in chunk order. By the time this returns, each session's chunk is queued (or
-    refused), so a later message's chunks for the same sessions queue behind it."""
+    """Plan the chunks and queue them as one batcher entry per model version; a future of
+    every chunk's answer or refusal, in chunk order. `model`: the version the inputs were
+    decoded for, on which create_missing creates. By the time this returns, each session's
+    chunk is queued (or refused), so a later message's chunks for the same sessions queue
+    behind it."""
     runtime.refuse_if_draining()
     outcomes: list[Outcome | None] = [
         chunk if isinstance(chunk, ServiceError) else None for chunk in chunks
     ]
-    planned = await _find_sessions(runtime, chunks, outcomes, principal, create_missing)
-    # Locks are taken in slot order: two messages naming the same sessions cannot each hold
-    # one the other waits for.
+    planned = await _find_sessions(runtime, chunks, outcomes, principal, create_missing, model)
+    # Locks are taken in (version, slot) order: two messages naming the same sessions cannot
+    # each hold one the other waits for.
     planned.sort(key=_slot)
     held: list[ChunkRequest] = []
     try:
@@ -79,24 +83,35 @@ async def start_batch(
             item.session.lock.release()
         else:
             rows.append(item.row)
-    applied = runtime.batcher.submit_rows(rows) if rows else None  # releases the locks
+    applied = _submit(rows) if rows else None  # releases the locks
     # A task, not a coroutine: sessions that end are closed even if nobody awaits the answer.
     return asyncio.ensure_future(_answers(runtime, held, outcomes, applied))
 
 
-async def step_batch(
-    runtime: Runtime,
-    chunks: list[ChunkRequest | ServiceError],
-    principal: str,
-    create_missing: bool = False,
-) -> list[Outcome]:
-    """Every chunk's answer or refusal, in chunk order."""
-    return await asyncio.shield(await start_batch(runtime, chunks, principal, create_missing))
+def _submit(rows: list[Row]) -> asyncio.Future[list[np.ndarray | BaseException]]:
+    """Each version's rows to its own batcher (batches never mix versions); one future of
+    every row's result, in row order."""
+    groups: dict[ModelVersion, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.session.model, []).append(i)
+    if len(groups) == 1:
+        (model,) = groups
+        return model.batcher.submit_rows(rows)
+    parts = [(idx, m.batcher.submit_rows([rows[i] for i in idx])) for m, idx in groups.items()]
+
+    async def joined() -> list[np.ndarray | BaseException]:
+        results: list[np.ndarray | BaseException] = [None] * len(rows)  # type: ignore[list-item]
+        for indices, part in parts:
+            for i, result in zip(indices, await part, strict=True):
+                results[i] = result
+        return results
+
+    return asyncio.ensure_future(joined())
 
 
-def _slot(chunk: ChunkRequest) -> int:
+def _slot(chunk: ChunkRequest) -> tuple[object, int]:
     assert chunk.session is not None
-    return chunk.session.slot
+    return chunk.session.model.key, chunk.session.slot
 
 
 async def _answers(
@@ -129,8 +144,11 @@ async def _find_sessions(
     outcomes: list[Outcome | None],
     principal: str,
     create_missing: bool,
+    model: ModelVersion,
 ) -> list[ChunkRequest]:
-    """The session of each good chunk (created with create_missing); refusals into outcomes."""
+    """The session of each good chunk (created with create_missing on `model`); refusals into
+    outcomes, among them a session on a version whose input size the inputs were not decoded
+    for."""
     found: list[ChunkRequest] = []
     missing: list[ChunkRequest] = []
     seen: dict[str, int] = {}
@@ -157,7 +175,10 @@ async def _find_sessions(
     # Sessions held nowhere here are loaded from the store (or created) all at once, not one
     # round trip after another.
     loaded = await asyncio.gather(
-        *(_load_or_create(runtime, c.session_id, principal, create_missing) for c in missing),
+        *(
+            _load_or_create(runtime, c.session_id, principal, create_missing, model)
+            for c in missing
+        ),
         return_exceptions=True,
     )
     for chunk, result in zip(missing, loaded, strict=True):
@@ -168,11 +189,22 @@ async def _find_sessions(
         else:
             chunk.session = result
             found.append(chunk)
+    width = model.config.input_size
+    for chunk in list(found):
+        lives_on = chunk.session.model
+        if lives_on.config.input_size != width:
+            outcomes[chunk.index] = BadInput(
+                f"chunks[{chunk.index}]: session {chunk.session_id!r} lives on {lives_on.key} "
+                f"(input_size {lives_on.config.input_size}); this message's inputs are for "
+                f"{model.key} (input_size {width}): send each model's sessions in messages "
+                "naming that model"
+            )
+            found.remove(chunk)
     return found
 
 
 async def _load_or_create(
-    runtime: Runtime, session_id: str, principal: str, create: bool
+    runtime: Runtime, session_id: str, principal: str, create: bool, model: ModelVersion
 ) -> Session:
     """A session this replica does not hold: from the state store, else (create_missing) new."""
     try:
@@ -181,7 +213,8 @@ async def _load_or_create(
         if not create:
             raise
     try:
-        return await runtime.open_session(session_id, principal)
+        key = model.key
+        return await runtime.open_session(session_id, principal, key.name, key.version)
     except SessionExists:  # created meanwhile by another call
         return runtime.sessions.get(session_id, principal)
 
@@ -198,7 +231,7 @@ def _plan(runtime: Runtime, item: ChunkRequest) -> None:
         new, start, reset = chunk.inputs, next_step, chunk.reset
     else:
         plan = plan_chunk(
-            session, chunk.start_step, chunk.inputs, chunk.reset, runtime.model_config.output_size
+            session, chunk.start_step, chunk.inputs, chunk.reset, session.model.config.output_size
         )
         new, start, reset, item.replayed = plan.new, plan.new_start, plan.reset, plan.replayed
     runtime.rate_limiter.take(session.principal, len(new))

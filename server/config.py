@@ -26,6 +26,9 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int = 8000  # 0 disables the /metrics endpoint
     model: str = str(BUNDLED_MODEL_DIR)
+    model_repository: str = ""  # DIR/NAME/VERSION/ model directories; set: --model is unused
+    repository_poll_s: float = 30.0  # re-read the repository this often (0: on SIGHUP only)
+    default_model: str = ""  # the model of requests that name none (default: the first by name)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | float16 | bfloat16
     max_batch_size: int = 256  # sessions per batch
@@ -82,6 +85,7 @@ class ServerConfig:
             "max_streams_per_connection",
             "min_ping_interval_s",
             "state_store_interval_ms",
+            "repository_poll_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(
@@ -112,6 +116,11 @@ _HELP = {
     "port": "gRPC port (0: pick a free one)",
     "metrics_port": "Prometheus /metrics port (0 disables)",
     "model": "model directory (config.json + model.safetensors); default: the bundled model",
+    "model_repository": "model repository DIR/NAME/VERSION/ (each a model directory): several "
+    "models and versions, re-read on SIGHUP and every --repository-poll-s (replaces --model)",
+    "repository_poll_s": "re-read --model-repository this often, in seconds (0: on SIGHUP only)",
+    "default_model": "the model of requests that name none (default: the repository's first "
+    "model by name)",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     "dtype": "compute dtype on the device",
     "max_batch_size": "most sessions stepped in one batch",

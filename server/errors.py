@@ -99,6 +99,12 @@ class ModelMismatch(ServiceError):
     code, reason = grpc.StatusCode.FAILED_PRECONDITION, "MODEL_MISMATCH"
 
 
+class ModelNotFound(ServiceError):
+    """An unknown model or version, or one that no longer takes new work (DESIGN 1.8)."""
+
+    code, reason = grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"
+
+
 class StoreUnavailable(ServiceError):
     """A session this replica does not hold may be in the state store, which cannot be read."""
 

@@ -21,15 +21,17 @@ STEP_LATENCY = Histogram(
 QUEUE_WAIT = Histogram(
     "lstm_queue_wait_seconds",
     "Per batch: how long its oldest chunk waited for the engine.",
+    ["model"],
     buckets=LATENCY_BUCKETS,
 )
 BATCH_COMPUTE = Histogram(
     "lstm_batch_compute_seconds",
     "Per batch: engine time (gather, model forward, scatter, outputs to host).",
+    ["model"],
     buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram(
-    "lstm_batch_size", "Sessions per executed batch.", buckets=BATCH_SIZE_BUCKETS
+    "lstm_batch_size", "Sessions per executed batch.", ["model"], buckets=BATCH_SIZE_BUCKETS
 )
 BATCH_CHUNKS = Histogram(
     "lstm_batch_chunks",
@@ -42,20 +44,29 @@ CHUNKS_REFUSED = Counter(
     "Chunks of batch messages refused on their own (the rest of the message was answered).",
     ["rpc", "code"],
 )
-TIMESTEPS = Counter("lstm_timesteps", "Timesteps applied to session state or Predict.")
+TIMESTEPS = Counter(
+    "lstm_timesteps", "Timesteps applied to session state or Predict.", ["model", "version"]
+)
 REQUESTS = Counter(
     "lstm_requests", "Requests by RPC and status code; per message for streams.", ["rpc", "code"]
 )
-SESSIONS_ACTIVE = Gauge("lstm_sessions_active", "Live sessions.")
+SESSIONS_ACTIVE = Gauge("lstm_sessions_active", "Live sessions (every model).")
+MODEL_SESSIONS = Gauge(
+    "lstm_model_sessions_active", "Live sessions on each loaded version.", ["model", "version"]
+)
 SESSIONS_CAPACITY = Gauge("lstm_sessions_capacity", "Most live sessions (--max-sessions).")
-SESSIONS_CREATED = Counter("lstm_sessions_created", "Sessions created (imports included).")
+SESSIONS_CREATED = Counter(
+    "lstm_sessions_created", "Sessions created (imports included).", ["model"]
+)
 SESSIONS_CLOSED = Counter(
     "lstm_sessions_closed",
     "Sessions closed, by reason: ended, deleted, expired, taken_over, shutdown, superseded "
     "(a newer state of it came from the state store).",
     ["reason"],
 )
-STATE_BYTES = Gauge("lstm_state_bytes", "Bytes of the preallocated session state pool (h and c).")
+STATE_BYTES = Gauge(
+    "lstm_state_bytes", "Bytes of the loaded versions' session state pools (h and c)."
+)
 # Labelled by the store's URL (password removed): a server without a store exports no sample.
 STATE_STORE_UP = Gauge(
     "lstm_state_store_up",
@@ -75,7 +86,20 @@ STATE_STORE_FLUSH = Histogram(
     "Per pipelined write: encoding the records and Redis's reply.",
     buckets=LATENCY_BUCKETS,
 )
-MODEL_INFO = Info("lstm_model", "The served model.")
+MODEL_INFO = Info("lstm_model", "Each loaded model version.", ["name", "version"])
+MODEL_VERSION_STATE = Gauge(
+    "lstm_model_version_state",
+    "1 for a loaded version's state (READY, DRAINING), 0 for the others.",
+    ["model", "version", "state"],
+)
+MODEL_LOADS = Counter(
+    "lstm_model_loads", "Model versions loaded, by result (ok, failed).", ["result"]
+)
+MODEL_UNLOADS = Counter("lstm_model_unloads", "Drained model versions unloaded.")
+REPOSITORY_READS = Counter(
+    "lstm_model_repository_reads",
+    "Passes over --model-repository (start, SIGHUP, polls) that finished, new versions loaded.",
+)
 
 CLOSE_REASONS = ("ended", "deleted", "expired", "taken_over", "shutdown", "superseded")
 for _reason in CLOSE_REASONS:

@@ -13,13 +13,13 @@ import time
 import numpy as np
 import torch
 
-from lstm_model.checkpoint import LoadedModel
 from server import batches, metrics, transfer
-from server.batcher import Batcher
 from server.config import ServerConfig
-from server.engine import DTYPES, Engine, StepWork
+from server.engine import StepWork
 from server.errors import (
+    BadInput,
     ModelMismatch,
+    ModelNotFound,
     ServiceError,
     SessionExists,
     SessionNotFound,
@@ -27,8 +27,10 @@ from server.errors import (
     ShuttingDown,
     StoreUnavailable,
 )
+from server.models import Models, ModelVersion, VersionKey
+from server.rollout import Rollout
 from server.security import RateLimiter
-from server.sessions import ReplayPool, Session, SessionTable, plan_chunk
+from server.sessions import Session, SessionTable, plan_chunk
 from server.state_store import StateStore
 
 log = logging.getLogger("lstm_serve")
@@ -58,27 +60,15 @@ class Attachment:
 
 
 class Runtime:
-    def __init__(self, config: ServerConfig, loaded: LoadedModel, device: torch.device) -> None:
+    def __init__(self, config: ServerConfig, device: torch.device) -> None:
         self.config = config
-        self.engine = Engine(
-            loaded,
-            config.max_sessions,
-            device,
-            DTYPES[config.dtype],
-            config.max_batch_size,
-            torch_threads=config.torch_threads,
-            one_step_kernel=config.one_step_kernel,
-        )
-        self.model_config = loaded.model.config
-        replay = ReplayPool(config.max_sessions, config.replay_steps, self.model_config.output_size)
-        self.sessions = SessionTable(self.engine.pool, replay, config.max_sessions_per_principal)
+        self.device = device
+        self.sessions = SessionTable(config.max_sessions, config.max_sessions_per_principal)
         self.rate_limiter = RateLimiter(config.rate_limit_steps_per_s)
         self.store = (
             StateStore(
                 config.state_store,
                 config.session_idle_timeout_s,
-                self.engine.fingerprint,
-                self.model_config.output_size,
                 config.replay_steps,
                 self._read_states,
                 lambda: self.sessions,
@@ -87,33 +77,47 @@ class Runtime:
             if config.state_store
             else None
         )
-        self.batcher = Batcher(
-            self.engine, config.max_batch_size, config.max_batch_delay_us, self.store, replay
-        )
+        self.models = Models(default_name=config.default_model)
+        self.rollout = Rollout(config, device, self.models, self.store)
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
         self._loading: dict[tuple[str, str], asyncio.Future[Session]] = {}
 
+    async def load_models(self) -> None:
+        """Load the repository (or --model); refuses to start when nothing loads."""
+        await self.rollout.load_initial()
+
     async def start(self) -> None:
         if self.store is not None:
             await self.store.start()
-        self.batcher.start()
+        self.rollout.start()
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="sweeper")
 
     # Sessions
 
-    def create_session(self, session_id: str = "", principal: str = "") -> Session:
+    def create_session(
+        self, model: ModelVersion, session_id: str = "", principal: str = ""
+    ) -> Session:
         self.refuse_if_draining()
-        session = self.sessions.create(session_id, principal)
-        log.info("session %s created (slot %d)", short_id(session.session_id), session.slot)
+        session = self.sessions.create(model, session_id, principal)
+        log.info(
+            "session %s created on %s (slot %d)",
+            short_id(session.session_id),
+            model.key,
+            session.slot,
+        )
         return session
 
-    async def open_session(self, session_id: str = "", principal: str = "") -> Session:
-        """CreateSession: a new session, which (with a state store) no replica holds yet."""
+    async def open_session(
+        self, session_id: str = "", principal: str = "", model: str = "", version: int = 0
+    ) -> Session:
+        """CreateSession: a new session on the named model version (default: the default
+        model's newest), which (with a state store) no replica holds yet."""
         self.refuse_if_draining()
+        placement = self.models.resolve(model, version)
         if session_id and self.store is not None:
             await self._refuse_if_stored(session_id, principal)
-        session = self.create_session(session_id, principal)
+        session = self.create_session(placement, session_id, principal)
         if self.store is not None:  # so another replica can continue it before its first step
             self.store.stage(session)
         return session
@@ -162,7 +166,7 @@ class Runtime:
             if held is None:
                 raise SessionNotFound(session_id)
             return held
-        self._check_record(record, "stored state")
+        await self._place_record(record, "stored state")
         if held is not None:
             await self.close_session(held, "superseded")
         (session,) = await self.restore([record], session_id, principal)
@@ -175,12 +179,17 @@ class Runtime:
         )
         return session
 
-    async def _read_states(self, sessions: list[Session]) -> tuple[np.ndarray, np.ndarray]:
-        """Sessions' h and c, (N, L, H) each, read on the engine's thread after every batch
-        already handed to it; the batcher has committed those batches by the time this await
-        returns, so each session's next_step agrees with the state read."""
-        h, c = await self.engine.call(self.engine.pool.read, [s.slot for s in sessions])
-        return h.numpy(), c.numpy()
+    async def _read_states(self, sessions: list[Session]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each session's h and c, (L, H) each, read on its version's engine thread after every
+        batch already handed to it; the batcher has committed those batches by the time this
+        await returns, so each session's next_step agrees with the state read."""
+        states: list[tuple[np.ndarray, np.ndarray]] = [None] * len(sessions)  # type: ignore[list-item]
+        for model, indices in group_by_model(sessions).items():
+            slots = [sessions[i].slot for i in indices]
+            h, c = await model.engine.call(model.pool.read, slots)  # (N, L, H) each
+            for row, i in enumerate(indices):
+                states[i] = (h[row].numpy(), c[row].numpy())
+        return states
 
     async def close_session(self, session: Session, reason: str) -> None:
         """Remove a session once its in-flight chunk is committed; zero and free its slot."""
@@ -197,24 +206,35 @@ class Runtime:
         metrics.SESSIONS_CLOSED.labels(reason).inc()
         log.info("session %s closed: %s", short_id(session.session_id), reason)
         # Shielded: a caller cancelled now (a client hanging up) must not leak the slot.
-        await asyncio.shield(self._free_slot(slot))
+        await asyncio.shield(self._free_slot(session, slot))
 
-    async def _free_slot(self, slot: int) -> None:
-        await self.engine.call(self.engine.pool.zero, [slot])
-        self.sessions.release_slot(slot)
+    async def _free_slot(self, session: Session, slot: int) -> None:
+        model: ModelVersion = session.model
+        await model.engine.call(model.pool.zero, [slot])
+        self.sessions.release_slot(session)
+        self.rollout.unload_if_drained(model)
 
     async def delete_session(self, session_id: str, principal: str = "") -> None:
         await self.close_session(await self.get_session(session_id, principal), "deleted")
 
     # Streams
 
-    async def attach(self, attachment: Attachment, session_id: str, principal: str = "") -> Session:
-        """Feed a new session (empty id) or take over an existing one."""
+    async def attach(
+        self,
+        attachment: Attachment,
+        session_id: str,
+        principal: str = "",
+        model: str = "",
+        version: int = 0,
+    ) -> Session:
+        """Feed a new session (empty id) on the named model version, or take over an
+        existing one (a model named then must be the one it lives on)."""
         self.refuse_if_draining()
         if session_id:
             session = await self.get_session(session_id, principal)
+            check_lives_on(session, model, version)
         else:
-            session = await self.open_session("", principal)
+            session = await self.open_session("", principal, model, version)
         previous = session.owner
         session.owner = attachment
         attachment.session = session
@@ -245,7 +265,7 @@ class Runtime:
                 raise SessionNotFound(session.session_id)
             if attachment is not None and session.owner is not attachment:
                 raise SessionTakenOver(session.session_id)
-            plan = plan_chunk(session, start_step, inputs, reset, self.model_config.output_size)
+            plan = plan_chunk(session, start_step, inputs, reset, session.model.config.output_size)
             self.rate_limiter.take(session.principal, len(plan.new))
             self.sessions.touch(session)
         except BaseException:
@@ -256,7 +276,7 @@ class Runtime:
             session.lock.release()
             return first, plan.replayed
         work = StepWork(session.slot, plan.new, plan.reset)
-        outputs = await self.batcher.submit(session, work, plan.new_start)  # releases the lock
+        outputs = await session.model.batcher.submit(session, work, plan.new_start)  # unlocks
         if len(plan.replayed):
             outputs = np.concatenate([plan.replayed, outputs])
         return first, outputs
@@ -266,23 +286,34 @@ class Runtime:
         chunks: list[batches.ChunkRequest | ServiceError],
         principal: str = "",
         create_missing: bool = False,
+        model: ModelVersion | None = None,
     ) -> list[batches.Outcome]:
-        """Many sessions' chunks at once (StepBatch): each one's answer or refusal, in order."""
-        return await batches.step_batch(self, chunks, principal, create_missing)
+        """Many sessions' chunks at once (StepBatch): each one's answer or refusal, in order.
+        `model`: the version the inputs were decoded for and create_missing creates on."""
+        return await asyncio.shield(
+            await self.start_batch(chunks, principal, create_missing, model)
+        )
 
     async def start_batch(
         self,
         chunks: list[batches.ChunkRequest | ServiceError],
         principal: str = "",
         create_missing: bool = False,
+        model: ModelVersion | None = None,
     ) -> asyncio.Future[list[batches.Outcome]]:
         """Queue a batch message's chunks (StreamBatches); a future of their outcomes."""
-        return await batches.start_batch(self, chunks, principal, create_missing)
+        target = model or self.models.resolve()
+        return await batches.start_batch(self, chunks, principal, create_missing, target)
 
-    async def predict(self, inputs: np.ndarray) -> np.ndarray:
+    async def predict(self, inputs: np.ndarray, model: ModelVersion) -> np.ndarray:
         self.refuse_if_draining()
-        outputs = await self.engine.call(self.engine.predict, inputs)
-        metrics.TIMESTEPS.inc(len(inputs))
+        model.predicts += 1
+        try:
+            outputs = await model.engine.call(model.engine.predict, inputs)
+        finally:
+            model.predicts -= 1
+            self.rollout.unload_if_drained(model)
+        metrics.TIMESTEPS.labels(model.key.name, str(model.key.version)).inc(len(inputs))
         return outputs
 
     # Moving sessions
@@ -292,14 +323,15 @@ class Runtime:
         async with session.lock:
             if session.closed:
                 raise SessionNotFound(session_id)
-            h, c = await self.engine.call(self.engine.pool.read, [session.slot])
+            model: ModelVersion = session.model
+            h, c = await model.engine.call(model.pool.read, [session.slot])
             return transfer.encode(self._record(session, h[0], c[0]))
 
     async def import_session(
         self, data: bytes, session_id: str = "", principal: str = ""
     ) -> Session:
         record = transfer.decode(data)
-        self._check_record(record, "state")
+        await self._place_record(record, "state")
         if self.store is not None:  # an id live on another replica is taken, as for a create
             await self._refuse_if_stored(session_id or record.session_id, principal)
         (session,) = await self.restore([record], session_id, principal)
@@ -310,14 +342,40 @@ class Runtime:
             self.store.stage(session)
         return session
 
-    def _check_record(self, record: transfer.SessionRecord, what: str) -> None:
-        if record.fingerprint != self.engine.fingerprint:
-            raise ModelMismatch(
-                f"{what}: from model {record.fingerprint[:12]}, this server runs "
-                f"{self.engine.fingerprint[:12]}; a session moves only between equal models"
+    async def _place_record(self, record: transfer.SessionRecord, what: str) -> ModelVersion:
+        """The loaded version a record's session lives on (loading it from the repository if
+        it is there but not loaded yet); checked against the record."""
+        model = self.place_record(record, what, missing_ok=True)
+        if model is None:
+            await self.rollout.reload()
+        return self.place_record(record, what)
+
+    def place_record(
+        self, record: transfer.SessionRecord, what: str, missing_ok: bool = False
+    ) -> ModelVersion | None:
+        """The version a record names, or (a record from before versions) the one with its
+        fingerprint: refused unless it runs the very model the session was stepped with."""
+        if record.model:
+            model = self.models.get(VersionKey(record.model, record.model_version))
+            named = f"model {record.model} v{record.model_version}"
+        else:
+            model = self.models.with_fingerprint(record.fingerprint)
+            named = f"model {record.fingerprint[:12]}"
+        if model is None:
+            if missing_ok:
+                return None
+            raise ModelNotFound(
+                f"{what}: the session lives on {named}, which this server does not hold "
+                f"(it holds {', '.join(str(v.key) for v in self.models) or 'nothing'})"
             )
-        config = self.model_config
+        if record.fingerprint != model.fingerprint:
+            raise ModelMismatch(
+                f"{what}: from {named} {record.fingerprint[:12]}, this server runs "
+                f"{model.key} {model.fingerprint[:12]}; a session moves only between equal models"
+            )
+        config = model.config
         transfer.validate(record, config.num_layers, config.hidden_size, config.output_size)
+        return model
 
     async def restore(
         self,
@@ -331,16 +389,17 @@ class Runtime:
         try:
             for r in records:
                 owner = r.principal if principal is None else principal
-                sessions.append(self.create_session(session_id or r.session_id, owner))
+                model = self.place_record(r, "state")
+                assert model is not None
+                sessions.append(self.create_session(model, session_id or r.session_id, owner))
         except ServiceError:
             for session in sessions:  # all or nothing
                 await self.close_session(session, "deleted")
             raise
-        if not sessions:
-            return []
-        h = torch.stack([r.h for r in records], dim=1)  # (L, N, H)
-        c = torch.stack([r.c for r in records], dim=1)  # (L, N, H)
-        await self.engine.call(self.engine.pool.write, [s.slot for s in sessions], h, c)
+        for model, indices in group_by_model(sessions).items():
+            h = torch.stack([records[i].h for i in indices], dim=1)  # (L, N, H)
+            c = torch.stack([records[i].c for i in indices], dim=1)  # (L, N, H)
+            await model.engine.call(model.pool.write, [sessions[i].slot for i in indices], h, c)
         for session, record in zip(sessions, records, strict=True):
             replay = record.replay.numpy()
             session.commit(record.next_step - len(replay), replay)
@@ -350,23 +409,27 @@ class Runtime:
     async def session_records(self) -> list[transfer.SessionRecord]:
         """Every session's whole state (for a snapshot); call when no chunk is in flight."""
         sessions = list(self.sessions)
-        if not sessions:
-            return []
-        h, c = await self.engine.call(self.engine.pool.read, [s.slot for s in sessions])
-        return [self._record(s, h[i], c[i]) for i, s in enumerate(sessions)]
+        states = await self._read_states(sessions)
+        return [
+            self._record(s, torch.from_numpy(h), torch.from_numpy(c))
+            for s, (h, c) in zip(sessions, states, strict=True)
+        ]
 
     def _record(self, session: Session, h: torch.Tensor, c: torch.Tensor) -> transfer.SessionRecord:
+        model: ModelVersion = session.model
         replay_start = session.replay.first_step(session.next_step)
-        replay = session.replay.read(replay_start, session.next_step, self._output_size)
+        replay = session.replay.read(replay_start, session.next_step, model.config.output_size)
         return transfer.SessionRecord(
             session_id=session.session_id,
             next_step=session.next_step,
             h=h,
             c=c,
             replay=torch.from_numpy(np.ascontiguousarray(replay)),
-            fingerprint=self.engine.fingerprint,
+            fingerprint=model.fingerprint,
             create_time=session.create_time,
             principal=session.principal,
+            model=model.key.name,
+            model_version=model.key.version,
         )
 
     # Lifecycle
@@ -393,7 +456,8 @@ class Runtime:
         for session in self.sessions:
             if isinstance(session.owner, Attachment):
                 session.owner.interrupt(ShuttingDown())
-        await self.batcher.wait_idle()
+        for model in self.models:
+            await model.batcher.wait_idle()
 
     async def stop(self) -> None:
         if self._sweeper:
@@ -401,16 +465,33 @@ class Runtime:
             await asyncio.gather(self._sweeper, return_exceptions=True)
         # Loads from the store nobody waits for any more must not outlive the engine.
         await asyncio.gather(*self._loading.values(), return_exceptions=True)
-        await self.batcher.stop()
+        await self.rollout.stop()
+        for model in self.models:
+            await model.batcher.stop()
         if self.store is not None:
             await self.store.stop()
         metrics.SESSIONS_CLOSED.labels("shutdown").inc(len(self.sessions))
-        self.engine.close()
+        for model in self.models:
+            model.engine.close()
 
     def refuse_if_draining(self) -> None:
         if self.draining:
             raise ShuttingDown()
 
-    @property
-    def _output_size(self) -> int:
-        return self.model_config.output_size
+
+def group_by_model(sessions: list[Session]) -> dict[ModelVersion, list[int]]:
+    """Sessions' positions by the version they live on, in order."""
+    groups: dict[ModelVersion, list[int]] = {}
+    for i, session in enumerate(sessions):
+        groups.setdefault(session.model, []).append(i)
+    return groups
+
+
+def check_lives_on(session: Session, model: str, version: int) -> None:
+    """A stream attaching may name a model, to be sure where the session lives."""
+    key: VersionKey = session.model.key
+    if (model and model != key.name) or (version and version != key.version):
+        raise BadInput(
+            f"model: session {short_id(session.session_id)} lives on {key}, the message names "
+            f"{model or key.name} v{version or key.version} (a session stays on its version)"
+        )

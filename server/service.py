@@ -25,6 +25,7 @@ from server.codec import (
     resolve_session_id,
 )
 from server.errors import BadInput, ServiceError, StepOutOfOrder
+from server.models import ModelVersion, VersionState
 from server.runtime import Attachment, Runtime
 from server.security import ANONYMOUS, TokenStore, Unauthenticated
 from server.sessions import Session
@@ -34,6 +35,12 @@ SESSION_ID_METADATA = "x-session-id"
 OUTPUT_KINDS = {
     "regression": pb.OUTPUT_KIND_REGRESSION,
     "classification": pb.OUTPUT_KIND_CLASSIFICATION,
+}
+VERSION_STATES = {
+    VersionState.LOADING: pb.MODEL_VERSION_STATE_LOADING,
+    VersionState.READY: pb.MODEL_VERSION_STATE_READY,
+    VersionState.DRAINING: pb.MODEL_VERSION_STATE_DRAINING,
+    VersionState.FAILED: pb.MODEL_VERSION_STATE_FAILED,
 }
 
 
@@ -118,6 +125,8 @@ def session_message(session: Session) -> pb.Session:
         create_time=_timestamp(session.create_time),
         last_active_time=_timestamp(session.last_active_time),
         replay_start_step=session.replay.first_step(session.next_step),
+        model=session.model.key.name,
+        model_version=session.model.key.version,
     )
 
 
@@ -132,7 +141,6 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     def __init__(self, runtime: Runtime, tokens: TokenStore | None = None) -> None:
         self.runtime = runtime
         self.tokens = tokens
-        self.model = runtime.model_config
         self._stream_latency = metrics.STEP_LATENCY.labels("StreamSteps")
         self._stream_ok = metrics.REQUESTS.labels("StreamSteps", "OK")
         self._batches_latency = metrics.STEP_LATENCY.labels("StreamBatches")
@@ -155,10 +163,12 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     @unary("GetModelInfo")
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any):
-        config, engine = self.model, self.runtime.engine
+        model = self.runtime.models.resolve(request.model, request.model_version, new_work=False)
+        config, engine = model.config, model.engine
         return pb.GetModelInfoResponse(
-            name=config.name,
-            version=config.version,
+            name=model.key.name,
+            version=str(model.key.version),
+            model_version=model.key.version,
             input_size=config.input_size,
             output_size=config.output_size,
             hidden_size=config.hidden_size,
@@ -169,15 +179,22 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             dtype=str(engine.dtype).removeprefix("torch."),
             max_chunk_steps=self.runtime.config.max_chunk_steps,
             max_batch_chunks=self.runtime.config.max_batch_chunks,
-            fingerprint=engine.fingerprint,
+            fingerprint=model.fingerprint,
             replay_steps=self.runtime.config.replay_steps,
             durable_sessions=self.runtime.store is not None,
         )
 
+    @unary("ListModels")
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any):
+        self._principal(context)
+        return list_models_response(self.runtime)
+
     @unary("CreateSession")
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Any):
         session_id = resolve_session_id(request.session_id, metadata_session_id(context))
-        session = await self.runtime.open_session(session_id, self._principal(context))
+        session = await self.runtime.open_session(
+            session_id, self._principal(context), request.model, request.model_version
+        )
         return pb.CreateSessionResponse(session=session_message(session))
 
     @unary("GetSession")
@@ -196,14 +213,15 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     @unary("Predict")
     async def Predict(self, request: pb.PredictRequest, context: Any):
-        inputs = self._decode(request)
+        model = self.runtime.models.resolve(request.model, request.model_version)
+        inputs = self._decode(request, model)
         if request.num_steps and request.num_steps != len(inputs):
             raise BadInput(
                 f"num_steps: expected {len(inputs)} or 0 (inputs hold {len(inputs)} timesteps "
-                f"of input_size {self.model.input_size}), got {request.num_steps}"
+                f"of input_size {model.config.input_size}), got {request.num_steps}"
             )
         self.runtime.rate_limiter.take(self._principal(context), len(inputs))
-        outputs = await self.runtime.predict(inputs)
+        outputs = await self.runtime.predict(inputs, model)
         response = pb.PredictResponse()
         put_outputs(response, outputs, bool(request.packed_inputs))
         return response
@@ -272,20 +290,27 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         start_step = request.start_step if request.HasField("start_step") else None
         if session is None:  # a bad first message creates nothing
             session_id = resolve_session_id(request.session_id, metadata_id)
-            inputs = self._decode(request)
+            principal = self._principal(context)
+            if session_id:  # attaching: the inputs are for the version it lives on
+                model = (await self.runtime.get_session(session_id, principal)).model
+            else:
+                model = self.runtime.models.resolve(request.model, request.model_version)
+            inputs = self._decode(request, model)
             if not session_id and start_step:
                 raise StepOutOfOrder(
                     f"start_step: expected 0 (or none) for a new session, got {start_step}",
                     expected_step=0,
                 )
-            session = await self.runtime.attach(attachment, session_id, self._principal(context))
+            session = await self.runtime.attach(
+                attachment, session_id, principal, request.model, request.model_version
+            )
         else:
             if request.session_id and request.session_id != session.session_id:
                 raise BadInput(
                     f"session_id: expected {session.session_id!r} (this stream's session) or "
                     f"empty, got {request.session_id!r}"
                 )
-            inputs = self._decode(request)
+            inputs = self._decode(request, session.model)
         first, outputs = await self.runtime.step(
             session, inputs, start_step, request.reset, attachment
         )
@@ -298,10 +323,12 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         put_outputs(response, outputs, bool(request.packed_inputs))
         return response
 
-    def _decode(self, request: pb.StreamStepsRequest | pb.PredictRequest) -> np.ndarray:
+    def _decode(
+        self, request: pb.StreamStepsRequest | pb.PredictRequest, model: ModelVersion
+    ) -> np.ndarray:
         return decode_steps(
             request.inputs,
-            self.model.input_size,
+            model.config.input_size,
             self.runtime.config.max_chunk_steps,
             request.packed_inputs,
         )
@@ -310,9 +337,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     @unary("StepBatch")
     async def StepBatch(self, request: pb.StepBatchRequest, context: Any):
-        chunks = self._batch_chunks(request, "StepBatch")
+        model = self.runtime.models.resolve(request.model, request.model_version)
+        chunks = self._batch_chunks(request, "StepBatch", model)
         outcomes = await self.runtime.step_batch(
-            chunks, self._principal(context), request.create_missing
+            chunks, self._principal(context), request.create_missing, model
         )
         return batch_response(request, outcomes, "StepBatch")
 
@@ -356,8 +384,11 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     raise request.error
                 if principal is None:  # once a stream
                     principal = self._principal(context)
-                chunks = self._batch_chunks(request, "StreamBatches")
-                pending = await self.runtime.start_batch(chunks, principal, request.create_missing)
+                model = self.runtime.models.resolve(request.model, request.model_version)
+                chunks = self._batch_chunks(request, "StreamBatches", model)
+                pending = await self.runtime.start_batch(
+                    chunks, principal, request.create_missing, model
+                )
             except ServiceError as err:
                 await answers.put((received, err))
                 return
@@ -365,7 +396,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         await answers.put(None)
 
     def _batch_chunks(
-        self, request: pb.StepBatchRequest, rpc: str
+        self, request: pb.StepBatchRequest, rpc: str, model: ModelVersion
     ) -> list[ChunkRequest | ServiceError]:
         """The message's chunks decoded, each a ChunkRequest or the BadInput refusing it."""
         limit = self.runtime.config.max_batch_chunks
@@ -376,7 +407,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             )
         metrics.BATCH_CHUNKS.labels(rpc).observe(len(request.chunks))
         config = self.runtime.config
-        inputs = decode_chunks(request.chunks, self.model.input_size, config.max_chunk_steps)
+        inputs = decode_chunks(request.chunks, model.config.input_size, config.max_chunk_steps)
         decoded: list[ChunkRequest | ServiceError] = []
         for index, (chunk, rows) in enumerate(zip(request.chunks, inputs, strict=True)):
             try:
@@ -393,6 +424,30 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 ChunkRequest(session_id, rows, start_step, chunk.reset, chunk.end_session)
             )
         return decoded
+
+
+def list_models_response(runtime: Runtime) -> pb.ListModelsResponse:
+    models = runtime.models
+    response = pb.ListModelsResponse(default_model=models.default_name)
+    listed: dict[str, pb.ModelStatus] = {}
+
+    def entry(name: str) -> pb.ModelStatus:
+        if name not in listed:
+            listed[name] = response.models.add(name=name)
+        return listed[name]
+
+    rows = [(v.key, v.state, v.sessions, v.fingerprint, "") for v in models]
+    rows += [(k, VersionState.LOADING, 0, "", "") for k in models.loading]
+    rows += [(k, VersionState.FAILED, 0, "", f.error) for k, f in models.failed.items()]
+    for key, state, sessions, fingerprint, error in sorted(rows, key=lambda r: r[0]):
+        entry(key.name).versions.add(
+            version=key.version,
+            state=VERSION_STATES[state],
+            sessions=sessions,
+            fingerprint=fingerprint,
+            error=error,
+        )
+    return response
 
 
 def batch_response(

@@ -13,6 +13,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -104,11 +105,22 @@ class ReplayPool:
         self._rings[np.asarray(slots)[:, None], columns] = outputs[:, -kept:]
 
 
+class Placement(Protocol):
+    """Where sessions' state lives: a model version's state pool and replay rings
+    (server/models.py ModelVersion), with the count of sessions holding slots there."""
+
+    pool: StatePool
+    replay: ReplayPool | int  # a pool, or a ring size for sessions with rings of their own
+
+    def count_sessions(self, delta: int) -> None: ...
+
+
 @dataclass(eq=False, slots=True)  # slots: 100,000 idle sessions must stay small
 class Session:
     session_id: str
     slot: int
     replay: ReplayBuffer
+    model: Any = None  # the Placement (model version) whose pool holds its slot, for life
     principal: str = ""  # who created it; only they can see it
     next_step: int = 0
     durable_step: int = 0  # the state store holds the session up to here (--state-store)
@@ -172,12 +184,12 @@ def plan_chunk(
 
 
 class SessionTable:
-    """Live sessions, bounded by the pool's capacity, least recently active first. Sessions are
-    keyed by (principal, id): another principal's session is indistinguishable from none."""
+    """Live sessions of every model version, at most `capacity`, least recently active first.
+    Sessions are keyed by (principal, id): another principal's session is indistinguishable
+    from none, and an id is one session whichever version it lives on."""
 
-    def __init__(self, pool: StatePool, replay: ReplayPool | int, per_principal: int = 0) -> None:
-        self._pool = pool
-        self._replay = replay  # a pool, or a ring size for sessions with rings of their own
+    def __init__(self, capacity: int, per_principal: int = 0) -> None:
+        self.capacity = capacity
         self._per_principal = per_principal
         self._sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self._counts: Counter[str] = Counter()
@@ -188,25 +200,24 @@ class SessionTable:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
-    def create(self, session_id: str = "", principal: str = "") -> Session:
+    def create(self, placement: Placement, session_id: str = "", principal: str = "") -> Session:
         session_id = session_id or secrets.token_urlsafe(16)  # 128 random bits
         if (principal, session_id) in self._sessions:
             raise SessionExists(session_id)
         if self._per_principal and self._counts[principal] >= self._per_principal:
             raise SessionQuota(self._per_principal)
+        if len(self._sessions) >= self.capacity:
+            raise SessionCapacity(self.capacity)
         try:
-            slot = self._pool.allocate()
-        except SlotsExhausted:
-            raise SessionCapacity(self._pool.capacity) from None
-        replay = (
-            self._replay.buffer(slot)
-            if isinstance(self._replay, ReplayPool)
-            else ReplayBuffer(self._replay)
-        )
-        session = Session(session_id, slot, replay, principal)
+            slot = placement.pool.allocate()
+        except SlotsExhausted:  # slots not yet released by sessions closing now
+            raise SessionCapacity(self.capacity) from None
+        rings = placement.replay
+        replay = rings.buffer(slot) if isinstance(rings, ReplayPool) else ReplayBuffer(rings)
+        session = Session(session_id, slot, replay, placement, principal)
         self._sessions[principal, session_id] = session
         self._counts[principal] += 1
-        metrics.SESSIONS_CREATED.inc()
+        placement.count_sessions(1)
         metrics.SESSIONS_ACTIVE.set(len(self._sessions))
         return session
 
@@ -228,8 +239,10 @@ class SessionTable:
         metrics.SESSIONS_ACTIVE.set(len(self._sessions))
         return session.slot
 
-    def release_slot(self, slot: int) -> None:
-        self._pool.release(slot)
+    def release_slot(self, session: Session) -> None:
+        """The closed session's slot is zeroed: give it back to its version's pool."""
+        session.model.pool.release(session.slot)
+        session.model.count_sessions(-1)
 
     def idle_since(self, deadline: float) -> list[Session]:
         """Sessions last active before `deadline` (monotonic), oldest first."""

@@ -1,8 +1,9 @@
 """Snapshots: every session written on shutdown, read back at start.
 
-One file, `sessions.snapshot` in --snapshot-dir: a safetensors document with every session's
-h and c stacked, their replay buffers concatenated, and JSON metadata (format version, model
-fingerprint, each session's id, next step and replay length). Written atomically: temp file,
+One file, `sessions.snapshot` in --snapshot-dir: a safetensors document with, per model version,
+its sessions' h and c stacked and their replay buffers concatenated, and JSON metadata (format
+version; per group the model, version and fingerprint, and each session's id, next step and
+replay length). Written atomically: temp file,
 fsync, rename, fsync of the directory, so a crash mid-write leaves the previous state intact.
 A snapshot is deleted once restored: restoring it twice would roll sessions back.
 """
@@ -21,7 +22,7 @@ from server.transfer import SessionRecord
 
 SNAPSHOT_FILE = "sessions.snapshot"
 FORMAT = "lstm-stream.snapshot"
-VERSION = 1
+VERSION = 2  # 2: sessions grouped by model version; 1 (one model) is still read
 
 
 class SnapshotError(Exception):
@@ -55,29 +56,36 @@ def _user_name() -> str:
         return f"uid {os.geteuid()}"
 
 
-def write_snapshot(directory: Path, records: list[SessionRecord], fingerprint: str) -> Path:
+def write_snapshot(directory: Path, records: list[SessionRecord]) -> Path:
+    """Every session, grouped by the model version it lives on (their shapes differ)."""
     directory.mkdir(parents=True, exist_ok=True)
-    sessions = [
-        {
-            "id": r.session_id,
-            "next_step": r.next_step,
-            "replay": len(r.replay),
-            "create_time": r.create_time,
-            "principal": r.principal,
-        }
-        for r in records
-    ]
-    tensors = {
-        "h": torch.stack([r.h for r in records]) if records else torch.zeros(0),  # (N, L, H)
-        "c": torch.stack([r.c for r in records]) if records else torch.zeros(0),  # (N, L, H)
-        "replay": torch.cat([r.replay for r in records]) if records else torch.zeros(0),
-    }
-    metadata = {
-        "format": FORMAT,
-        "version": str(VERSION),
-        "fingerprint": fingerprint,
-        "sessions": json.dumps(sessions),
-    }
+    groups: dict[tuple[str, int, str], list[SessionRecord]] = {}
+    for r in records:
+        groups.setdefault((r.model, r.model_version, r.fingerprint), []).append(r)
+    tensors: dict[str, torch.Tensor] = {}
+    described = []
+    for g, ((model, version, fingerprint), members) in enumerate(groups.items()):
+        tensors[f"{g}.h"] = torch.stack([r.h for r in members])  # (N, L, H)
+        tensors[f"{g}.c"] = torch.stack([r.c for r in members])  # (N, L, H)
+        tensors[f"{g}.replay"] = torch.cat([r.replay for r in members])  # (sum R, O)
+        described.append(
+            {
+                "model": model,
+                "model_version": version,
+                "fingerprint": fingerprint,
+                "sessions": [
+                    {
+                        "id": r.session_id,
+                        "next_step": r.next_step,
+                        "replay": len(r.replay),
+                        "create_time": r.create_time,
+                        "principal": r.principal,
+                    }
+                    for r in members
+                ],
+            }
+        )
+    metadata = {"format": FORMAT, "version": str(VERSION), "groups": json.dumps(described)}
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     target = directory / SNAPSHOT_FILE
     temp = directory / f".{SNAPSHOT_FILE}.{os.getpid()}.tmp"
@@ -94,8 +102,9 @@ def write_snapshot(directory: Path, records: list[SessionRecord], fingerprint: s
     return target
 
 
-def read_snapshot(directory: Path, fingerprint: str) -> list[SessionRecord]:
-    """The sessions of the snapshot in `directory` ([] when there is none)."""
+def read_snapshot(directory: Path) -> list[SessionRecord]:
+    """The sessions of the snapshot in `directory` ([] when there is none), each naming the
+    model version (and fingerprint) it lives on; the caller checks it holds those."""
     path = directory / SNAPSHOT_FILE
     if not path.exists():
         return []
@@ -103,32 +112,46 @@ def read_snapshot(directory: Path, fingerprint: str) -> list[SessionRecord]:
     try:
         tensors = load(data)
         metadata = _metadata(data)
-    except (SafetensorError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        if metadata.get("format") != FORMAT or metadata.get("version") not in ("1", "2"):
+            raise SnapshotError(
+                f"{path}: expected {FORMAT} version {VERSION}, got "
+                f"{metadata.get('format')} version {metadata.get('version')}"
+            )
+        if metadata["version"] == "1":  # one model, named by its fingerprint only
+            sessions = json.loads(metadata["sessions"])
+            groups = [{"fingerprint": metadata["fingerprint"], "sessions": sessions}]
+            prefix = ""
+        else:
+            groups = json.loads(metadata["groups"])
+            prefix = "{}."
+        return [
+            record
+            for g, group in enumerate(groups)
+            for record in _group_records(group, tensors, prefix.format(g))
+        ]
+    except (SafetensorError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
         raise SnapshotError(f"{path}: corrupt or truncated snapshot ({exc})") from None
-    if metadata.get("format") != FORMAT or metadata.get("version") != str(VERSION):
-        raise SnapshotError(
-            f"{path}: expected {FORMAT} version {VERSION}, got "
-            f"{metadata.get('format')} version {metadata.get('version')}"
-        )
-    if metadata["fingerprint"] != fingerprint:
-        raise SnapshotError(
-            f"{path}: written by model {metadata['fingerprint'][:12]}, this server runs "
-            f"{fingerprint[:12]}; restoring it would apply another model's state"
-        )
+
+
+def _group_records(
+    group: dict, tensors: dict[str, torch.Tensor], prefix: str
+) -> list[SessionRecord]:
     records, offset = [], 0
-    for i, s in enumerate(json.loads(metadata["sessions"])):
-        replay = tensors["replay"][offset : offset + s["replay"]]
+    for i, s in enumerate(group["sessions"]):
+        replay = tensors[f"{prefix}replay"][offset : offset + s["replay"]]
         offset += s["replay"]
         records.append(
             SessionRecord(
                 s["id"],
                 s["next_step"],
-                tensors["h"][i],
-                tensors["c"][i],
+                tensors[f"{prefix}h"][i],
+                tensors[f"{prefix}c"][i],
                 replay,
-                fingerprint,
+                group["fingerprint"],
                 s["create_time"],
                 s.get("principal", ""),
+                group.get("model", ""),
+                int(group.get("model_version", 0)),
             )
         )
     return records

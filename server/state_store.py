@@ -118,10 +118,10 @@ class Snapshot:
     c: np.ndarray  # (L, H) float32
 
 
-# Reads the state of some sessions from the engine's pool: h and c, (N, L, H) each. Runs after
-# every batch already handed to the engine, and the batcher commits those before the read's
-# result arrives, so the sessions' next_step values agree with the state read.
-StateReader = Callable[[list[Session]], Awaitable[tuple[np.ndarray, np.ndarray]]]
+# Reads the state of some sessions from their versions' pools: each one's h and c, (L, H) each.
+# Runs after every batch already handed to the engines, and the batchers commit those before
+# the read's result arrives, so the sessions' next_step values agree with the state read.
+StateReader = Callable[[list[Session]], Awaitable[list[tuple[np.ndarray, np.ndarray]]]]
 
 
 class StateStore:
@@ -129,8 +129,6 @@ class StateStore:
         self,
         url: str,
         ttl_s: float,
-        fingerprint: str,
-        output_size: int,
         replay_steps: int,
         read_states: StateReader,
         live_sessions: Callable[[], Iterable[Session]],
@@ -149,8 +147,6 @@ class StateStore:
         )
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._interval_s = interval_s
-        self._fingerprint = fingerprint
-        self._output_size = output_size
         self._replay_steps = replay_steps
         self._staged: dict[str, Staged] = {}  # key -> the session's newest state, or its end
         self._writing: dict[str, Staged] = {}  # the batch being written
@@ -269,10 +265,10 @@ class StateStore:
         sessions = {key: s.session for key, s in batch.items() if not s.ended}
         if not sessions:
             return {}
-        h, c = await self._read_states(list(sessions.values()))  # (N, L, H) each
+        states = await self._read_states(list(sessions.values()))
         return {
-            key: Snapshot(session, session.next_step, h[i], c[i])
-            for i, (key, session) in enumerate(sessions.items())
+            key: Snapshot(session, session.next_step, h, c)
+            for (key, session), (h, c) in zip(sessions.items(), states, strict=True)
             if not session.closed  # closed meanwhile: its slot may be another's now
         }
 
@@ -313,6 +309,7 @@ class StateStore:
 
     def _fields(self, snapshot: Snapshot) -> dict[str, bytes | str | int]:
         session = snapshot.session
+        model = session.model  # the version it lives on (server/models.py ModelVersion)
         # The replay rows still held for steps before the snapshot's next_step (the session
         # may have moved on since; the ring then holds fewer of them).
         oldest = max(
@@ -320,16 +317,18 @@ class StateStore:
             snapshot.next_step - self._replay_steps,
             0,
         )
-        replay = session.replay.read(oldest, snapshot.next_step, self._output_size)  # (R, O)
+        replay = session.replay.read(oldest, snapshot.next_step, model.config.output_size)  # (R, O)
         record = transfer.SessionRecord(
             session_id=session.session_id,
             next_step=snapshot.next_step,
             h=torch.from_numpy(snapshot.h),  # zero-copy views
             c=torch.from_numpy(snapshot.c),
             replay=torch.from_numpy(replay),
-            fingerprint=self._fingerprint,
+            fingerprint=model.fingerprint,
             create_time=session.create_time,
             principal=session.principal,
+            model=model.key.name,
+            model_version=model.key.version,
         )
         return transfer.to_fields(record)
 

@@ -37,6 +37,8 @@ class SessionRecord:
     fingerprint: str
     create_time: float
     principal: str = ""
+    model: str = ""  # the version it lives on; empty in records from before versions
+    model_version: int = 0
 
 
 def encode(record: SessionRecord) -> bytes:
@@ -48,6 +50,8 @@ def encode(record: SessionRecord) -> bytes:
         "fingerprint": record.fingerprint,
         "create_time": repr(record.create_time),
         "principal": record.principal,
+        "model": record.model,
+        "model_version": str(record.model_version),
     }
     tensors = {"h": record.h, "c": record.c, "replay": record.replay}
     # numpy's writer: a fifth of torch's time, and the state store encodes after every batch
@@ -90,6 +94,8 @@ def decode(data: bytes) -> SessionRecord:
             fingerprint=metadata["fingerprint"],
             create_time=float(metadata["create_time"]),
             principal=metadata.get("principal", ""),
+            model=metadata.get("model", ""),
+            model_version=int(metadata.get("model_version", "0")),
         )
     except (KeyError, ValueError, RuntimeError, SafetensorError) as exc:
         raise BadInput(f"state: corrupt exported session ({exc})") from None
@@ -137,6 +143,8 @@ def to_fields(record: SessionRecord) -> dict[str, bytes | str | int]:
         "principal": record.principal,
         "fingerprint": record.fingerprint,
         "create_time": record.create_time,
+        "model": record.model,
+        "model_version": record.model_version,
         "shape": [layers, hidden, record.replay.shape[1]],  # L, H, output size
     }
     arrays = (record.h, record.c, record.replay)
@@ -165,6 +173,8 @@ def from_fields(fields: dict[bytes, bytes]) -> SessionRecord:
             fingerprint=meta["fingerprint"],
             create_time=float(meta["create_time"]),
             principal=meta["principal"],
+            model=meta.get("model", ""),
+            model_version=int(meta.get("model_version", 0)),
         )
     except (KeyError, ValueError, TypeError, RuntimeError, json.JSONDecodeError) as exc:
         raise BadInput(f"stored state: corrupt record ({type(exc).__name__}: {exc})") from None

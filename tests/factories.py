@@ -357,10 +357,19 @@ class RawStream:
         self.close()
 
 
-def metric_value(port: int, name: str) -> float:
-    """One sample of a server's /metrics (e.g. 'lstm_sessions_active')."""
+def metric_value(port: int, name: str, **labels: str) -> float:
+    """A sample of a server's /metrics (e.g. 'lstm_sessions_active'), summed over the label
+    sets that hold `labels` (lstm_timesteps_total over every model, for example); KeyError
+    when no sample matches."""
     import re
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return float(re.search(rf"^{re.escape(name)} (\S+)$", text, flags=re.M).group(1))
+    found = [
+        (dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or "")), float(match.group(2)))
+        for match in re.finditer(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", text, flags=re.M)
+    ]
+    values = [v for got, v in found if labels.items() <= got.items()]
+    if not values:
+        raise KeyError(f"{name}{labels or ''} not in /metrics")
+    return sum(values)

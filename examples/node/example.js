@@ -1,6 +1,7 @@
 'use strict';
 // Streams timesteps to lstm-serve from Node.js, the way an app would:
 //   node example.js --target localhost:50051 < steps.json     (steps.json: [[6 numbers], ...])
+//   (--model NAME --model-version N: a session on that model; default: the server's default)
 // It opens a session, sends one timestep per message, loses its connection halfway and
 // carries on exactly once, resends two answered steps with their start_step (answered from
 // the server's replay buffer), shows the ErrorInfo of a refused message, and ends the session.
@@ -15,8 +16,9 @@ async function main() {
   const steps = JSON.parse(require('node:fs').readFileSync(0, 'utf8'));
 
   const connection = connect(target, { token: option('--token', process.env.LSTM_CLIENT_TOKEN) });
-  const info = await connection.unary('GetModelInfo', {});
-  const session = new Session(connection, info); // its first message creates the session
+  const model = { model: option('--model', ''), modelVersion: Number(option('--model-version', 0)) };
+  const info = await connection.unary('GetModelInfo', { model: model.model, model_version: model.modelVersion });
+  const session = new Session(connection, info, '', 0, model); // its first message creates the session
 
   const outputs = [];
   for (const [t, step] of steps.entries()) {

@@ -69,10 +69,13 @@ function withErrorInfo(err) {
 
 // One session. Every chunk carries its start_step, so when a connection is lost the chunk is
 // simply sent again on a new stream: the server applies each timestep once and answers a
-// repeat from its replay buffer.
+// repeat from its replay buffer. A new session is created on `model` / `modelVersion` ('' and
+// 0: the server's default model, its newest ready version); `info` is that model's.
 class Session {
-  constructor(connection, info, sessionId = '', nextStep = 0) {
+  constructor(connection, info, sessionId = '', nextStep = 0, { model = '', modelVersion = 0 } = {}) {
     this.connection = connection;
+    this.model = model;
+    this.modelVersion = modelVersion;
     this.inputSize = info.input_size;
     this.outputSize = info.output_size;
     this.sessionId = sessionId;
@@ -92,7 +95,10 @@ class Session {
       reset,
       end_session: endSession,
     };
-    if (!this.sessionId) delete request.start_step; // a new session: the server numbers from 0
+    if (!this.sessionId) {
+      delete request.start_step; // a new session: the server numbers from 0
+      Object.assign(request, { model: this.model, model_version: this.modelVersion });
+    }
     for (let attempt = 0; ; attempt += 1) {
       try {
         const response = await this._exchange(request);

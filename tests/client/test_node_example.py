@@ -20,6 +20,10 @@ PROTO_DIR = Path(__file__).parents[2] / "proto"
 
 @pytest.fixture(scope="module")
 def node_example(tmp_path_factory) -> Path:
+    return install_node_example(tmp_path_factory)
+
+
+def install_node_example(tmp_path_factory) -> Path:
     """The example in a folder of its own, its packages installed from the committed lock."""
     require_binary("node")
     npm = require_binary("npm")
@@ -37,9 +41,9 @@ def node_example(tmp_path_factory) -> Path:
     return work
 
 
-def run_example(work: Path, target: str, steps: np.ndarray) -> dict:
+def run_example(work: Path, target: str, steps: np.ndarray, *flags: str) -> dict:
     result = subprocess.run(
-        ["node", "example.js", "--target", target],
+        ["node", "example.js", "--target", target, *flags],
         cwd=work,
         input=json.dumps(steps.tolist()),
         capture_output=True,

@@ -222,7 +222,8 @@ def test_too_many_chunks_or_bytes_refuse_the_whole_message():
         assert 'lstm_requests_total{code="OK",rpc="StreamBatches"} 1.0' in text
         assert metric_value(port, "lstm_timesteps_total") == 12.0  # 6 + 6 (replayed: none)
         # Each message's chunks ran as one engine batch: two batches of three sessions.
-        assert "lstm_batch_size_count 2.0" in text and "lstm_batch_size_sum 6.0" in text
+        assert metric_value(port, "lstm_batch_size_count", model="basic-motions") == 2
+        assert metric_value(port, "lstm_batch_size_sum", model="basic-motions") == 6
 
 
 def test_another_principals_session_is_not_found_in_that_chunk(tmp_path):

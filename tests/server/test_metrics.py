@@ -38,6 +38,9 @@ def sample(samples: dict[str, float], name: str, **labels: str) -> float:
     return 0.0
 
 
+MODEL = {"model": "basic-motions"}  # the bundled model: work is counted per model
+
+
 @pytest.fixture
 def metered():
     port = free_port()
@@ -58,14 +61,14 @@ def test_batches_timesteps_requests_and_codes_are_counted_exactly(metered):
         client.get_session("no-such-session")
     got = scrape(metered.metrics_port)
 
-    assert sample(got, "lstm_batch_size_count") == len(sizes)
-    assert sample(got, "lstm_batch_size_sum") == len(sizes)  # one session per batch
-    assert sample(got, "lstm_batch_size_bucket", le="1.0") == len(sizes)
-    assert sample(got, "lstm_timesteps_total") == sum(sizes)
+    assert sample(got, "lstm_batch_size_count", **MODEL) == len(sizes)
+    assert sample(got, "lstm_batch_size_sum", **MODEL) == len(sizes)  # one session per batch
+    assert sample(got, "lstm_batch_size_bucket", **MODEL, le="1.0") == len(sizes)
+    assert sample(got, "lstm_timesteps_total", **MODEL, version="1") == sum(sizes)
     for histogram in ("lstm_queue_wait_seconds", "lstm_batch_compute_seconds"):
-        assert sample(got, f"{histogram}_count") == len(sizes)
-        assert sample(got, f"{histogram}_bucket", le="+Inf") == len(sizes)
-    assert 0 < sample(got, "lstm_batch_compute_seconds_sum") < 60
+        assert sample(got, f"{histogram}_count", **MODEL) == len(sizes)
+        assert sample(got, f"{histogram}_bucket", **MODEL, le="+Inf") == len(sizes)
+    assert 0 < sample(got, "lstm_batch_compute_seconds_sum", **MODEL) < 60
     assert sample(got, "lstm_requests_total", rpc="StreamSteps", code="OK") == len(sizes)
     assert sample(got, "lstm_requests_total", rpc="StreamSteps", code="INVALID_ARGUMENT") == 1
     assert sample(got, "lstm_requests_total", rpc="GetSession", code="NOT_FOUND") == 1
@@ -92,8 +95,9 @@ def test_sessions_created_active_and_closed_by_reason(metered):
         first.close()
         second.close()
 
-    assert sample(got, "lstm_sessions_created_total") == 3
+    assert sample(got, "lstm_sessions_created_total", **MODEL) == 3
     assert sample(got, "lstm_sessions_active") == 1  # the one taken over lives on
+    assert sample(got, "lstm_model_sessions_active", **MODEL, version="1") == 1
     closed = {
         reason: sample(got, "lstm_sessions_closed_total", reason=reason)
         for reason in ("ended", "deleted", "taken_over", "expired", "shutdown")
@@ -137,5 +141,6 @@ def test_a_refused_message_is_counted_under_its_code_not_ok(metered):
     got = scrape(metered.metrics_port)
     assert sample(got, "lstm_requests_total", rpc="StreamSteps", code="OK") == 1
     assert sample(got, "lstm_requests_total", rpc="StreamSteps", code="FAILED_PRECONDITION") == 1
-    assert sample(got, "lstm_timesteps_total") == 4  # the refused message applied nothing
-    np.testing.assert_equal(sample(got, "lstm_batch_size_count"), 1)
+    # The refused message applied nothing.
+    assert sample(got, "lstm_timesteps_total", **MODEL, version="1") == 4
+    np.testing.assert_equal(sample(got, "lstm_batch_size_count", **MODEL), 1)

@@ -34,6 +34,7 @@ def test_contract_names_are_in_the_proto():
             "ImportSession",
             "StepBatch",
             "StreamBatches",
+            "ListModels",
         ]
     )
     request = pb.StreamStepsRequest.DESCRIPTOR.fields_by_name
@@ -64,7 +65,12 @@ def test_batch_names_are_those_of_the_contract():
     stream = service.methods_by_name["StreamBatches"]
     assert stream.client_streaming and stream.server_streaming
     assert not service.methods_by_name["StepBatch"].client_streaming
-    assert set(pb.StepBatchRequest.DESCRIPTOR.fields_by_name) == {"chunks", "create_missing"}
+    assert set(pb.StepBatchRequest.DESCRIPTOR.fields_by_name) == {
+        "chunks",
+        "create_missing",
+        "model",
+        "model_version",
+    }
     chunk = pb.SessionChunk.DESCRIPTOR.fields_by_name
     assert set(chunk) == {
         "session_id",

@@ -49,7 +49,7 @@ def test_expiry_racing_a_resume_gives_the_right_outputs_or_not_found(bundled_mod
         runtime = srv.server.runtime
         # A session leaves the table first; its slot is zeroed on the engine, then freed.
         wait_for(
-            lambda: len(runtime.sessions) == 0 and runtime.engine.pool.in_use == 0,
+            lambda: len(runtime.sessions) == 0 and runtime.models.resolve().pool.in_use == 0,
             what="every session to expire and its slot to come back",
         )
     assert min(outcomes.values()) >= 3, outcomes

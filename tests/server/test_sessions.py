@@ -1,6 +1,7 @@
 """The step rule, the replay buffer and the batcher, without gRPC."""
 
 import asyncio
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -69,17 +70,37 @@ def test_a_resent_reset_is_not_applied_again():
     assert not plan_chunk(session, 5, np.zeros((2, 2)), True, 1).reset
 
 
+@dataclass
+class Placement:
+    """A model version's place for sessions, as SessionTable sees it: a pool, own rings."""
+
+    pool: StatePool = field(default_factory=make_pool)
+    replay: int = 4
+    sessions: int = 0
+
+    def count_sessions(self, delta: int) -> None:
+        self.sessions += delta
+
+
 def test_table_capacity_and_duplicate_ids():
     async def run():
-        table = SessionTable(make_pool(2), replay=4)
-        a = table.create("a")
-        table.create()
+        table, place = SessionTable(capacity=2), Placement(make_pool(2))
+        a = table.create(place, "a")
+        table.create(place)
         with pytest.raises(SessionExists):
-            table.create("a")
+            table.create(place, "a")
         with pytest.raises(SessionCapacity):
-            table.create()
-        table.release_slot(table.detach(a))
-        assert table.create("c").slot == a.slot
+            table.create(place)
+        table.detach(a)
+        table.release_slot(a)
+        assert place.sessions == 1  # the closed one's slot is back in its own pool
+        assert table.create(place, "c").slot == a.slot
+        other = Placement(make_pool(2))  # another version: its own pool, the same capacity
+        with pytest.raises(SessionCapacity):
+            table.create(other)
+        table.detach(a := table.get("c"))
+        table.release_slot(a)
+        assert table.create(other, "d").model is other and other.sessions == 1
 
     asyncio.run(run())
 
@@ -169,9 +190,9 @@ def test_idle_since_finds_every_idle_session_oldest_first(monkeypatch):
     """Sessions touched later move behind the idle ones, however they were created."""
     clock = [100.0]
     monkeypatch.setattr("server.sessions.time.monotonic", lambda: clock[0])
-    table = SessionTable(make_pool(capacity=6), replay=4)
+    table, place = SessionTable(capacity=6), Placement(make_pool(capacity=6))
     for name in "abcdef":  # created and stepped one second apart: a at 100 ... f at 105
-        table.touch(table.create(name))
+        table.touch(table.create(place, name))
         clock[0] += 1
     for name in "ace":  # active again at 110, 111, 112
         clock[0] = 110 + "ace".index(name)

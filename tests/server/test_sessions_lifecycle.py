@@ -63,7 +63,8 @@ def test_idle_sessions_expire_and_their_slot_is_zeroed():
         stream = RawStream(srv.target)
         stream.send(random_steps(5, 6, scale=10))
         slot = srv.server.runtime.sessions.get(stream.session_id).slot
-        h, c = srv.call(srv.server.runtime.engine.call(srv.server.runtime.engine.pool.read, [slot]))
+        model = srv.server.runtime.models.resolve()  # the default model's newest version
+        h, c = srv.call(model.engine.call(model.pool.read, [slot]))
         assert h.abs().sum() > 0
         stream.close()
         wait_for(lambda: len(srv.server.runtime.sessions) == 0, what="the session to expire")
@@ -76,7 +77,7 @@ def test_idle_sessions_expire_and_their_slot_is_zeroed():
             grpc.StatusCode.NOT_FOUND,
             "SESSION_NOT_FOUND",
         )
-        h, c = srv.call(srv.server.runtime.engine.call(srv.server.runtime.engine.pool.read, [slot]))
+        h, c = srv.call(model.engine.call(model.pool.read, [slot]))
         assert torch.count_nonzero(h) == 0 and torch.count_nonzero(c) == 0
 
 

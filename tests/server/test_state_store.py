@@ -1,12 +1,15 @@
 """The state store's writer and reader against a real redis-server."""
 
 import asyncio
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from server.errors import StoreUnavailable
+from server.models import VersionKey
 from server.sessions import ReplayBuffer, Session
 from server.state_store import StateStore, session_key
 from tests.e2e.scale_parts import RedisServer
@@ -15,11 +18,25 @@ from tests.factories import free_port
 FINGERPRINT = "f" * 64
 
 
+@dataclass(frozen=True)
+class FakeModel:
+    """The version a session lives on, as the store reads it."""
+
+    key: VersionKey = field(default_factory=lambda: VersionKey("m", 3))
+    fingerprint: str = FINGERPRINT
+    config: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(output_size=2))
+
+
 def make_session(
     steps: int, value: float, session_id: str = "s1", replay: int = 4, born: float = 1000.0
 ) -> Session:
     session = Session(
-        session_id, slot=0, replay=ReplayBuffer(replay), principal="alice", create_time=born
+        session_id,
+        slot=0,
+        replay=ReplayBuffer(replay),
+        model=FakeModel(),
+        principal="alice",
+        create_time=born,
     )
     outputs = value + np.arange(steps * 2, dtype=np.float32).reshape(steps, 2)  # (T, O)
     session.commit(0, outputs)
@@ -38,17 +55,13 @@ class FakePool:
         store.stage(session)
 
     async def read_states(self, sessions):
-        h = np.stack([self.states[id(s)][0].numpy() for s in sessions])  # (N, L, H)
-        c = np.stack([self.states[id(s)][1].numpy() for s in sessions])  # (N, L, H)
-        return h, c
+        return [(self.states[id(s)][0].numpy(), self.states[id(s)][1].numpy()) for s in sessions]
 
 
 def make_store(url: str, pool: FakePool | None = None, ttl_s: float = 60.0) -> StateStore:
     return StateStore(
         url,
         ttl_s,
-        FINGERPRINT,
-        output_size=2,
         replay_steps=4,
         read_states=(pool or FakePool()).read_states,
         live_sessions=list,
@@ -73,6 +86,7 @@ def test_a_record_round_trips_with_its_replay_and_expires_with_the_idle_timeout(
         ttl_ms = redis.client().pttl(session_key("alice", "s1"))
     assert record.next_step == 6 and session.durable_step == 6
     assert record.fingerprint == FINGERPRINT and record.principal == "alice"
+    assert (record.model, record.model_version) == ("m", 3)  # the version it lives on
     np.testing.assert_array_equal(record.h.numpy(), np.full((1, 3), 0.5, np.float32))
     np.testing.assert_array_equal(record.c.numpy(), np.full((1, 3), -0.5, np.float32))
     np.testing.assert_array_equal(record.replay.numpy(), session.replay.read(2, 6, 2))  # last 4

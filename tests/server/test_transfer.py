@@ -60,10 +60,8 @@ def test_import_refuses_another_models_state_and_garbage(tmp_path, client):
         state = on_other.call("ExportSession", export).state
     with pytest.raises(LstmStreamError) as err:
         client.call("ImportSession", pb.ImportSessionRequest(state=state))
-    assert (err.value.code, err.value.reason) == (
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "MODEL_MISMATCH",
-    )
+    assert (err.value.code, err.value.reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    assert "random v1" in err.value.details and "basic-motions v1" in err.value.details
     for garbage in (b"", b"\x00" * 3, b"\xff" * 64, state[: len(state) // 2]):
         with pytest.raises(LstmStreamError) as err:
             client.call("ImportSession", pb.ImportSessionRequest(state=garbage))

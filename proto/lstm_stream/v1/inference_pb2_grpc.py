@@ -84,6 +84,11 @@ class InferenceServiceStub:
                 request_serializer=lstm__stream_dot_v1_dot_inference__pb2.StepBatchRequest.SerializeToString,
                 response_deserializer=lstm__stream_dot_v1_dot_inference__pb2.StepBatchResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/lstm_stream.v1.InferenceService/ListModels',
+                request_serializer=lstm__stream_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=lstm__stream_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -158,6 +163,13 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model the server holds, each version with its state and live sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -210,6 +222,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.StreamBatches,
                     request_deserializer=lstm__stream_dot_v1_dot_inference__pb2.StepBatchRequest.FromString,
                     response_serializer=lstm__stream_dot_v1_dot_inference__pb2.StepBatchResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=lstm__stream_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
+                    response_serializer=lstm__stream_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -482,6 +499,33 @@ class InferenceService:
             '/lstm_stream.v1.InferenceService/StreamBatches',
             lstm__stream_dot_v1_dot_inference__pb2.StepBatchRequest.SerializeToString,
             lstm__stream_dot_v1_dot_inference__pb2.StepBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm_stream.v1.InferenceService/ListModels',
+            lstm__stream_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+            lstm__stream_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,232 @@
+"""Models and versions (DESIGN 1.8): the repository on disk and the versions loaded from it.
+
+A repository is `DIR/NAME/VERSION/`, each VERSION a positive integer and a model directory.
+Every loaded version has engine state of its own (pool, replay rings, batcher), so a batch never
+mixes versions, and a session lives on one version for its whole life. New sessions of a model
+go to its newest READY version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lstm_model.checkpoint import LoadedModel
+from lstm_model.config import LSTMConfig
+from lstm_model.repository import version_number
+from server import metrics
+from server.batcher import Batcher
+from server.config import ServerConfig
+from server.engine import DTYPES, Engine
+from server.errors import ModelNotFound
+from server.sessions import ReplayPool
+from server.state_pool import StatePool
+from server.state_store import StateStore
+
+log = logging.getLogger(__name__)
+
+
+class VersionState(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    DRAINING = "DRAINING"  # left the repository: its sessions go on, new ones are refused
+    FAILED = "FAILED"  # did not load; skipped until its files change
+
+
+@dataclass(frozen=True, order=True)
+class VersionKey:
+    name: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}"
+
+
+def scan_repository(root: Path) -> dict[VersionKey, Path]:
+    """Every `root/NAME/VERSION/` holding a config.json; other entries are ignored."""
+    found: dict[VersionKey, Path] = {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if model_dir.name.startswith("."):
+            continue
+        for version_dir in model_dir.iterdir():
+            version = version_number(version_dir.name)
+            if version is not None and (version_dir / "config.json").is_file():
+                found[VersionKey(model_dir.name, version)] = version_dir
+    return found
+
+
+def files_signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """What a retry of a failed version compares: its files' names, sizes and mtimes."""
+    try:
+        return tuple(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir())
+        )
+    except OSError:
+        return ()
+
+
+def single_model_key(config: LSTMConfig) -> VersionKey:
+    """--model DIR: a repository of one, named and numbered by its config.json."""
+    return VersionKey(config.name, version_number(str(config.version)) or 1)
+
+
+class ModelVersion:
+    """One loaded version: its engine, replay rings and batcher, and how many sessions and
+    Predict calls use it (it unloads when it drains to none)."""
+
+    def __init__(
+        self,
+        key: VersionKey,
+        loaded: LoadedModel,
+        config: ServerConfig,
+        device: torch.device,
+        store: StateStore | None,
+    ) -> None:
+        self.key = key
+        self.loaded = loaded
+        self.engine = Engine(
+            loaded,
+            config.max_sessions,
+            device,
+            DTYPES[config.dtype],
+            config.max_batch_size,
+            torch_threads=config.torch_threads,
+            one_step_kernel=config.one_step_kernel,
+        )
+        self.replay = ReplayPool(config.max_sessions, config.replay_steps, self.config.output_size)
+        self.batcher = Batcher(
+            self.engine,
+            config.max_batch_size,
+            config.max_batch_delay_us,
+            store,
+            self.replay,
+            model=key.name,
+            version=key.version,
+        )
+        self.state = VersionState.READY
+        self.sessions = 0  # live sessions on this version
+        self.predicts = 0  # Predict calls running on it
+        metrics.SESSIONS_CREATED.labels(key.name)  # exported as 0 from the start
+        metrics.MODEL_SESSIONS.labels(key.name, str(key.version)).set(0)
+
+    def count_sessions(self, delta: int) -> None:
+        """A session took a slot here (+1) or gave its zeroed slot back (-1)."""
+        self.sessions += delta
+        if delta > 0:
+            metrics.SESSIONS_CREATED.labels(self.key.name).inc(delta)
+        metrics.MODEL_SESSIONS.labels(self.key.name, str(self.key.version)).set(self.sessions)
+
+    @property
+    def pool(self) -> StatePool:
+        return self.engine.pool
+
+    @property
+    def config(self) -> LSTMConfig:
+        return self.loaded.model.config
+
+    @property
+    def fingerprint(self) -> str:
+        return self.loaded.fingerprint
+
+    @property
+    def idle(self) -> bool:
+        return self.sessions == 0 and self.predicts == 0
+
+    def describe(self) -> str:
+        c = self.config
+        return (
+            f"model {self.key} ({self.fingerprint[:12]}) on {self.engine.device}/"
+            f"{str(self.engine.dtype).removeprefix('torch.')}: input {c.input_size}, hidden "
+            f"{c.hidden_size} x {c.num_layers} layers, output {c.output_size}; state pool "
+            f"{self.pool.nbytes / 2**20:.1f} MiB"
+        )
+
+
+@dataclass
+class Failure:
+    """A version that did not load: why, and the files it was tried with."""
+
+    error: str
+    signature: tuple[tuple[str, int, int], ...]
+
+
+@dataclass
+class Models:
+    """The versions this server holds, by model; which model requests that name none use."""
+
+    default_name: str = ""
+    versions: dict[str, dict[int, ModelVersion]] = field(default_factory=dict)
+    failed: dict[VersionKey, Failure] = field(default_factory=dict)
+    loading: set[VersionKey] = field(default_factory=set)
+
+    def __iter__(self):
+        return iter([v for versions in self.versions.values() for v in versions.values()])
+
+    def add(self, model: ModelVersion) -> None:
+        self.versions.setdefault(model.key.name, {})[model.key.version] = model
+        self.failed.pop(model.key, None)
+        metrics.MODEL_INFO.labels(model.key.name, str(model.key.version)).info(
+            {
+                "device": str(model.engine.device),
+                "dtype": str(model.engine.dtype).removeprefix("torch."),
+                "fingerprint": model.fingerprint[:12],
+            }
+        )
+        self.update_state_metric(model)
+        metrics.STATE_BYTES.set(sum(v.pool.nbytes for v in self))
+
+    def remove(self, model: ModelVersion) -> None:
+        versions = self.versions.get(model.key.name, {})
+        if versions.get(model.key.version) is model:
+            del versions[model.key.version]
+        if not versions:
+            self.versions.pop(model.key.name, None)
+        metrics.STATE_BYTES.set(sum(v.pool.nbytes for v in self))
+        labels = (model.key.name, str(model.key.version))
+        for metric in (metrics.MODEL_INFO, metrics.MODEL_SESSIONS):
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
+        for state in VersionState:
+            with contextlib.suppress(KeyError):
+                metrics.MODEL_VERSION_STATE.remove(*labels, state.value)
+
+    def update_state_metric(self, model: ModelVersion) -> None:
+        for state in (VersionState.READY, VersionState.DRAINING):
+            metrics.MODEL_VERSION_STATE.labels(
+                model.key.name, str(model.key.version), state.value
+            ).set(1 if model.state is state else 0)
+
+    def get(self, key: VersionKey) -> ModelVersion | None:
+        return self.versions.get(key.name, {}).get(key.version)
+
+    def with_fingerprint(self, fingerprint: str) -> ModelVersion | None:
+        return next((v for v in self if v.fingerprint == fingerprint), None)
+
+    def resolve(self, model: str = "", version: int = 0, new_work: bool = True) -> ModelVersion:
+        """The version a request names (empty / 0: the default model, its newest READY
+        version). `new_work`: a new session or a Predict, which a DRAINING version refuses."""
+        name = model or self.default_name
+        versions = self.versions.get(name)
+        if not versions:
+            raise ModelNotFound(
+                f"model: expected one of {sorted(self.versions)} (or empty for the default, "
+                f"{self.default_name!r}), got {model!r}"
+            )
+        ready = sorted(n for n, v in versions.items() if v.state is VersionState.READY)
+        if not version:
+            if not ready:
+                raise ModelNotFound(f"model {name!r}: no version is ready (all are draining)")
+            return versions[ready[-1]]
+        found = versions.get(version)
+        if found is None or (new_work and found.state is not VersionState.READY):
+            why = "draining: it left the repository" if found is not None else "not loaded"
+            raise ModelNotFound(
+                f"model_version: expected one of {ready} for model {name!r} (or 0 for the "
+                f"newest), got {version} ({why})"
+            )
+        return found
