@@ -32,9 +32,10 @@ from lstm_stream.client import AsyncStreamingClient, LstmStreamError
 
 
 def metric(port: int, name: str) -> float:
+    """A metric's samples summed over their labels (lstm_timesteps_total over every model)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    found = re.search(rf"^{name} ([\d.e+]+)$", text, flags=re.M)
-    return float(found.group(1)) if found else 0.0
+    found = re.findall(rf"^{name}(?:{{[^}}]*}})? ([\d.e+]+)$", text, flags=re.M)
+    return sum(float(value) for value in found)
 
 
 class Churn:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,7 +165,7 @@ class Models:
     failed: dict[VersionKey, Failure] = field(default_factory=dict)
     loading: set[VersionKey] = field(default_factory=set)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ModelVersion]:
         return iter([v for versions in self.versions.values() for v in versions.values()])
 
     def add(self, model: ModelVersion) -> None:

@@ -361,9 +361,15 @@ class Runtime:
         else:
             model = self.models.with_fingerprint(record.fingerprint)
             named = f"model {record.fingerprint[:12]}"
+        if model is None and missing_ok:
+            return None
+        if model is None and not record.model:
+            raise ModelMismatch(
+                f"{what}: from model {record.fingerprint[:12]}, this server runs "
+                f"{', '.join(f'{v.key} {v.fingerprint[:12]}' for v in self.models)}; a session "
+                "moves only between equal models"
+            )
         if model is None:
-            if missing_ok:
-                return None
             raise ModelNotFound(
                 f"{what}: the session lives on {named}, which this server does not hold "
                 f"(it holds {', '.join(str(v.key) for v in self.models) or 'nothing'})"

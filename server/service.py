@@ -337,7 +337,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     @unary("StepBatch")
     async def StepBatch(self, request: pb.StepBatchRequest, context: Any):
-        model = self.runtime.models.resolve(request.model, request.model_version)
+        model = self._batch_model(request)
         chunks = self._batch_chunks(request, "StepBatch", model)
         outcomes = await self.runtime.step_batch(
             chunks, self._principal(context), request.create_missing, model
@@ -384,7 +384,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     raise request.error
                 if principal is None:  # once a stream
                     principal = self._principal(context)
-                model = self.runtime.models.resolve(request.model, request.model_version)
+                model = self._batch_model(request)
                 chunks = self._batch_chunks(request, "StreamBatches", model)
                 pending = await self.runtime.start_batch(
                     chunks, principal, request.create_missing, model
@@ -394,6 +394,13 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 return
             await answers.put((received, (request, pending)))
         await answers.put(None)
+
+    def _batch_model(self, request: pb.StepBatchRequest) -> ModelVersion:
+        """The version a batch message's inputs are for: a draining one still feeds its own
+        sessions, but creates none."""
+        return self.runtime.models.resolve(
+            request.model, request.model_version, new_work=request.create_missing
+        )
 
     def _batch_chunks(
         self, request: pb.StepBatchRequest, rpc: str, model: ModelVersion

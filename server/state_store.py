@@ -262,7 +262,10 @@ class StateStore:
 
     async def _snapshots(self, batch: dict[str, Staged]) -> dict[str, Snapshot]:
         """The staged sessions' state, read from the pool now (the closed ones left out)."""
-        sessions = {key: s.session for key, s in batch.items() if not s.ended}
+        # A closed session's slot (and, once drained, its whole model version) is gone.
+        sessions = {
+            key: s.session for key, s in batch.items() if not s.ended and not s.session.closed
+        }
         if not sessions:
             return {}
         states = await self._read_states(list(sessions.values()))

@@ -199,6 +199,13 @@ def test_dashboard_queries_name_only_exported_metrics(served):
         "queue wait vs compute",
     ):
         assert wanted in titles
+    (selector,) = dashboard["templating"]["list"]  # the model selector, from every loaded model
+    assert (selector["name"], selector["definition"]) == (
+        "model",
+        "label_values(lstm_model_info, name)",
+    )
+    work = [e for e in exprs if re.search(r"lstm_(timesteps|batch_size|queue_wait|batch_co)", e)]
+    assert len(work) >= 5 and all('model=~"$model"' in e for e in work), work
     exported = exported_names(fetch(f"http://127.0.0.1:{served.metrics_port}/metrics"))
     for expr in exprs:
         unknown = promql_metric_names(expr) - exported

@@ -90,9 +90,10 @@ def wait_healthy(container: str, timeout: float = 180) -> None:
 
 
 def metric(text: str, name: str) -> float:
-    values = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
-    assert values, f"{name} not exported"
-    return float(values[0])
+    """A metric's samples summed over their labels (lstm_timesteps_total over every model)."""
+    lines = [line for line in text.splitlines() if line.startswith((name + " ", name + "{"))]
+    assert lines, f"{name} not exported"
+    return sum(float(line.split()[-1]) for line in lines)
 
 
 def test_the_image_serves_and_keeps_sessions_across_a_restart(
@@ -262,9 +263,11 @@ async def drive_through_a_kill(options, inputs, plans, replicas):
 
     async def kill():
         await halfway.wait()  # every session created and half streamed
-        created = [replica_metric(r, "lstm_sessions_created_total") for r in replicas]
-        docker("kill", replicas[0])
-        killed.set()
+        try:
+            created = [replica_metric(r, "lstm_sessions_created_total") for r in replicas]
+            docker("kill", replicas[0])
+        finally:  # a failure here fails the test instead of leaving the sessions waiting
+            killed.set()
         return created
 
     async with AsyncStreamingClient(options=options) as client:

@@ -120,7 +120,11 @@ def dashboard_queries() -> list[str]:
     server has no store, so they are empty by design)."""
     dashboard = json.loads((DEPLOY / "grafana/dashboards/lstm-stream.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-    return [e.replace("$__rate_interval", "1m") for e in exprs if "lstm_state_store" not in e]
+    return [
+        e.replace("$__rate_interval", "1m").replace("$model", ".*")  # the selector's "All"
+        for e in exprs
+        if "lstm_state_store" not in e
+    ]
 
 
 def finite_values(base: str, promql: str) -> list[float] | None:

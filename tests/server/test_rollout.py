@@ -371,3 +371,15 @@ def test_sessions_keep_their_version_through_export_import_and_batches(tmp_path)
         "FAILED_PRECONDITION",
         "MODEL_MISMATCH",
     )
+
+
+def test_the_repository_is_polled_without_a_signal(tmp_path):
+    repo = make_repository(tmp_path)
+    with ServeProcess("--model-repository", str(repo), "--repository-poll-s", "0.2") as proc:
+        add_version(repo, 2)
+        wait_for(lambda: states(proc.target).get(("m", 2)) == "READY", what="v2 by polling")
+        shutil.rmtree(repo / "m" / "1")
+        wait_for(lambda: ("m", 1) not in states(proc.target), what="v1 drained and unloaded")
+        with StreamingClient(proc.target) as client:
+            info = client.info()
+    assert (info.name, info.model_version) == ("m", 2)
