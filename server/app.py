@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ from server.snapshot import (
     read_snapshot,
     write_snapshot,
 )
+from server.transfer import SessionRecord
 
 log = logging.getLogger("lstm_serve")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -86,7 +89,7 @@ class Server:
             return
         try:
             records = read_snapshot(directory)
-            self._check_snapshot(directory, records)
+            records = self._placeable(directory, records)
         except SnapshotError as exc:
             if not self.runtime.config.snapshot_discard_invalid:
                 raise
@@ -97,16 +100,36 @@ class Server:
         if discard_snapshot(directory, "restored"):
             log.info("restored %d sessions from %s", len(sessions), directory)
 
-    def _check_snapshot(self, directory: Path, records: list) -> None:
-        """Every session's version must be loaded, with the very model it was stepped with."""
+    def _placeable(self, directory: Path, records: list[SessionRecord]) -> list[SessionRecord]:
+        """The sessions whose version is loaded with the very model they were stepped with.
+        The others (a restart in the middle of a rollout: their version left the repository)
+        are written aside as a snapshot of their own, for a server that holds their version;
+        when none is placeable the whole snapshot is refused, as another model's."""
+        placeable, lost, why = [], [], ""
         for record in records:
             try:
                 self.runtime.place_record(record, "snapshot")
+                placeable.append(record)
             except ServiceError as exc:
-                raise SnapshotError(
-                    f"{directory / SNAPSHOT_FILE}: {exc.message}; restoring it would apply "
-                    "another model's state (serve that version, or --snapshot-discard-invalid)"
-                ) from None
+                lost.append(record)
+                why = why or exc.message
+        if lost and not placeable:
+            raise SnapshotError(
+                f"{directory / SNAPSHOT_FILE}: {why}; restoring it would apply another "
+                "model's state (serve that version, or --snapshot-discard-invalid)"
+            )
+        if lost:
+            aside = directory / f"unrestored-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+            write_snapshot(aside, lost)
+            log.warning(
+                "%d sessions of the snapshot live on versions this server does not hold (%s): "
+                "written to %s; start a server holding them with --snapshot-dir %s",
+                len(lost),
+                why,
+                aside / SNAPSHOT_FILE,
+                aside,
+            )
+        return placeable
 
     async def write_snapshot(self) -> None:
         directory = self._snapshot_dir

@@ -192,7 +192,10 @@ async def _find_sessions(
     width = model.config.input_size
     for chunk in list(found):
         lives_on = chunk.session.model
-        if lives_on.config.input_size != width:
+        if chunk.session.closed:  # closed during the await (its version may be gone too)
+            outcomes[chunk.index] = SessionNotFound(chunk.session_id)
+            found.remove(chunk)
+        elif lives_on.config.input_size != width:
             outcomes[chunk.index] = BadInput(
                 f"chunks[{chunk.index}]: session {chunk.session_id!r} lives on {lives_on.key} "
                 f"(input_size {lives_on.config.input_size}); this message's inputs are for "

@@ -49,15 +49,25 @@ class VersionKey:
 
 
 def scan_repository(root: Path) -> dict[VersionKey, Path]:
-    """Every `root/NAME/VERSION/` holding a config.json; other entries are ignored."""
+    """Every `root/NAME/VERSION/` holding a config.json; other entries (files, hidden or
+    unreadable directories such as a volume's lost+found) are ignored. OSError: the root
+    itself cannot be listed."""
     found: dict[VersionKey, Path] = {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    for model_dir in sorted(root.iterdir()):
         if model_dir.name.startswith("."):
             continue
-        for version_dir in model_dir.iterdir():
+        try:
+            entries = list(model_dir.iterdir()) if model_dir.is_dir() else []
+        except OSError as exc:
+            log.warning("model repository: %s skipped (%s)", model_dir, exc)
+            continue
+        for version_dir in entries:
             version = version_number(version_dir.name)
-            if version is not None and (version_dir / "config.json").is_file():
-                found[VersionKey(model_dir.name, version)] = version_dir
+            try:
+                if version is not None and (version_dir / "config.json").is_file():
+                    found[VersionKey(model_dir.name, version)] = version_dir
+            except OSError as exc:
+                log.warning("model repository: %s skipped (%s)", version_dir, exc)
     return found
 
 
@@ -78,7 +88,8 @@ def single_model_key(config: LSTMConfig) -> VersionKey:
 
 class ModelVersion:
     """One loaded version: its engine, replay rings and batcher, and how many sessions and
-    Predict calls use it (it unloads when it drains to none)."""
+    other users hold it (it unloads when it drains to none). Unloaded, it keeps only its key,
+    config and fingerprint."""
 
     def __init__(
         self,
@@ -90,6 +101,8 @@ class ModelVersion:
     ) -> None:
         self.key = key
         self.loaded = loaded
+        self.config = loaded.model.config
+        self.fingerprint = loaded.fingerprint
         self.engine = Engine(
             loaded,
             config.max_sessions,
@@ -111,7 +124,7 @@ class ModelVersion:
         )
         self.state = VersionState.READY
         self.sessions = 0  # live sessions on this version
-        self.predicts = 0  # Predict calls running on it
+        self.users = 0  # work that holds it loaded without a session: Predict calls, a move
         metrics.SESSIONS_CREATED.labels(key.name)  # exported as 0 from the start
         metrics.MODEL_SESSIONS.labels(key.name, str(key.version)).set(0)
 
@@ -127,16 +140,8 @@ class ModelVersion:
         return self.engine.pool
 
     @property
-    def config(self) -> LSTMConfig:
-        return self.loaded.model.config
-
-    @property
-    def fingerprint(self) -> str:
-        return self.loaded.fingerprint
-
-    @property
     def idle(self) -> bool:
-        return self.sessions == 0 and self.predicts == 0
+        return self.sessions == 0 and self.users == 0
 
     def describe(self) -> str:
         c = self.config
@@ -204,6 +209,31 @@ class Models:
 
     def get(self, key: VersionKey) -> ModelVersion | None:
         return self.versions.get(key.name, {}).get(key.version)
+
+    def holds(self, model: ModelVersion) -> bool:
+        """Whether the version is still loaded (not unloaded after draining)."""
+        return self.get(model.key) is model
+
+    def choose_default(self, preferred: str) -> None:
+        """Keep requests that name no model working when the default model left: the
+        preferred (--default-model) or current one while it has a READY version, else the
+        first model by name that has one."""
+        ready = sorted(
+            name
+            for name, versions in self.versions.items()
+            if any(v.state is VersionState.READY for v in versions.values())
+        )
+        for name in (preferred, self.default_name):
+            if name in ready:
+                self.default_name = name
+                return
+        if ready:
+            log.warning(
+                "default model %r has no ready version: %r is the default now",
+                self.default_name,
+                ready[0],
+            )
+            self.default_name = ready[0]
 
     def with_fingerprint(self, fingerprint: str) -> ModelVersion | None:
         return next((v for v in self if v.fingerprint == fingerprint), None)

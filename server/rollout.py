@@ -96,11 +96,24 @@ class Rollout:
             try:
                 found = await asyncio.to_thread(scan_repository, self.root)
             except OSError as exc:
-                log.error("model repository %s: cannot be read (%s); keeping what is loaded",
-                          self.root, exc)  # fmt: skip
+                log.error(
+                    "model repository %s: cannot be read (%s); keeping what is loaded",
+                    self.root,
+                    exc,
+                )
                 return
             new = [(key, path) for key, path in found.items() if self._wanted(key, path)]
             await asyncio.gather(*(self._load(key, path) for key, path in new))
+            if not found and any(True for _ in self.models):
+                # An empty listing is more likely a volume not mounted (yet) than an intended
+                # retirement of every model at once.
+                log.error(
+                    "model repository %s lists no version: keeping what is loaded "
+                    "(remove versions one model at a time to retire them)",
+                    self.root,
+                )
+                metrics.REPOSITORY_READS.inc()
+                return
             for model in list(self.models):
                 if model.key not in found:
                     self._drain(model)
@@ -108,6 +121,7 @@ class Rollout:
                     model.state = VersionState.READY
                     self.models.update_state_metric(model)
                     log.info("model %s is back in the repository: ready again", model.key)
+            self.models.choose_default(self.config.default_model)
             metrics.REPOSITORY_READS.inc()
 
     def _wanted(self, key: VersionKey, path: Path) -> bool:
@@ -125,21 +139,33 @@ class Rollout:
             if (config.name, str(config.version)) != (key.name, str(key.version)):
                 log.warning(
                     "model %s: its config.json says %s version %s; the repository's names win",
-                    key, config.name, config.version,
-                )  # fmt: skip
+                    key,
+                    config.name,
+                    config.version,
+                )
             model = await self._build(key, loaded)
-        except (ModelLoadError, OSError, ValueError, RuntimeError) as exc:
-            self.models.failed[key] = Failure(str(exc), signature)
+        except Exception as exc:  # whatever it was, the rest keeps serving
+            self.models.failed[key] = Failure(str(exc) or type(exc).__name__, signature)
             metrics.MODEL_LOADS.labels("failed").inc()
-            log.error("model %s (%s) did not load, skipped: %s", key, path, exc)
+            log.error(
+                "model %s (%s) did not load, skipped: %s",
+                key,
+                path,
+                exc,
+                exc_info=not isinstance(exc, ModelLoadError | OSError),
+            )
             return
         finally:
             self.models.loading.discard(key)
         self.models.add(model)
         metrics.MODEL_LOADS.labels("ok").inc()
         newest = self.models.resolve(key.name)
-        log.info("loaded %s; new sessions of %s go to v%d", model.describe(), key.name,
-                 newest.key.version)  # fmt: skip
+        log.info(
+            "loaded %s; new sessions of %s go to v%d",
+            model.describe(),
+            key.name,
+            newest.key.version,
+        )
 
     async def _build(self, key: VersionKey, loaded) -> ModelVersion:
         model = await asyncio.to_thread(

@@ -99,6 +99,8 @@ class Runtime:
         self, model: ModelVersion, session_id: str = "", principal: str = ""
     ) -> Session:
         self.refuse_if_draining()
+        if not self.models.holds(model):  # unloaded while the caller awaited something
+            raise ModelNotFound(f"model {model.key} was unloaded (it left the repository)")
         session = self.sessions.create(model, session_id, principal)
         log.info(
             "session %s created on %s (slot %d)",
@@ -114,10 +116,11 @@ class Runtime:
         """CreateSession: a new session on the named model version (default: the default
         model's newest), which (with a state store) no replica holds yet."""
         self.refuse_if_draining()
-        placement = self.models.resolve(model, version)
+        self.models.resolve(model, version)  # refuse an unknown model before the store's answer
         if session_id and self.store is not None:
             await self._refuse_if_stored(session_id, principal)
-        session = self.create_session(placement, session_id, principal)
+        # Resolved after the await: a rollout may have moved the newest version meanwhile.
+        session = self.create_session(self.models.resolve(model, version), session_id, principal)
         if self.store is not None:  # so another replica can continue it before its first step
             self.store.stage(session)
         return session
@@ -166,10 +169,15 @@ class Runtime:
             if held is None:
                 raise SessionNotFound(session_id)
             return held
-        await self._place_record(record, "stored state")
-        if held is not None:
-            await self.close_session(held, "superseded")
-        (session,) = await self.restore([record], session_id, principal)
+        model = await self._place_record(record, "stored state")
+        model.users += 1  # closing the held copy must not unload the version it moves to
+        try:
+            if held is not None:
+                await self.close_session(held, "superseded")
+            (session,) = await self.restore([record], session_id, principal)
+        finally:
+            model.users -= 1
+            self.rollout.unload_if_drained(model)
         session.durable_step = record.next_step
         metrics.STATE_STORE_LOADS.inc()
         log.info(
@@ -183,11 +191,16 @@ class Runtime:
         """Each session's h and c, (L, H) each, read on its version's engine thread after every
         batch already handed to it; the batcher has committed those batches by the time this
         await returns, so each session's next_step agrees with the state read."""
-        states: list[tuple[np.ndarray, np.ndarray]] = [None] * len(sessions)  # type: ignore[list-item]
+        nothing = (np.zeros(0, np.float32), np.zeros(0, np.float32))  # a closed one's
+        states = [nothing] * len(sessions)
         for model, indices in group_by_model(sessions).items():
-            slots = [sessions[i].slot for i in indices]
-            h, c = await model.engine.call(model.pool.read, slots)  # (N, L, H) each
-            for row, i in enumerate(indices):
+            # Checked just before each read (no await in between): an earlier read's await
+            # may have let sessions close and their drained version unload.
+            live = [i for i in indices if not sessions[i].closed]
+            if not live or not self.models.holds(model):
+                continue
+            h, c = await model.engine.call(model.pool.read, [sessions[i].slot for i in live])
+            for row, i in enumerate(live):  # h, c: (N, L, H)
                 states[i] = (h[row].numpy(), c[row].numpy())
         return states
 
@@ -307,11 +320,11 @@ class Runtime:
 
     async def predict(self, inputs: np.ndarray, model: ModelVersion) -> np.ndarray:
         self.refuse_if_draining()
-        model.predicts += 1
+        model.users += 1
         try:
             outputs = await model.engine.call(model.engine.predict, inputs)
         finally:
-            model.predicts -= 1
+            model.users -= 1
             self.rollout.unload_if_drained(model)
         metrics.TIMESTEPS.labels(model.key.name, str(model.key.version)).inc(len(inputs))
         return outputs
@@ -345,10 +358,11 @@ class Runtime:
     async def _place_record(self, record: transfer.SessionRecord, what: str) -> ModelVersion:
         """The loaded version a record's session lives on (loading it from the repository if
         it is there but not loaded yet); checked against the record."""
-        model = self.place_record(record, what, missing_ok=True)
-        if model is None:
+        if self.place_record(record, what, missing_ok=True) is None:
             await self.rollout.reload()
-        return self.place_record(record, what)
+        placed = self.place_record(record, what)
+        assert placed is not None
+        return placed
 
     def place_record(
         self, record: transfer.SessionRecord, what: str, missing_ok: bool = False

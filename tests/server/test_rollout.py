@@ -264,16 +264,41 @@ def test_a_snapshot_restart_brings_back_sessions_of_two_versions(tmp_path):
     assert_continued_on_their_versions(repo, opened, continued, first, rest)
 
 
-def test_a_snapshot_of_a_version_the_repository_lost_is_refused_loudly(tmp_path):
+def test_a_restart_mid_rollout_restores_what_it_can_and_sets_the_rest_aside(tmp_path):
+    """The server stops while v2's sessions live and v2 has left the repository: the next
+    start restores the v1 session and writes the v2 one aside, whole, as a snapshot that a
+    server holding v2 restores."""
+    repo, snapshots = make_repository(tmp_path, versions=(1, 2)), tmp_path / "snapshots"
+    first, rest = random_steps(5, 3, seed=7), random_steps(4, 3, seed=8)
+    with serve_repository(repo, "--snapshot-dir", str(snapshots)) as proc:
+        opened = open_on_each_version(proc.target, first)
+        proc.finish()
+    kept = tmp_path / "kept"
+    (kept / "m").mkdir(parents=True)
+    (repo / "m" / "2").rename(kept / "m" / "2")  # v2 retired while its session lived
+    with serve_repository(repo, "--snapshot-dir", str(snapshots)) as proc:
+        continued = continue_each(proc.target, {1: opened[1]}, rest)
+        _, log = proc.finish()
+    (aside,) = snapshots.glob("unrestored-*")
+    assert f"written to {aside / 'sessions.snapshot'}" in log
+    (kept / "m" / "1").symlink_to(repo / "m" / "1")
+    with serve_repository(kept, "--snapshot-dir", str(aside)) as proc:
+        continued |= continue_each(proc.target, {2: opened[2]}, rest)
+        proc.finish()
+    (repo / "m" / "2").symlink_to(kept / "m" / "2")  # for the offline check
+    assert_continued_on_their_versions(repo, opened, continued, first, rest)
+
+
+def test_a_snapshot_of_only_versions_the_server_lacks_is_refused_loudly(tmp_path):
     repo, snapshots = make_repository(tmp_path, versions=(1, 2)), tmp_path / "snapshots"
     with serve_repository(repo, "--snapshot-dir", str(snapshots)) as proc:
         open_on_each_version(proc.target, random_steps(3, 3))
         proc.finish()
-    shutil.rmtree(repo / "m" / "2")
+    other = make_repository(tmp_path / "other", seed=50)  # m v1 with other weights, no v2
     with pytest.raises(RuntimeError) as refused:
-        serve_repository(repo, "--snapshot-dir", str(snapshots))
-    assert "m v2, which this server does not hold" in str(refused.value)
-    assert (snapshots / "sessions.snapshot").exists()  # kept, for a server that has v2
+        serve_repository(other, "--snapshot-dir", str(snapshots))
+    assert "restoring it would apply another model's state" in str(refused.value)
+    assert (snapshots / "sessions.snapshot").exists()  # kept, for a server that has them
 
 
 def test_a_replica_takes_over_sessions_of_two_versions_from_its_own_repository(tmp_path):
@@ -383,3 +408,32 @@ def test_the_repository_is_polled_without_a_signal(tmp_path):
         with StreamingClient(proc.target) as client:
             info = client.info()
     assert (info.name, info.model_version) == ("m", 2)
+
+
+def test_requests_naming_no_model_follow_the_default_out_and_an_empty_listing_drains_nothing(
+    tmp_path,
+):
+    repo = make_repository(tmp_path)  # m v1, the default (first by name)
+    add_version(repo, 1, name="z")
+    metrics_port = free_port()
+    with serve_repository(repo, metrics_port=metrics_port) as proc:
+        with StreamingClient(proc.target) as client:
+            before = client.info().name
+        shutil.rmtree(repo / "m")
+        reload(proc)
+        wait_for(lambda: ("m", 1) not in states(proc.target), what="m to unload")
+        with StreamingClient(proc.target) as client:
+            after = client.open_session()
+            placed = (after.model, after.model_version)
+            shutil.rmtree(repo / "z")  # the listing is now empty: a volume gone, not a retirement
+            reads = metric_value(metrics_port, "lstm_model_repository_reads_total")
+            reload(proc)
+            wait_for(
+                lambda: metric_value(metrics_port, "lstm_model_repository_reads_total") > reads
+            )
+            still = states(proc.target)
+            outputs = after.send(random_steps(2, 3))
+        _, log = proc.finish()
+    assert (before, placed) == ("m", ("z", 1))
+    assert still == {("z", 1): "READY"} and outputs.shape == (2, 2)
+    assert "lists no version: keeping what is loaded" in log
