@@ -96,7 +96,7 @@ class Server:
             aside = discard_snapshot(directory, "rejected")
             log.warning("%s; moved to %s, starting with no sessions", exc, aside)
             return
-        sessions = await self.runtime.restore(records)
+        sessions = await self.runtime.moves.restore(records)
         if discard_snapshot(directory, "restored"):
             log.info("restored %d sessions from %s", len(sessions), directory)
 
@@ -108,7 +108,7 @@ class Server:
         placeable, lost, why = [], [], ""
         for record in records:
             try:
-                self.runtime.place_record(record, "snapshot")
+                self.runtime.moves.place(record, "snapshot")
                 placeable.append(record)
             except ServiceError as exc:
                 lost.append(record)
@@ -135,7 +135,7 @@ class Server:
         directory = self._snapshot_dir
         if directory is None:
             return
-        records = await self.runtime.session_records()
+        records = await self.runtime.moves.records()
         path = write_snapshot(directory, records)
         log.info("wrote %d sessions to %s", len(records), path)
 

@@ -1,7 +1,9 @@
-"""The service's domain core: sessions, their streams, and the batcher and engine behind them.
+"""The service's domain core: sessions, their streams, and the model versions behind them.
 
 The servicer translates protobuf to the calls here and errors back; everything a session goes
-through (create, attach, step, takeover, delete, expire, export, import, drain) happens here.
+through (create, attach, step, takeover, delete, expire, drain) happens here; moving a session
+(export, import, snapshots, store loads) is server/moves.py's, and rolling out model versions
+server/rollout.py's.
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ import time
 import numpy as np
 import torch
 
-from server import batches, metrics, transfer
+from server import batches, metrics
 from server.config import ServerConfig
 from server.engine import StepWork
 from server.errors import (
     BadInput,
-    ModelMismatch,
     ModelNotFound,
     ServiceError,
     SessionExists,
@@ -28,6 +29,7 @@ from server.errors import (
     StoreUnavailable,
 )
 from server.models import Models, ModelVersion, VersionKey
+from server.moves import SessionMoves, group_by_model
 from server.rollout import Rollout
 from server.security import RateLimiter
 from server.sessions import Session, SessionTable, plan_chunk
@@ -70,7 +72,7 @@ class Runtime:
                 config.state_store,
                 config.session_idle_timeout_s,
                 config.replay_steps,
-                self._read_states,
+                self.read_states,
                 lambda: self.sessions,
                 config.state_store_interval_ms / 1000,
             )
@@ -79,6 +81,7 @@ class Runtime:
         )
         self.models = Models(default_name=config.default_model)
         self.rollout = Rollout(config, device, self.models, self.store)
+        self.moves = SessionMoves(self)
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
         self._loading: dict[tuple[str, str], asyncio.Future[Session]] = {}
@@ -118,14 +121,14 @@ class Runtime:
         self.refuse_if_draining()
         self.models.resolve(model, version)  # refuse an unknown model before the store's answer
         if session_id and self.store is not None:
-            await self._refuse_if_stored(session_id, principal)
+            await self.refuse_if_stored(session_id, principal)
         # Resolved after the await: a rollout may have moved the newest version meanwhile.
         session = self.create_session(self.models.resolve(model, version), session_id, principal)
         if self.store is not None:  # so another replica can continue it before its first step
             self.store.stage(session)
         return session
 
-    async def _refuse_if_stored(self, session_id: str, principal: str) -> None:
+    async def refuse_if_stored(self, session_id: str, principal: str) -> None:
         assert self.store is not None
         try:
             stored = await self.store.holds(session_id, principal)
@@ -169,12 +172,12 @@ class Runtime:
             if held is None:
                 raise SessionNotFound(session_id)
             return held
-        model = await self._place_record(record, "stored state")
+        model = await self.moves.place_loading(record, "stored state")
         model.users += 1  # closing the held copy must not unload the version it moves to
         try:
             if held is not None:
                 await self.close_session(held, "superseded")
-            (session,) = await self.restore([record], session_id, principal)
+            (session,) = await self.moves.restore([record], session_id, principal)
         finally:
             model.users -= 1
             self.rollout.unload_if_drained(model)
@@ -187,7 +190,7 @@ class Runtime:
         )
         return session
 
-    async def _read_states(self, sessions: list[Session]) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def read_states(self, sessions: list[Session]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each session's h and c, (L, H) each, read on its version's engine thread after every
         batch already handed to it; the batcher has committed those batches by the time this
         await returns, so each session's next_step agrees with the state read."""
@@ -329,129 +332,6 @@ class Runtime:
         metrics.TIMESTEPS.labels(model.key.name, str(model.key.version)).inc(len(inputs))
         return outputs
 
-    # Moving sessions
-
-    async def export_session(self, session_id: str, principal: str = "") -> bytes:
-        session = await self.get_session(session_id, principal)
-        async with session.lock:
-            if session.closed:
-                raise SessionNotFound(session_id)
-            model: ModelVersion = session.model
-            h, c = await model.engine.call(model.pool.read, [session.slot])
-            return transfer.encode(self._record(session, h[0], c[0]))
-
-    async def import_session(
-        self, data: bytes, session_id: str = "", principal: str = ""
-    ) -> Session:
-        record = transfer.decode(data)
-        await self._place_record(record, "state")
-        if self.store is not None:  # an id live on another replica is taken, as for a create
-            await self._refuse_if_stored(session_id or record.session_id, principal)
-        (session,) = await self.restore([record], session_id, principal)
-        if self.store is not None:
-            # A new incarnation: the store orders writes by create time, and an export of
-            # a session that then ended must not be refused as that session's late write.
-            session.create_time = time.time()
-            self.store.stage(session)
-        return session
-
-    async def _place_record(self, record: transfer.SessionRecord, what: str) -> ModelVersion:
-        """The loaded version a record's session lives on (loading it from the repository if
-        it is there but not loaded yet); checked against the record."""
-        if self.place_record(record, what, missing_ok=True) is None:
-            await self.rollout.reload()
-        placed = self.place_record(record, what)
-        assert placed is not None
-        return placed
-
-    def place_record(
-        self, record: transfer.SessionRecord, what: str, missing_ok: bool = False
-    ) -> ModelVersion | None:
-        """The version a record names, or (a record from before versions) the one with its
-        fingerprint: refused unless it runs the very model the session was stepped with."""
-        if record.model:
-            model = self.models.get(VersionKey(record.model, record.model_version))
-            named = f"model {record.model} v{record.model_version}"
-        else:
-            model = self.models.with_fingerprint(record.fingerprint)
-            named = f"model {record.fingerprint[:12]}"
-        if model is None and missing_ok:
-            return None
-        if model is None and not record.model:
-            raise ModelMismatch(
-                f"{what}: from model {record.fingerprint[:12]}, this server runs "
-                f"{', '.join(f'{v.key} {v.fingerprint[:12]}' for v in self.models)}; a session "
-                "moves only between equal models"
-            )
-        if model is None:
-            raise ModelNotFound(
-                f"{what}: the session lives on {named}, which this server does not hold "
-                f"(it holds {', '.join(str(v.key) for v in self.models) or 'nothing'})"
-            )
-        if record.fingerprint != model.fingerprint:
-            raise ModelMismatch(
-                f"{what}: from {named} {record.fingerprint[:12]}, this server runs "
-                f"{model.key} {model.fingerprint[:12]}; a session moves only between equal models"
-            )
-        config = model.config
-        transfer.validate(record, config.num_layers, config.hidden_size, config.output_size)
-        return model
-
-    async def restore(
-        self,
-        records: list[transfer.SessionRecord],
-        session_id: str = "",
-        principal: str | None = None,
-    ) -> list[Session]:
-        """Sessions from records (an import: owned by `principal`; a snapshot: by their own),
-        state written to their slots."""
-        sessions: list[Session] = []
-        try:
-            for r in records:
-                owner = r.principal if principal is None else principal
-                model = self.place_record(r, "state")
-                assert model is not None
-                sessions.append(self.create_session(model, session_id or r.session_id, owner))
-        except ServiceError:
-            for session in sessions:  # all or nothing
-                await self.close_session(session, "deleted")
-            raise
-        for model, indices in group_by_model(sessions).items():
-            h = torch.stack([records[i].h for i in indices], dim=1)  # (L, N, H)
-            c = torch.stack([records[i].c for i in indices], dim=1)  # (L, N, H)
-            await model.engine.call(model.pool.write, [sessions[i].slot for i in indices], h, c)
-        for session, record in zip(sessions, records, strict=True):
-            replay = record.replay.numpy()
-            session.commit(record.next_step - len(replay), replay)
-            session.create_time = record.create_time
-        return sessions
-
-    async def session_records(self) -> list[transfer.SessionRecord]:
-        """Every session's whole state (for a snapshot); call when no chunk is in flight."""
-        sessions = list(self.sessions)
-        states = await self._read_states(sessions)
-        return [
-            self._record(s, torch.from_numpy(h), torch.from_numpy(c))
-            for s, (h, c) in zip(sessions, states, strict=True)
-        ]
-
-    def _record(self, session: Session, h: torch.Tensor, c: torch.Tensor) -> transfer.SessionRecord:
-        model: ModelVersion = session.model
-        replay_start = session.replay.first_step(session.next_step)
-        replay = session.replay.read(replay_start, session.next_step, model.config.output_size)
-        return transfer.SessionRecord(
-            session_id=session.session_id,
-            next_step=session.next_step,
-            h=h,
-            c=c,
-            replay=torch.from_numpy(np.ascontiguousarray(replay)),
-            fingerprint=model.fingerprint,
-            create_time=session.create_time,
-            principal=session.principal,
-            model=model.key.name,
-            model_version=model.key.version,
-        )
-
     # Lifecycle
 
     async def _sweep_idle(self) -> None:
@@ -497,14 +377,6 @@ class Runtime:
     def refuse_if_draining(self) -> None:
         if self.draining:
             raise ShuttingDown()
-
-
-def group_by_model(sessions: list[Session]) -> dict[ModelVersion, list[int]]:
-    """Sessions' positions by the version they live on, in order."""
-    groups: dict[ModelVersion, list[int]] = {}
-    for i, session in enumerate(sessions):
-        groups.setdefault(session.model, []).append(i)
-    return groups
 
 
 def check_lives_on(session: Session, model: str, version: int) -> None:

@@ -228,7 +228,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     @unary("ExportSession")
     async def ExportSession(self, request: pb.ExportSessionRequest, context: Any):
-        state = await self.runtime.export_session(
+        state = await self.runtime.moves.export_session(
             self._session_id(request.session_id, context), self._principal(context)
         )
         return pb.ExportSessionResponse(state=state)
@@ -236,7 +236,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     @unary("ImportSession")
     async def ImportSession(self, request: pb.ImportSessionRequest, context: Any):
         session_id = request.session_id and check_session_id(request.session_id)
-        session = await self.runtime.import_session(
+        session = await self.runtime.moves.import_session(
             request.state, session_id, self._principal(context)
         )
         return pb.ImportSessionResponse(session=session_message(session))
