@@ -176,7 +176,9 @@ class Engine:
         return self._executor.submit(fn).result()
 
     def close(self) -> None:
+        """Finish the work handed over, stop the worker, give the state pool's memory back."""
         self._executor.shutdown(wait=True)
+        self.pool.free()
 
     @torch.inference_mode()
     def step(self, batch: Sequence[StepWork]) -> StepOutputs:

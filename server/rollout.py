@@ -194,9 +194,11 @@ class Rollout:
 
     async def _unload(self, model: ModelVersion) -> None:
         await model.batcher.stop()
-        await asyncio.to_thread(model.engine.close)
+        await asyncio.to_thread(model.engine.close)  # frees the state pool
+        model.replay.free()
         del model.engine, model.loaded, model.replay, model.batcher
-        # The collector runs its full passes rarely (server/app.py): free the pools now.
+        # What is left (weights, engine, batcher) may hang together in reference cycles, and
+        # the collector runs its full passes rarely (server/app.py): collect them now.
         gc.collect()
         metrics.MODEL_UNLOADS.inc()
         log.info("model %s unloaded (its last session ended)", model.key)

@@ -89,6 +89,10 @@ class ReplayPool:
         self.steps = steps
         self._rings = np.zeros((capacity, steps, output_size), dtype=np.float32)  # (N, R, O)
 
+    def free(self) -> None:
+        """Give the rings' memory back (the model version is unloaded)."""
+        self._rings = self._rings[:0].copy()
+
     def buffer(self, slot: int) -> ReplayBuffer:
         """The slot's ring, holding nothing yet (a reused slot's old rows are unreachable)."""
         return ReplayBuffer(self.steps, self._rings[slot])

@@ -33,6 +33,12 @@ class StatePool:
         self.scratch_slot = capacity
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
 
+    def free(self) -> None:
+        """Give the tensors' memory back (the model version is unloaded); nothing may use the
+        pool afterwards."""
+        self.h = self.c = torch.empty(0, device=self.h.device, dtype=self.h.dtype)
+        self._free = []
+
     @property
     def nbytes(self) -> int:
         return self.h.nbytes + self.c.nbytes

@@ -12,6 +12,17 @@ EXISTS: Outcome = ("ALREADY_EXISTS", "SESSION_EXISTS", None)
 CAPACITY: Outcome = ("RESOURCE_EXHAUSTED", "SESSION_CAPACITY", None)
 TAKEN_OVER: Outcome = ("ABORTED", "SESSION_TAKEN_OVER", None)
 MODEL_MISMATCH: Outcome = ("FAILED_PRECONDITION", "MODEL_MISMATCH", None)
+MODEL_NOT_FOUND: Outcome = ("NOT_FOUND", "MODEL_NOT_FOUND", None)
+SERVED_MODEL = ("basic-motions", 1)  # the bundled model, as a server with no repository names it
+
+
+def names_another_model(request) -> bool:
+    """Whether a request's model / model_version (empty / 0: the default) are other than the
+    bundled model's: a server serving only it answers MODEL_NOT_FOUND before anything else."""
+    name, version = SERVED_MODEL
+    return request.model not in ("", name) or request.model_version not in (0, version)
+
+
 TOO_LARGE: Outcome = ("RESOURCE_EXHAUSTED", "", None)  # gRPC's own size limit, no ErrorInfo
 
 

@@ -9,7 +9,14 @@ import os
 from google.protobuf.message import DecodeError
 
 from lstm_stream.v1 import inference_pb2 as pb
-from tests.outcomes import BAD, NOT_FOUND, TOO_LARGE, Outcome
+from tests.outcomes import (
+    BAD,
+    MODEL_NOT_FOUND,
+    NOT_FOUND,
+    TOO_LARGE,
+    Outcome,
+    names_another_model,
+)
 from tests.server.fuzz.common import (
     INPUT_SIZE,
     LIMITS,
@@ -213,7 +220,9 @@ async def send_raw_stream(
             expected = BAD
         else:
             expected = first_message(Message.of(decoded), None, {}, LIMITS)[1].outcome
-            if expected not in (BAD, NOT_FOUND):
+            if not decoded.session_id and names_another_model(decoded):
+                expected = MODEL_NOT_FOUND  # looked up before the inputs are decoded
+            if expected not in (BAD, NOT_FOUND, MODEL_NOT_FOUND):
                 return False
     outcome, _, details = await one_stream(stream_call(ctx, [data], raw=True))
     ctx.ledger.check(kind, expected, outcome, details)

@@ -8,7 +8,15 @@ import os
 from google.protobuf.message import DecodeError
 
 from lstm_stream.v1 import inference_pb2 as pb
-from tests.outcomes import BAD, EXISTS, NOT_FOUND, OK, Outcome
+from tests.outcomes import (
+    BAD,
+    EXISTS,
+    MODEL_NOT_FOUND,
+    NOT_FOUND,
+    OK,
+    Outcome,
+    names_another_model,
+)
 from tests.server.fuzz.common import (
     INPUT_SIZE,
     LIMITS,
@@ -51,7 +59,10 @@ IMPORT_CRAFTED_KINDS = CRAFTED_KINDS
 
 def expect_predict(request: pb.PredictRequest) -> Outcome:
     """Predict runs one whole sequence: good inputs, and num_steps their count or 0 (inferred).
-    An empty sequence is answered with no outputs, as streaming nothing is."""
+    An empty sequence is answered with no outputs, as streaming nothing is; the model it names
+    is looked up first."""
+    if names_another_model(request):
+        return MODEL_NOT_FOUND
     if inputs_outcome(request.inputs, LIMITS) != OK:
         return BAD
     return OK if request.num_steps in (0, len(request.inputs) // INPUT_SIZE) else BAD
