@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from lstm_model.checkpoint import ModelLoadError, load_model
+from lstm_model.checkpoint import LoadedModel, ModelLoadError, load_model
 from server import metrics
 from server.config import ServerConfig
 from server.models import (
@@ -167,7 +169,7 @@ class Rollout:
             newest.key.version,
         )
 
-    async def _build(self, key: VersionKey, loaded) -> ModelVersion:
+    async def _build(self, key: VersionKey, loaded: LoadedModel) -> ModelVersion:
         model = await asyncio.to_thread(
             ModelVersion, key, loaded, self.config, self.device, self.store
         )
@@ -211,7 +213,7 @@ class Rollout:
             except Exception:  # a bug here must not stop the polling
                 log.exception("re-reading the model repository failed")
 
-    def _spawn(self, coroutine) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

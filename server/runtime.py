@@ -242,12 +242,14 @@ class Runtime:
         principal: str = "",
         model: str = "",
         version: int = 0,
+        found: Session | None = None,
     ) -> Session:
         """Feed a new session (empty id) on the named model version, or take over an
-        existing one (a model named then must be the one it lives on)."""
+        existing one (`found`, when the caller has already looked it up; a model named
+        then must be the one it lives on)."""
         self.refuse_if_draining()
         if session_id:
-            session = await self.get_session(session_id, principal)
+            session = found or await self.get_session(session_id, principal)
             check_lives_on(session, model, version)
         else:
             session = await self.open_session("", principal, model, version)

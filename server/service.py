@@ -291,8 +291,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         if session is None:  # a bad first message creates nothing
             session_id = resolve_session_id(request.session_id, metadata_id)
             principal = self._principal(context)
+            found = None
             if session_id:  # attaching: the inputs are for the version it lives on
-                model = (await self.runtime.get_session(session_id, principal)).model
+                found = await self.runtime.get_session(session_id, principal)
+                model = found.model
             else:
                 model = self.runtime.models.resolve(request.model, request.model_version)
             inputs = self._decode(request, model)
@@ -302,7 +304,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     expected_step=0,
                 )
             session = await self.runtime.attach(
-                attachment, session_id, principal, request.model, request.model_version
+                attachment, session_id, principal, request.model, request.model_version, found
             )
         else:
             if request.session_id and request.session_id != session.session_id:

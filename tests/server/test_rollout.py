@@ -82,13 +82,8 @@ def serve_repository(repo: Path, *flags: str, metrics_port: int = 0) -> ServePro
 
 def errors_counted(metrics_port: int) -> float:
     """Every request counted under a code other than OK."""
-    import re
-    import urllib.request
-
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    found = re.findall(r'^lstm_requests_total\{code="(\w+)",rpc="\w+"\} (\S+)$', text, re.M)
-    return sum(float(value) for code, value in found if code != "OK")
+    every = metric_value(metrics_port, "lstm_requests_total")
+    return every - metric_value(metrics_port, "lstm_requests_total", code="OK")
 
 
 def test_a_rollout_while_100_sessions_stream_keeps_each_on_its_version(tmp_path):
