@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -66,11 +67,8 @@ class AsyncBatchFeeder:
                 result, items = self.book.add(chunks)
                 parts = self.book.requests(items)
                 inflight.append((result, parts))
-                try:
-                    for key, group in parts:
-                        await self._stream(key).write(self.book.message(group, True))
-                except grpc.RpcError:
-                    pass  # found again when its answer is read
+                for key, group in parts:
+                    await self._write(key, self.book.message(group, True))
                 while len(inflight) >= window:
                     yield await self._finish_oldest(inflight)
             while inflight:
@@ -89,6 +87,14 @@ class AsyncBatchFeeder:
                 metadata=self._options.metadata(partition=key)
             )
         return self._streams[key]
+
+    async def _write(self, key: str, message: pb.StepBatchRequest) -> None:
+        """Write to a partition's stream; a call that has already finished (the connection
+        dropped, even between deciding to write and writing) is found again when its answer is
+        read, and recovery sends the message again. The stream is kept, not reopened here:
+        the batches in flight on it must be read from it, in order."""
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await self._stream(key).write(message)
 
     async def _finish_oldest(self, inflight: Inflight) -> BatchResult:
         result, parts = inflight[0]
