@@ -3,7 +3,7 @@ import pytest
 
 from lstm_model import load_model
 from lstm_stream.client import StreamingClient
-from tests.factories import ServeProcess
+from tests.factories import ServeProcess, make_model_dir
 
 # Imported here, on the main thread before any server thread runs, because hypothesis's pytest
 # plugin imports it at the very end, and pytest compiles it then (assertion rewriting). On
@@ -30,3 +30,17 @@ def bundled_model():
 def client(server):
     with StreamingClient(server.target) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def regression_dir(tmp_path_factory):
+    """A regression model shaped like the bundled one (6 inputs, 4 outputs). Its outputs do not
+    saturate as the bundled classifier's softmax does, so a step applied twice or skipped shows
+    in them (tests/equality.py)."""
+    path = tmp_path_factory.mktemp("regression") / "model"
+    return make_model_dir(path, input_size=6, hidden_size=48, output_size=4)
+
+
+@pytest.fixture(scope="session")
+def regression_model(regression_dir):
+    return load_model(regression_dir).model

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from lstm_model.checkpoint import BUNDLED_MODEL_DIR
-from tests.factories import offline, random_steps
+from tests.equality import assert_equals_offline
+from tests.factories import random_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -59,7 +60,7 @@ def test_its_lstm_client_streams_to_a_live_server(client_venv, server, bundled_m
     )
     assert result.returncode == 0, result.stderr
     outputs = np.array([[float(v) for v in line.split(",")] for line in result.stdout.splitlines()])
-    np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5)
+    assert_equals_offline(outputs, bundled_model, steps)
 
 
 def test_its_demo_reports_the_model_cards_accuracy(client_venv, server):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.factories import offline, random_steps
+from tests.equality import assert_equals_offline
+from tests.factories import random_steps
 
 GATEWAY = Path(__file__).parents[2] / "examples" / "gateway" / "gateway.py"
 
@@ -37,6 +38,4 @@ def test_gateway_turns_interleaved_readings_into_batches(server, bundled_model, 
         assert int(t) == len(got[device])  # each device's readings answered in order, once
         got[device].append([float(v) for v in values])
     for device, steps in inputs.items():
-        np.testing.assert_allclose(
-            np.asarray(got[device]), offline(bundled_model, steps), atol=1e-5, rtol=0
-        )
+        assert_equals_offline(np.asarray(got[device]), bundled_model, steps)

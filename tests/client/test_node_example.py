@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from lstm_stream.client import StreamingClient
-from tests.factories import offline, random_steps, require_binary
+from tests.equality import assert_equals_offline
+from tests.factories import random_steps, require_binary
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "node"
 PROTO_DIR = Path(__file__).parents[2] / "proto"
@@ -62,7 +63,7 @@ def test_node_example_streams_resumes_and_reads_error_info(node_example, server,
         from_python = session.send(steps)
     outputs = np.asarray(report["outputs"], dtype=np.float32)
     np.testing.assert_allclose(outputs, from_python, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
+    assert_equals_offline(outputs, bundled_model, steps)
     # The connection cut halfway cost one resend and no step twice.
     assert report["resends"] >= 1
     assert report["next_step"] == 20

@@ -13,11 +13,11 @@ import threading
 import numpy as np
 
 from lstm_stream.client import AsyncStreamingClient, ClientOptions, StreamingClient
+from tests.equality import assert_equals_offline
 from tests.factories import (
     ServeProcess,
     free_port,
     metric_value,
-    offline,
     random_chunks,
     random_steps,
     serve,
@@ -102,9 +102,12 @@ def split(steps: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
     return np.split(steps, np.cumsum(sizes)[:-1])
 
 
-def test_100_sessions_of_500_steps_through_a_connection_cutting_relay(bundled_model):
+def test_100_sessions_of_500_steps_through_a_connection_cutting_relay(
+    regression_dir, regression_model
+):
     """Each session has a channel of its own, so each session's connections are cut by its
-    own bytes: 500 answers of 4 floats take more than 8 kB, the largest budget."""
+    own bytes: 500 answers of 4 floats take more than 8 kB, the largest budget. A regression
+    model: a resent step applied twice would show in every output after it."""
     sessions, steps_each = 100, 500
     inputs = [random_steps(steps_each, 6, seed=7000 + i) for i in range(sessions)]
     plans = [random_chunks(steps_each, 25, seed=7000 + i) for i in range(sessions)]
@@ -126,7 +129,8 @@ def test_100_sessions_of_500_steps_through_a_connection_cutting_relay(bundled_mo
             await relay.stop()
 
     metrics_port = free_port()  # a subprocess: this process's asyncio loop is the client's
-    with ServeProcess("--max-sessions", "256", "--metrics-port", str(metrics_port)) as srv:
+    flags = ["--max-sessions", "256", "--metrics-port", str(metrics_port)]
+    with ServeProcess(*flags, "--model", str(regression_dir)) as srv:
         results, cuts = asyncio.run(run(srv.port))
         wait_for(
             lambda: metric_value(metrics_port, "lstm_sessions_active") == 0,
@@ -134,12 +138,12 @@ def test_100_sessions_of_500_steps_through_a_connection_cutting_relay(bundled_mo
         )
     for steps, (outputs, reconnects) in zip(inputs, results, strict=True):
         assert outputs.shape == (steps_each, 4)  # none lost, none repeated
-        np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
+        assert_equals_offline(outputs, regression_model, steps)
         assert reconnects >= 1  # this session's connection was cut at least once
     assert cuts >= sessions
 
 
-def test_sync_client_steps_through_cuts_exactly_once(bundled_model):
+def test_sync_client_steps_through_cuts_exactly_once(regression_dir, regression_model):
     """300 one-step answers take well over 3 kB: the session is cut several times."""
     steps = random_steps(300, 6, seed=77)
     loop = asyncio.new_event_loop()
@@ -147,7 +151,7 @@ def test_sync_client_steps_through_cuts_exactly_once(bundled_model):
     thread.start()
     relay = None
     try:
-        with serve() as srv:
+        with serve(model=str(regression_dir)) as srv:
             relay = CuttingRelay(srv.port, min_bytes=1_000, max_bytes=3_000, seed=2)
             asyncio.run_coroutine_threadsafe(relay.start(), loop).result(10)
             options = ClientOptions(target=f"127.0.0.1:{relay.port}", **OPTIONS)
@@ -160,6 +164,6 @@ def test_sync_client_steps_through_cuts_exactly_once(bundled_model):
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
-    np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
+    assert_equals_offline(outputs, regression_model, steps)
     assert reconnects >= 2
     assert relay.cuts >= 2

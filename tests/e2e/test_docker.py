@@ -22,6 +22,7 @@ from lstm_stream.client import AsyncStreamingClient, ClientOptions, StreamingCli
 from tests.e2e import docker_parts
 from tests.e2e.conftest import fetch
 from tests.e2e.docker_parts import ROOT, docker
+from tests.equality import assert_equals_offline, assert_state_equals_offline
 from tests.factories import free_port, offline, random_chunks, random_steps, wait_for
 
 pytestmark = pytest.mark.timeout(1800)  # the first test builds the images
@@ -128,6 +129,7 @@ def test_the_image_serves_and_keeps_sessions_across_a_restart(
         session = client.attach(session_id)
         assert session.next_step == 20
         rest = session.send(steps[20:])
+        assert_state_equals_offline(target, session_id, bundled_model, steps)
         session.close()
     np.testing.assert_allclose(rest, expected[20:], atol=1e-5, rtol=0)
 
@@ -209,7 +211,7 @@ def test_compose_cpu_profile_serves_and_prometheus_scrapes_it(image, bundled_mod
         target = f"127.0.0.1:{stack.ports['GRPC']}"
         with StreamingClient(target) as client, client.open_session() as session:
             outputs = session.send(steps)
-        np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
+        assert_equals_offline(outputs, bundled_model, steps)
         text = fetch(f"http://127.0.0.1:{stack.ports['METRICS']}/metrics")
         assert metric(text, "lstm_timesteps_total") == 12
         wait_for(
@@ -239,14 +241,16 @@ def test_compose_scale_cpu_profile_survives_a_killed_replica(image, bundled_mode
         for replica in replicas:
             wait_healthy(replica)
         options = ClientOptions(target=f"127.0.0.1:{stack.ports['GRPC']}", **SCALE_OPTIONS)
-        results, created = asyncio.run(drive_through_a_kill(options, inputs, plans, replicas))
+        results, created = asyncio.run(
+            drive_through_a_kill(options, inputs, plans, replicas, bundled_model)
+        )
     assert sum(created) == SESSIONS and all(c > 0 for c in created), created  # spread
     for steps, outputs in zip(inputs, results, strict=True):
         assert outputs.shape == (STEPS, 4)  # none lost, none repeated
-        np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
+        assert_equals_offline(outputs, bundled_model, steps)
 
 
-async def drive_through_a_kill(options, inputs, plans, replicas):
+async def drive_through_a_kill(options, inputs, plans, replicas, model):
     halfway = asyncio.Barrier(len(inputs) + 1)
     killed = asyncio.Event()
 
@@ -258,6 +262,12 @@ async def drive_through_a_kill(options, inputs, plans, replicas):
         await halfway.wait()
         await killed.wait()
         outputs += [await session.send(chunk) for chunk in chunks[half:]]
+        # Each step applied once, through the failover: the exported state says so where the
+        # saturated softmax outputs could not. Routed by x-session-id, as the SDK's calls are.
+        routed = (("x-session-id", session.session_id),)
+        await asyncio.to_thread(
+            assert_state_equals_offline, options.target, session.session_id, model, steps, routed
+        )
         await session.close()
         return np.concatenate(outputs)
 

@@ -15,6 +15,7 @@ from lstm_stream.client import AsyncStreamingClient, ClientOptions, LstmStreamEr
 from lstm_stream.v1 import inference_pb2 as pb
 from server import transfer
 from tests.e2e.scale_parts import RedisServer, nginx
+from tests.equality import assert_equals_offline
 from tests.factories import (
     ServeProcess,
     free_port,
@@ -61,11 +62,16 @@ class Phases:
             await self.go.wait()
 
 
-def test_sessions_stay_on_one_replica_and_survive_a_killed_one(bundled_model, tmp_path):
+def test_sessions_stay_on_one_replica_and_survive_a_killed_one(
+    regression_dir, regression_model, tmp_path
+):
+    """A regression model: a resent step applied twice after the failover would show in every
+    later output (a classifier's saturated softmax can hide it)."""
     inputs = [random_steps(STEPS, 6, seed=9000 + i) for i in range(SESSIONS)]
     plans = [random_chunks(STEPS, 4, seed=9000 + i) for i in range(SESSIONS)]
     with RedisServer() as store:
-        replicas = [start_replica(store.url) for _ in range(REPLICAS)]
+        model = ("--model", str(regression_dir))
+        replicas = [start_replica(store.url, *model) for _ in range(REPLICAS)]
         try:
             with nginx(tmp_path / "nginx", [r.port for r in replicas]) as balancer:
                 results, observed = asyncio.run(drive(balancer, inputs, plans, replicas, store))
@@ -91,7 +97,7 @@ def test_sessions_stay_on_one_replica_and_survive_a_killed_one(bundled_model, tm
     resent = 0
     for steps, (outputs, session_resent) in zip(inputs, results, strict=True):
         assert outputs.shape == (STEPS, 4)  # none lost, none repeated
-        np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
+        assert_equals_offline(outputs, regression_model, steps)
         resent += session_resent
     # Answered steps the killed replica had not stored were applied again on the new one.
     assert resent > 0
@@ -193,9 +199,7 @@ def test_redis_down_keeps_serving_says_so_and_catches_up(bundled_model):
             idle.close()
         code, log = replica.finish()
     assert code == 0
-    np.testing.assert_allclose(
-        np.concatenate(outputs), offline(bundled_model, steps), atol=1e-5, rtol=0
-    )
+    assert_equals_offline(np.concatenate(outputs), bundled_model, steps)
     assert "unreachable" in log and "serving from memory" in log
     assert "reachable again" in log
 
@@ -289,10 +293,13 @@ def test_an_import_takes_a_free_id_only_and_is_stored_as_a_new_session(bundled_m
         wait_for(lambda: (rec := stored(store, "imported")) and rec.next_step == 6)
 
 
-def test_batch_fed_sessions_stay_on_their_replica_and_survive_a_killed_one(bundled_model, tmp_path):
+def test_batch_fed_sessions_stay_on_their_replica_and_survive_a_killed_one(
+    regression_dir, regression_model, tmp_path
+):
     """Routed by partition: batch calls keep each session on one replica while all live; a
     killed replica's sessions go on elsewhere, every output equal offline, none lost or
-    repeated, the steps it had not stored sent again."""
+    repeated, the steps it had not stored sent again. A regression model, whose outputs show a
+    step applied twice."""
     sessions, rounds = 120, 30
     ids = [f"gw-{i}" for i in range(sessions)]
     inputs = [random_steps(rounds * 2, 6, seed=4000 + i) for i in range(sessions)]
@@ -302,7 +309,8 @@ def test_batch_fed_sessions_stay_on_their_replica_and_survive_a_killed_one(bundl
 
     outputs: dict[str, list[np.ndarray]] = {sid: [] for sid in ids}
     with RedisServer() as store:
-        replicas = [start_replica(store.url) for _ in range(REPLICAS)]
+        model = ("--model", str(regression_dir))
+        replicas = [start_replica(store.url, *model) for _ in range(REPLICAS)]
         try:
             with nginx(tmp_path / "nginx", [r.port for r in replicas]) as balancer:
                 options = ClientOptions(target=balancer, partitions=32, **OPTIONS)
@@ -340,4 +348,4 @@ def test_batch_fed_sessions_stay_on_their_replica_and_survive_a_killed_one(bundl
     for i, sid in enumerate(ids):
         got = np.concatenate(outputs[sid])
         assert got.shape == (rounds * 2, 4)  # none lost, none repeated
-        np.testing.assert_allclose(got, offline(bundled_model, inputs[i]), atol=1e-5, rtol=0)
+        assert_equals_offline(got, regression_model, inputs[i])

@@ -9,7 +9,8 @@ from google.rpc import error_details_pb2
 
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
-from tests.factories import ServeProcess, free_port, metric_value, offline, random_steps
+from tests.equality import assert_equals_offline, assert_state_equals_offline
+from tests.factories import RawStream, ServeProcess, free_port, metric_value, offline, random_steps
 
 INPUT_SIZE, OUTPUT_SIZE = 6, 4  # the bundled model
 
@@ -69,7 +70,7 @@ def test_1000_sessions_fed_by_batches_of_mixed_chunk_lengths_equal_offline(stub,
             outputs[i].append(outputs_of(result))
     for i in range(sessions):
         got = np.concatenate(outputs[i])
-        np.testing.assert_allclose(got, offline(bundled_model, inputs[i]), atol=1e-5, rtol=0)
+        assert_equals_offline(got, bundled_model, inputs[i])
     stub.StepBatch(
         pb.StepBatchRequest(
             chunks=[pb.SessionChunk(session_id=f"mix-{i}", end_session=True) for i in range(1000)]
@@ -129,7 +130,28 @@ def test_a_bad_chunk_amid_good_ones_is_refused_alone_and_changes_nothing(stub, b
         assert refused.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_resent_batch_is_answered_from_replay_and_applied_once(stub, bundled_model):
+def test_nan_in_a_message_of_packed_chunks_only_is_refused_alone(server, stub, bundled_model):
+    """Every chunk packed (the decoder's one-array path): the NaN chunk is refused and
+    creates nothing; the others step as if it were not there."""
+    steps = random_steps(2, INPUT_SIZE, seed=6)
+    bad = steps.copy()
+    bad[1, 3] = np.nan
+    ids = ("packed-a", "packed-nan", "packed-b")
+    request = pb.StepBatchRequest(
+        create_missing=True, chunks=[chunk(ids[0], steps), chunk(ids[1], bad), chunk(ids[2], steps)]
+    )
+    results = stub.StepBatch(request).results
+    assert reason_of(results[1])[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "BAD_INPUT")
+    assert "got nan at timestep 1, feature 3" in results[1].error.message
+    for i in (0, 2):
+        assert_equals_offline(outputs_of(results[i]), bundled_model, steps)
+        assert_state_equals_offline(server.target, ids[i], bundled_model, steps)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.GetSession(pb.GetSessionRequest(session_id=ids[1]))
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_resent_batch_is_answered_from_replay_and_applied_once(server, stub, bundled_model):
     steps = random_steps(4, INPUT_SIZE, seed=2)
     request = pb.StepBatchRequest(
         create_missing=True,
@@ -141,14 +163,13 @@ def test_a_resent_batch_is_answered_from_replay_and_applied_once(stub, bundled_m
         assert (a.start_step, a.num_steps) == (b.start_step, b.num_steps)
         np.testing.assert_array_equal(outputs_of(a), outputs_of(b))
     nxt = stub.StepBatch(pb.StepBatchRequest(chunks=[chunk("replay-1", steps[2:], 2)])).results
-    np.testing.assert_allclose(
-        np.concatenate([outputs_of(first[0]), outputs_of(nxt[0])]),
-        offline(bundled_model, steps),
-        atol=1e-5,
-        rtol=0,
+    assert_equals_offline(
+        np.concatenate([outputs_of(first[0]), outputs_of(nxt[0])]), bundled_model, steps
     )
-    for name, next_step in (("replay-1", 4), ("replay-2", 4)):
-        assert stub.GetSession(pb.GetSessionRequest(session_id=name)).session.next_step == next_step
+    # Both sessions applied each step once: replay-1 stepped on after the resend, replay-2
+    # was wholly answered from replay (its state must not have moved).
+    for name in ("replay-1", "replay-2"):
+        assert_state_equals_offline(server.target, name, bundled_model, steps, err_msg=name)
 
 
 def test_stream_batches_answers_every_message_in_order_and_ends_sessions(stub, bundled_model):
@@ -166,20 +187,27 @@ def test_stream_batches_answers_every_message_in_order_and_ends_sessions(stub, b
     assert [r.results[0].start_step for r in responses] == list(range(6))
     for i in range(len(ids)):
         got = np.concatenate([outputs_of(r.results[i]) for r in responses])
-        np.testing.assert_allclose(got, offline(bundled_model, steps), atol=1e-5, rtol=0)
+        assert_equals_offline(got, bundled_model, steps)
     with pytest.raises(grpc.RpcError) as ended:
         stub.GetSession(pb.GetSessionRequest(session_id=ids[0]))
     assert ended.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_batch_call_takes_no_session_over_from_a_stream(stub):
-    """Batch calls own no session: the stream that feeds it carries on after one."""
-    stream_requests = [pb.StreamStepsRequest(session_id="", inputs=[0.5] * INPUT_SIZE)]
-    call = stub.StreamSteps(iter(stream_requests))
-    session_id = next(call).session_id
-    result = stub.StepBatch(pb.StepBatchRequest(chunks=[chunk(session_id, np.ones((1, 6)), 1)]))
-    assert not result.results[0].HasField("error")
-    assert call.code() == grpc.StatusCode.OK  # ended by the client, not ABORTED
+def test_a_batch_call_takes_no_session_over_from_a_stream(server, stub, bundled_model):
+    """Batch calls own no session: the stream feeding one carries on, live, after a batch
+    stepped it, and each of them applied its own steps once."""
+    steps = random_steps(4, INPUT_SIZE, seed=4)
+    with RawStream(server.target) as stream:
+        first = stream.outputs(steps[:1])
+        result = stub.StepBatch(
+            pb.StepBatchRequest(chunks=[chunk(stream.session_id, steps[1:3], 1)])
+        )
+        (start, last) = stream.send(steps[3:], start_step=3)  # still this stream's session
+        assert start == 3
+        assert stream.half_close() == grpc.StatusCode.OK  # ended by the client, not ABORTED
+    outputs = np.concatenate([first, outputs_of(result.results[0]), last])
+    assert_equals_offline(outputs, bundled_model, steps)
+    assert_state_equals_offline(server.target, stream.session_id, bundled_model, steps)
 
 
 def test_too_many_chunks_or_bytes_refuse_the_whole_message():

@@ -46,3 +46,19 @@ def test_a_wrong_chunk_among_packed_ones_is_refused_alone():
     )
     np.testing.assert_array_equal(decoded[5], np.ones((1, WIDTH), np.float32))
     assert decoded[6].shape == (0, WIDTH)
+
+
+def test_nan_or_inf_in_a_message_of_packed_chunks_only_is_refused_alone():
+    """Every chunk packed, whole rows, within the limit: the one-array path, which must check
+    finiteness as the per-chunk path does. Equal lengths and mixed lengths take two branches."""
+    for lengths in ([2, 2, 2], [1, 3, 2]):
+        data = [rows(n, 10 + i) for i, n in enumerate(lengths)]
+        data[1][-1, 0] = np.nan
+        data[2][0, 1] = -np.inf
+        decoded = decode_chunks([packed(d) for d in data], WIDTH, 8)
+        np.testing.assert_array_equal(decoded[0], data[0])
+        last = lengths[1] - 1
+        assert isinstance(decoded[1], BadInput), lengths
+        assert f"got nan at timestep {last}, feature 0" in str(decoded[1])
+        assert isinstance(decoded[2], BadInput), lengths
+        assert "got -inf at timestep 0, feature 1" in str(decoded[2])

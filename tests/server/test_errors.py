@@ -4,12 +4,12 @@ was expected and what arrived, and no change to the session."""
 import math
 
 import grpc
-import numpy as np
 import pytest
 
 from lstm_stream.client import LstmStreamError, StreamingClient
 from lstm_stream.v1 import inference_pb2 as pb
-from tests.factories import RawStream, offline, random_steps, serve
+from tests.equality import assert_equals_offline, assert_state_equals_offline
+from tests.factories import RawStream, random_steps, serve
 
 BAD = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -41,7 +41,7 @@ def test_bad_inputs_are_refused_and_change_nothing(server, bundled_model, inputs
     with RawStream(server.target, stream.session_id) as resumed:
         start, rest = resumed.send(good[3:], start_step=3)
     assert start == 3
-    np.testing.assert_allclose(rest, offline(bundled_model, good)[3:], atol=1e-5, rtol=0)
+    assert_equals_offline(rest, bundled_model, good, first=3)
 
 
 def test_a_bad_first_message_creates_no_session():
@@ -121,9 +121,10 @@ def test_gap_is_refused_with_expected_step(server):
     assert "expected at most the session's next step 4, got 6" in error.details
 
 
-def test_resend_older_than_the_replay_buffer_is_refused():
+def test_resend_older_than_the_replay_buffer_is_refused(bundled_model):
+    steps = random_steps(12, 6)
     with serve(replay_steps=5) as srv, RawStream(srv.target) as stream:
-        stream.send(random_steps(12, 6))
+        stream.send(steps)
         error = expect_error(
             grpc.StatusCode.FAILED_PRECONDITION,
             "STEP_OUT_OF_ORDER",
@@ -131,6 +132,7 @@ def test_resend_older_than_the_replay_buffer_is_refused():
             random_steps(3, 6),
             start_step=6,
         )
+        assert_state_equals_offline(srv.target, stream.session_id, bundled_model, steps)
     assert error.metadata == {"expected_step": "12"}
     assert "expected at least 7" in error.details
 
@@ -157,10 +159,11 @@ def test_takeover_aborts_the_older_stream(server, bundled_model):
     old.send(steps[:4])
     with RawStream(server.target, old.session_id) as new:
         _, rest = new.send(steps[4:], start_step=4)
-        np.testing.assert_allclose(rest, offline(bundled_model, steps)[4:], atol=1e-5, rtol=0)
+        assert_equals_offline(rest, bundled_model, steps, first=4)
         error = expect_error(grpc.StatusCode.ABORTED, "SESSION_TAKEN_OVER", old.send, steps[:1])
     assert "taken over" in error.details
     old.close()
+    assert_state_equals_offline(server.target, old.session_id, bundled_model, steps)
 
 
 def test_an_idle_older_stream_ends_aborted_at_once(server):

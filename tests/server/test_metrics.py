@@ -68,7 +68,7 @@ def test_batches_timesteps_requests_and_codes_are_counted_exactly(metered):
     for histogram in ("lstm_queue_wait_seconds", "lstm_batch_compute_seconds"):
         assert sample(got, f"{histogram}_count", **MODEL) == len(sizes)
         assert sample(got, f"{histogram}_bucket", **MODEL, le="+Inf") == len(sizes)
-    assert 0 < sample(got, "lstm_batch_compute_seconds_sum", **MODEL) < 60
+    assert sample(got, "lstm_batch_compute_seconds_sum", **MODEL) > 0
     assert sample(got, "lstm_requests_total", rpc="StreamSteps", code="OK") == len(sizes)
     assert sample(got, "lstm_requests_total", rpc="StreamSteps", code="INVALID_ARGUMENT") == 1
     assert sample(got, "lstm_requests_total", rpc="GetSession", code="NOT_FOUND") == 1

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 
 from lstm_stream.client import AsyncStreamingClient, LstmStreamError
+from tests.equality import assert_equals_offline, assert_state_equals_offline
 from tests.factories import (
     RawStream,
     ServeProcess,
@@ -24,13 +25,15 @@ from tests.factories import (
 )
 
 
-def test_expiry_racing_a_resume_gives_the_right_outputs_or_not_found(bundled_model):
+def test_expiry_racing_a_resume_gives_the_right_outputs_or_not_found(
+    regression_dir, regression_model
+):
     """Resumes at delays spread across the idle deadline, until both outcomes have been seen
     several times: a resume that wins gets the right outputs, one that loses gets NOT_FOUND."""
     timeout = 0.5
     outcomes = {"resumed": 0, "expired": 0}
     delays = random.Random(0)
-    with serve(session_idle_timeout_s=timeout) as srv:
+    with serve(session_idle_timeout_s=timeout, model=str(regression_dir)) as srv:
         for i in range(300):
             if min(outcomes.values()) >= 3:
                 break
@@ -41,7 +44,7 @@ def test_expiry_racing_a_resume_gives_the_right_outputs_or_not_found(bundled_mod
             try:
                 with RawStream(srv.target, stream.session_id) as again:
                     rest = again.outputs(steps[3:], start_step=3)
-                np.testing.assert_allclose(rest, offline(bundled_model, steps)[3:], atol=1e-5)
+                assert_equals_offline(rest, regression_model, steps, first=3)
                 outcomes["resumed"] += 1
             except LstmStreamError as err:
                 assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
@@ -57,7 +60,6 @@ def test_expiry_racing_a_resume_gives_the_right_outputs_or_not_found(bundled_mod
 
 def test_takeover_racing_a_batch_in_flight_applies_each_step_once(bundled_model):
     steps = random_steps(1000, 6, seed=5)
-    expected = offline(bundled_model, steps)
     with serve(replay_steps=1024) as srv:  # holds all the old stream's steps for the replay
         for trial in range(5):
             old = RawStream(srv.target)
@@ -70,8 +72,11 @@ def test_takeover_racing_a_batch_in_flight_applies_each_step_once(bundled_model)
                 start, got = new.send(steps[10:520], start_step=10)
             # Whether the old chunk ran first (and is replayed) or not, every step is right.
             assert start == 10
-            np.testing.assert_allclose(got, expected[10:520], atol=1e-5, rtol=0, err_msg=trial)
+            assert_equals_offline(got, bundled_model, steps, first=10, err_msg=f"trial {trial}")
             old.close()
+            assert_state_equals_offline(
+                srv.target, old.session_id, bundled_model, steps[:520], err_msg=f"trial {trial}"
+            )
 
 
 def test_delete_racing_a_stream_ends_it_not_found_and_frees_the_slot():
@@ -161,11 +166,10 @@ def is_a_shutdown_refusal(err: LstmStreamError) -> bool:
     return err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
-def test_2000_concurrent_sessions_without_an_error_or_a_lost_step(bundled_model):
+def test_2000_concurrent_sessions_without_an_error_or_a_lost_step(regression_dir, regression_model):
 
     sessions, steps_each = 2000, 10
     x = np.random.default_rng(11).standard_normal((sessions, steps_each, 6)).astype(np.float32)
-    expected = [offline(bundled_model, steps) for steps in x]  # each session's own sequence
 
     async def run(target):
         async with AsyncStreamingClient(target) as client:
@@ -181,10 +185,11 @@ def test_2000_concurrent_sessions_without_an_error_or_a_lost_step(bundled_model)
     # A subprocess: gRPC's asyncio layer serves one event loop per process best, and this is
     # the test that pushes it hardest.
     metrics_port = free_port()
-    with ServeProcess("--max-sessions", str(sessions), "--metrics-port", str(metrics_port)) as p:
+    flags = ["--max-sessions", str(sessions), "--metrics-port", str(metrics_port)]
+    with ServeProcess(*flags, "--model", str(regression_dir)) as p:
         results = asyncio.run(run(p.target))
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
         assert b"\nlstm_sessions_active 0.0\n" in metrics  # every session ended, none leaked
         assert p.finish()[0] == 0
     for i, got in enumerate(results):
-        np.testing.assert_allclose(got, expected[i], atol=1e-5, rtol=0)
+        assert_equals_offline(got, regression_model, x[i], err_msg=f"session {i}")

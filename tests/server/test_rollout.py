@@ -15,6 +15,7 @@ from lstm_stream.client import AsyncStreamingClient, LstmStreamError, StreamingC
 from lstm_stream.v1 import inference_pb2 as pb
 from server.security import ANONYMOUS
 from server.state_store import session_key
+from tests.equality import assert_equals_offline
 from tests.factories import (
     ServeProcess,
     free_port,
@@ -144,10 +145,10 @@ def test_a_rollout_while_100_sessions_stream_keeps_each_on_its_version(tmp_path)
     assert during[("m", 2)][0] == "READY"
     for i, (placed, outputs) in enumerate(old):
         assert placed == ("m", 1)
-        np.testing.assert_allclose(outputs, offline(v1, sequences[i]), atol=1e-5)
+        assert_equals_offline(outputs, v1, sequences[i])
     for i, (placed, outputs) in enumerate(new):
         assert placed == ("m", 2)
-        np.testing.assert_allclose(outputs, offline(v2, sequences[i]), atol=1e-5)
+        assert_equals_offline(outputs, v2, sequences[i])
     assert not np.allclose(offline(v1, sequences[0]), offline(v2, sequences[0]), atol=1e-3)
     assert (unloads, errors) == (1, 0)
     assert "model m v1 unloaded" in log
@@ -190,7 +191,7 @@ def test_a_broken_version_is_skipped_while_serving_goes_on_and_retried_when_fixe
         wait_for(lambda: metric_value(metrics_port, "lstm_model_loads_total", result="ok") == 2)
         assert metric_value(metrics_port, "lstm_model_loads_total", result="failed") == 1
     v1 = load_model(repo / "m" / "1").model
-    np.testing.assert_allclose(np.concatenate([first, rest]), offline(v1, steps), atol=1e-5)
+    assert_equals_offline(np.concatenate([first, rest]), v1, steps)
     assert state == "FAILED" and "model.safetensors" in error
     assert placed == ("m", 1) and failed_loads == 1
     assert (refused.value.code.name, refused.value.reason) == ("NOT_FOUND", "MODEL_NOT_FOUND")
@@ -249,7 +250,7 @@ def assert_continued_on_their_versions(repo: Path, opened, continued, first, res
         placed, outputs = continued[version]
         assert placed == ("m", version)
         whole = np.concatenate([opened[version][1], outputs])
-        np.testing.assert_allclose(whole, offline(model, np.concatenate([first, rest])), atol=1e-5)
+        assert_equals_offline(whole, model, np.concatenate([first, rest]))
 
 
 def test_a_snapshot_restart_brings_back_sessions_of_two_versions(tmp_path):
@@ -288,6 +289,65 @@ def test_a_restart_mid_rollout_restores_what_it_can_and_sets_the_rest_aside(tmp_
         proc.finish()
     (repo / "m" / "2").symlink_to(kept / "m" / "2")  # for the offline check
     assert_continued_on_their_versions(repo, opened, continued, first, rest)
+
+
+def test_a_shutdown_while_a_version_drains_snapshots_its_sessions_too(tmp_path):
+    """v2 leaves the repository while its session lives (DRAINING) and the server stops: the
+    snapshot holds both sessions, and a server whose repository has v2 back continues both."""
+    repo, snapshots = make_repository(tmp_path, versions=(1, 2)), tmp_path / "snapshots"
+    first, rest = random_steps(5, 3, seed=11), random_steps(4, 3, seed=12)
+    retired = tmp_path / "retired-v2"
+    with serve_repository(repo, "--snapshot-dir", str(snapshots)) as proc:
+        opened = open_on_each_version(proc.target, first)
+        (repo / "m" / "2").rename(retired)
+        reload(proc)
+        wait_for(lambda: states(proc.target).get(("m", 2)) == "DRAINING", what="v2 draining")
+        code, log = proc.finish()
+    assert code == 0, log
+    assert "wrote 2 sessions" in log, log
+    retired.rename(repo / "m" / "2")
+    with serve_repository(repo, "--snapshot-dir", str(snapshots)) as proc:
+        continued = continue_each(proc.target, opened, rest)
+        proc.finish()
+    assert_continued_on_their_versions(repo, opened, continued, first, rest)
+
+
+def test_a_newer_stored_record_replaces_the_last_session_of_a_draining_version(tmp_path):
+    """Replica A holds a stale copy of the only session left on v2, which has left A's
+    repository (DRAINING); replica B stepped the session on meanwhile. When the session comes
+    back to A, closing the stale copy must not unload v2 under the newer record that moves
+    onto it: the session continues on v2 with every step applied once."""
+    from tests.e2e.scale_parts import RedisServer
+
+    repo_a = make_repository(tmp_path / "a", versions=(1, 2))
+    repo_b = make_repository(tmp_path / "b", versions=(1, 2))
+    steps = random_steps(12, 3, seed=21)
+    with RedisServer() as redis:
+        store = ("--state-store", redis.url, "--state-store-interval-ms", "0")
+        with serve_repository(repo_a, *store) as a, serve_repository(repo_b, *store) as b:
+            key = None
+
+            def stored_step():
+                return redis.client().hget(key, "step")
+
+            with StreamingClient(a.target) as on_a:
+                session = on_a.open_session(model="m", model_version=2)
+                outputs = [session.send(steps[:4])]
+                session_id = session.detach()
+            key = session_key(ANONYMOUS, session_id)
+            wait_for(lambda: stored_step() == b"4", what="A's write of step 4")
+            with StreamingClient(b.target) as on_b, on_b.attach(session_id) as moved:
+                outputs.append(moved.send(steps[4:8]))
+                moved.detach()
+            wait_for(lambda: stored_step() == b"8", what="B's write of step 8")
+            shutil.rmtree(repo_a / "m" / "2")
+            reload(a)
+            wait_for(lambda: listed(a.target).get(("m", 2)) == ("DRAINING", 1, ""), what="drain")
+            with StreamingClient(a.target) as on_a, on_a.attach(session_id) as back:
+                outputs.append(back.send(steps[8:]))
+                assert (back.model, back.model_version) == ("m", 2)
+    v2 = load_model(repo_b / "m" / "2").model
+    assert_equals_offline(np.concatenate(outputs), v2, steps)
 
 
 def test_a_snapshot_of_only_versions_the_server_lacks_is_refused_loudly(tmp_path):
@@ -383,8 +443,8 @@ def test_sessions_keep_their_version_through_export_import_and_batches(tmp_path)
     whole = np.concatenate([first, rest])
     for version, model in ((1, v1), (2, v2)):
         outputs = np.concatenate([head[version], tail[version]])
-        np.testing.assert_allclose(outputs, offline(model, whole), atol=1e-5)
-    np.testing.assert_allclose(batch["copy"], offline(v1, whole)[4:], atol=1e-5)
+        assert_equals_offline(outputs, model, whole)
+    assert_equals_offline(batch["copy"], v1, whole, first=4)
     assert refusals == [("NOT_FOUND", "MODEL_NOT_FOUND", True)] * 2
     assert (described.model_version, described.fingerprint) == (
         1,

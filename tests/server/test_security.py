@@ -19,11 +19,11 @@ from cryptography.x509.oid import NameOID
 
 from lstm_stream.client import AsyncStreamingClient, ClientOptions, LstmStreamError, StreamingClient
 from lstm_stream.v1 import inference_pb2 as pb
+from tests.equality import assert_equals_offline
 from tests.factories import (
     RawStream,
     ServeProcess,
     console_script,
-    offline,
     random_steps,
     serve,
     wait_for,
@@ -259,9 +259,7 @@ def test_another_principals_session_is_not_found_on_every_rpc(tokens_file, bundl
         # Alice's session is untouched by all of bob's attempts: step index and state.
         assert alice.get_session(sid).next_step == 3
         rest = stream_to(alice, sid, steps[3:])
-    np.testing.assert_allclose(
-        np.concatenate([first, rest]), offline(bundled_model, steps), atol=1e-5, rtol=0
-    )
+    assert_equals_offline(np.concatenate([first, rest]), bundled_model, steps)
 
 
 def test_ids_are_per_principal_for_create_and_import(tokens_file, bundled_model):
@@ -291,11 +289,9 @@ def test_ids_are_per_principal_for_create_and_import(tokens_file, bundled_model)
         bob.delete_session("shared-name")
         assert alice.get_session("shared-name").next_step == 8  # bob's delete was his own
         assert_not_found(lambda: bob.get_session("shared-name"))
-    np.testing.assert_allclose(
-        np.concatenate([alice_first, alice_rest]), offline(bundled_model, steps), atol=1e-5
-    )
+    assert_equals_offline(np.concatenate([alice_first, alice_rest]), bundled_model, steps)
     branched = np.concatenate([steps[:4], other[4:]])
-    np.testing.assert_allclose(bob_rest, offline(bundled_model, branched)[4:], atol=1e-5)
+    assert_equals_offline(bob_rest, bundled_model, branched, first=4)
 
 
 def test_two_principals_streaming_at_once_never_see_each_other(tokens_file, bundled_model):
@@ -319,7 +315,7 @@ def test_two_principals_streaming_at_once_never_see_each_other(tokens_file, bund
     with ServeProcess("--auth-tokens", str(tokens_file)) as srv:  # the asyncio loop is ours
         for results in asyncio.run(both(srv)):
             for steps, out in results:
-                np.testing.assert_allclose(out, offline(bundled_model, steps), atol=1e-5, rtol=0)
+                assert_equals_offline(out, bundled_model, steps)
 
 
 def test_per_principal_quota(tokens_file):
@@ -364,9 +360,7 @@ def test_rate_limit_in_timesteps_per_second(tokens_file, bundled_model):
             what="alice's bucket to refill",
         )
     # ... nor the state: the session continues as if the refused inputs never came.
-    np.testing.assert_allclose(
-        np.concatenate([first, rest]), offline(bundled_model, steps), atol=1e-5, rtol=0
-    )
+    assert_equals_offline(np.concatenate([first, rest]), bundled_model, steps)
 
 
 def _accepted(call):
@@ -469,4 +463,4 @@ def test_streams_beyond_the_per_connection_limit_wait_for_a_free_one(bundled_mod
         first.close()
         outputs = third.result(timeout=60)
         second.close()
-    np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
+    assert_equals_offline(outputs, bundled_model, steps)

@@ -14,6 +14,7 @@ from lstm_model import load_model
 from lstm_model.cli import main as lstm_model_main
 from lstm_stream.client import AsyncStreamingClient, LstmStreamError, StreamingClient
 from server.config import ServerConfig, load_config
+from tests.equality import assert_equals_offline
 from tests.factories import ServeProcess, console_script, free_port, offline, random_steps
 
 
@@ -24,7 +25,7 @@ def test_stream_against_the_subprocess_then_stop_gracefully(sig, bundled_model):
         with StreamingClient(proc.target) as client, client.open_session() as session:
             outputs = np.concatenate([session.send(steps[:5]), session.send(steps[5:])])
         code, log = proc.finish(sig)
-    np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
+    assert_equals_offline(outputs, bundled_model, steps)
     assert code == 0, log
     assert "on cpu/float32" in log  # --device auto says what it chose
     assert "draining" in log and "stopped" in log

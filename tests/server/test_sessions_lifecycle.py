@@ -7,12 +7,12 @@ import torch
 
 from lstm_stream.client import LstmStreamError, StreamingClient
 from lstm_stream.v1 import inference_pb2 as pb
-from tests.factories import RawStream, offline, random_steps, serve, wait_for
+from tests.equality import assert_equals_offline, assert_state_equals_offline
+from tests.factories import RawStream, random_steps, serve, wait_for
 
 
 def test_disconnect_then_resume_loses_and_repeats_nothing(server, client, bundled_model):
     steps = random_steps(30, 6, seed=31)
-    expected = offline(bundled_model, steps)
     stream = RawStream(server.target)
     got = [stream.outputs(steps[:10]), stream.outputs(steps[10:17])]
     stream.close()  # the connection drops with the stream
@@ -24,8 +24,9 @@ def test_disconnect_then_resume_loses_and_repeats_nothing(server, client, bundle
         got.append(overlap[3:])
         got.append(resumed.outputs(steps[22:], start_step=22))
     assert client.get_session(stream.session_id).next_step == 30
-    np.testing.assert_allclose(overlap[:3], expected[14:17], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-5, rtol=0)
+    assert_equals_offline(overlap[:3], bundled_model, steps, first=14)
+    assert_equals_offline(np.concatenate(got), bundled_model, steps)
+    assert_state_equals_offline(server.target, stream.session_id, bundled_model, steps)
 
 
 def test_get_session_reports_steps_and_times(client):
@@ -105,9 +106,7 @@ def test_expiry_takes_idle_sessions_and_spares_active_ones_created_before_them(b
         for i, stream in enumerate(active):
             sent = len(outputs[i])
             assert client.get_session(stream.session_id).next_step == sent
-            np.testing.assert_allclose(
-                np.concatenate(outputs[i]), offline(bundled_model, steps[:sent]), atol=1e-5
-            )
+            assert_equals_offline(np.concatenate(outputs[i]), bundled_model, steps[:sent])
             stream.close()
         assert len(srv.server.runtime.sessions) == len(active)
 
@@ -130,7 +129,7 @@ def test_a_reused_slot_never_leaks_state_into_its_next_owner(bundled_model):
             outputs = session.send(steps)
             session.detach()
             client.delete_session(session.session_id)
-            np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5, rtol=0)
+            assert_equals_offline(outputs, bundled_model, steps)
 
 
 def test_health_and_reflection_are_served(server):

@@ -10,7 +10,8 @@ import pytest
 from lstm_model.cli import main as lstm_model_main
 from lstm_stream.client import AsyncStreamingClient, LstmStreamError, StreamingClient
 from server.snapshot import SNAPSHOT_FILE
-from tests.factories import RawStream, ServeProcess, offline, random_steps
+from tests.equality import assert_equals_offline
+from tests.factories import RawStream, ServeProcess, random_steps
 
 SESSIONS, STEPS, HALF = 100, 40, 20
 
@@ -40,17 +41,21 @@ async def resume_second_halves(target, ids, inputs):
         return await asyncio.gather(*(one(i, s) for i, s in zip(ids, inputs, strict=True)))
 
 
-def test_sigterm_snapshot_then_restart_resumes_every_session(tmp_path, bundled_model):
+def test_sigterm_snapshot_then_restart_resumes_every_session(
+    tmp_path, regression_dir, regression_model
+):
+    """A regression model: a restored state a step off would show in every later output."""
     inputs = [random_steps(STEPS, 6, seed=3000 + i) for i in range(SESSIONS)]
     snapshots = tmp_path / "snapshots"
-    with ServeProcess("--snapshot-dir", str(snapshots)) as first:
+    flags = ["--snapshot-dir", str(snapshots), "--model", str(regression_dir)]
+    with ServeProcess(*flags) as first:
         firsts = asyncio.run(stream_first_halves(first.target, inputs))
         code, log = first.finish(signal.SIGTERM)
     assert code == 0, log
     assert f"wrote {SESSIONS} sessions" in log
     assert (snapshots / SNAPSHOT_FILE).exists()
 
-    with ServeProcess("--snapshot-dir", str(snapshots)) as second:
+    with ServeProcess(*flags) as second:
         assert any(f"restored {SESSIONS} sessions" in line for line in second.log)
         ids = [session_id for session_id, _ in firsts]
         with RawStream(second.target, ids[0]) as stream:  # the replay buffer came along too
@@ -61,9 +66,7 @@ def test_sigterm_snapshot_then_restart_resumes_every_session(tmp_path, bundled_m
         assert second.finish()[0] == 0
     assert (snapshots / f"{SNAPSHOT_FILE}.restored").exists()  # set aside: never restored twice
     for steps, (_, head), tail in zip(inputs, firsts, seconds, strict=True):
-        np.testing.assert_allclose(
-            np.concatenate([head, tail]), offline(bundled_model, steps), atol=1e-5, rtol=0
-        )
+        assert_equals_offline(np.concatenate([head, tail]), regression_model, steps)
 
 
 def test_sigkill_loses_the_sessions_and_clients_are_told(tmp_path):

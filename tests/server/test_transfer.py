@@ -1,13 +1,13 @@
 """ExportSession / ImportSession: a session moves between two running servers mid-stream."""
 
 import grpc
-import numpy as np
 import pytest
 
 from lstm_model.cli import main as lstm_model_main
 from lstm_stream.client import LstmStreamError, StreamingClient
 from lstm_stream.v1 import inference_pb2 as pb
-from tests.factories import RawStream, offline, random_steps, serve
+from tests.equality import assert_equals_offline, assert_state_equals_offline
+from tests.factories import RawStream, random_steps, serve
 
 
 def test_a_session_moves_between_servers_mid_stream(bundled_model):
@@ -29,9 +29,11 @@ def test_a_session_moves_between_servers_mid_stream(bundled_model):
         with RawStream(b.target, session.session_id) as moved:
             # A resend from step 20 on: the imported replay buffer answers 20..24.
             overlap = moved.outputs(steps[20:], start_step=20)
-    expected = offline(bundled_model, steps)
-    np.testing.assert_allclose(first, expected[:25], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(overlap, expected[20:], atol=1e-5, rtol=0)
+            assert_state_equals_offline(b.target, session.session_id, bundled_model, steps)
+            # The exported copy left behind on a is untouched by what b applied.
+            assert_state_equals_offline(a.target, session.session_id, bundled_model, steps[:25])
+    assert_equals_offline(first, bundled_model, steps)
+    assert_equals_offline(overlap, bundled_model, steps, first=20)
 
 
 def test_import_refuses_another_models_state_and_garbage(tmp_path, client):
