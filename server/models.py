@@ -228,11 +228,12 @@ class Models:
                 self.default_name = name
                 return
         if ready:
-            log.warning(
-                "default model %r has no ready version: %r is the default now",
-                self.default_name,
-                ready[0],
-            )
+            if self.default_name:  # none named (--default-model unset) is no cause to warn
+                log.warning(
+                    "default model %r has no ready version: %r is the default now",
+                    self.default_name,
+                    ready[0],
+                )
             self.default_name = ready[0]
 
     def with_fingerprint(self, fingerprint: str) -> ModelVersion | None:
