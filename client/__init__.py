@@ -9,13 +9,14 @@ reason) for errors a retry cannot fix.
 
 from lstm_stream.client.aio import AsyncStreamingClient, AsyncStreamSession
 from lstm_stream.client.batching import BatchResult, partition_of
-from lstm_stream.client.errors import LstmStreamError
+from lstm_stream.client.errors import BadInputError, LstmStreamError
 from lstm_stream.client.options import ClientOptions
 from lstm_stream.client.sync import StreamingClient, StreamSession
 
 __all__ = [
     "AsyncStreamSession",
     "AsyncStreamingClient",
+    "BadInputError",
     "BatchResult",
     "ClientOptions",
     "LstmStreamError",

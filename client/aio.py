@@ -17,7 +17,7 @@ import numpy as np
 
 from lstm_stream.client.aio_batches import AsyncBatchFeeder
 from lstm_stream.client.batching import BatchResult
-from lstm_stream.client.errors import LstmStreamError, from_rpc_error
+from lstm_stream.client.errors import LstmStreamError, from_rpc_error, not_ended
 from lstm_stream.client.ledger import Chunk
 from lstm_stream.client.options import ClientOptions
 from lstm_stream.client.policy import ArrayLike, StreamRetry, UnaryRetry, as_rows, new_session_id
@@ -216,14 +216,39 @@ class AsyncStreamSession(SessionCore):
         self._client = client
         self._call: grpc.aio.StreamStreamCall | None = None
 
+    _released = False  # detached or closed: an `async with` block's end leaves it alone
+
     async def __aenter__(self) -> AsyncStreamSession:
         return self
 
-    async def __aexit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            await self.close()
-        else:
-            self.detach()
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        """The block's end ends the session, whether it ran to its end or raised; see
+        StreamSession.__exit__ (client/sync.py)."""
+        if self._released:
+            return
+        if exc is None:
+            try:
+                await self.close()
+                return
+            except LstmStreamError:
+                pass  # e.g. a chunk the server refused is unanswered still: delete instead
+        self.detach()
+        if isinstance(exc, LstmStreamError) and exc.reason == "SESSION_TAKEN_OVER":
+            return
+        try:
+            await self._client.delete_session(self.session_id)
+        except Exception as err:
+            if isinstance(err, LstmStreamError) and err.reason == "SESSION_NOT_FOUND":
+                return
+            if exc is None:
+                raise
+            exc.add_note(not_ended(self.session_id, err))
+
+    def detach(self) -> str:
+        """Close the stream only; the session stays on the server to attach to later (and
+        past the end of an `async with` block). Returns its id (what `attach` takes)."""
+        self._released = True
+        return super().detach()
 
     async def step(self, x: ArrayLike) -> np.ndarray:
         """One timestep (input_size,) -> its output (output_size,)."""
@@ -309,6 +334,7 @@ class AsyncStreamSession(SessionCore):
                 wait = retry.backoff_after(err, rewound=self._rewind(err))
                 self._close_stream()
                 if wait is None:
+                    self._ledger.drop_refused(err)
                     raise
                 self.reconnects += 1
                 await asyncio.sleep(wait)

@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 from google.rpc import error_details_pb2
 
-from lstm_stream.client.errors import LstmStreamError
+from lstm_stream.client.errors import BadInputError, LstmStreamError
 from lstm_stream.client.ledger import Chunk, Ledger
 from lstm_stream.client.options import ClientOptions, is_retryable
 from lstm_stream.client.policy import ArrayLike, as_rows
@@ -107,12 +107,17 @@ class BatchBook:
         items to send."""
         result = BatchResult(order=list(chunks))
         items = []
+        # Every chunk checked before any is numbered: a refused batch leaves no ledger fed.
+        shaped = {}
         for session_id, rows in chunks.items():
+            try:
+                shaped[session_id] = as_rows(rows, self.input_size)
+            except BadInputError as err:
+                raise BadInputError(f"session {session_id!r}: {err.details}") from None
+        for session_id, rows in shaped.items():
             ledger = self.ledgers.get(session_id) or self._ledger(session_id, 0)
             self.ledgers[session_id] = ledger
-            chunk = ledger.add(
-                as_rows(rows, self.input_size), session_id in reset, session_id in end
-            )
+            chunk = ledger.add(rows, session_id in reset, session_id in end)
             self._owed[id(chunk)] = (result, session_id)
             items.append((session_id, chunk))
         return result, items

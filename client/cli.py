@@ -24,7 +24,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lstm_stream.client.errors import LstmStreamError, UsageError
-from lstm_stream.client.options import ClientOptions
+from lstm_stream.client.options import ClientOptions, lacks_port
 from lstm_stream.client.sync import StreamingClient, StreamSession
 from lstm_stream.v1 import inference_pb2 as pb
 
@@ -32,6 +32,12 @@ DEFAULT_TARGET = "localhost:50051"
 
 
 def options_from(args: argparse.Namespace) -> ClientOptions:
+    if lacks_port(args.target):
+        # gRPC alone would dial port 443 and wait out the deadline without a word.
+        raise UsageError(
+            f"--target {args.target!r}: expected HOST:PORT, got no port (gRPC would dial 443; "
+            f"lstm-serve's default is 50051: --target {args.target.rstrip(':')}:50051)"
+        )
     return ClientOptions(
         target=args.target,
         tls=args.tls,
@@ -129,10 +135,7 @@ def read_csv_rows(source: TextIO, width: int) -> Iterator[np.ndarray]:
         if not line or line[0].lstrip().startswith("#"):
             continue
         if len(line) != width:
-            what = "column names" if first and _is_header(line) else "numbers"
-            raise UsageError(
-                f"line {number}: expected {width} {what} (the model's input_size), got {len(line)}"
-            )
+            raise UsageError(f"line {number}: {_width_problem(line, width, first)}")
         if first and _is_header(line):
             first = False
             continue
@@ -141,6 +144,28 @@ def read_csv_rows(source: TextIO, width: int) -> Iterator[np.ndarray]:
             yield np.array([float(v) for v in line], dtype=np.float32)
         except ValueError:
             raise UsageError(f"line {number}: expected numbers, got {','.join(line)!r}") from None
+
+
+# What a CSV written elsewhere may separate its values with instead of commas.
+OTHER_DELIMITERS = {";": "';'", "\t": "tabs", "|": "'|'", " ": "spaces"}
+
+
+def _width_problem(fields: list[str], width: int, first: bool) -> str:
+    """What is wrong with a row of `len(fields) != width` fields: expected and got."""
+    text = ",".join(fields)
+    for delimiter, name in OTHER_DELIMITERS.items():
+        if delimiter == " " and len(fields) > 1:
+            continue  # '1, 2, 3': commas, with spaces after them
+        values = text.split() if delimiter == " " else text.split(delimiter)
+        if len(values) > 1:
+            decimal = [v.replace(",", ".") for v in values]
+            what = "column names" if first and _is_header(decimal) else "numbers"
+            return (
+                f"expected {width} comma-separated {what} (the model's input_size), got "
+                f"{len(values)} separated by {name}"
+            )
+    what = "column names" if first and _is_header(fields) else "numbers"
+    return f"expected {width} {what} (the model's input_size), got {len(fields)}"
 
 
 def _is_header(fields: list[str]) -> bool:
@@ -184,24 +209,40 @@ def _cmd_stream(args: argparse.Namespace) -> int:
         where = f" on {session.model} v{session.model_version}" if session.model else ""
         print(f"session {session.session_id} from step {session.next_step}{where}", file=sys.stderr)
         chunks = chunked(rows, args.chunk)
-        try:
-            for outputs in session.stream(chunks, window=1):
-                writer.writerows([f"{v:.{args.precision}g}" for v in row] for row in outputs)
-                sys.stdout.flush()
-        except UsageError:
-            session.detach()
-            raise
-        if args.keep:
-            session.detach()
-            print(
-                # --session=ID: ids may begin with '-', which argparse reads as a flag.
-                f"session {session.session_id} kept at step {session.next_step}; resume "
-                f"with --session={session.session_id}",
-                file=sys.stderr,
-            )
-        else:
-            session.close()
+        start, printed = session.next_step, 0
+        # The block's end ends the session, after an error too (a bad row, Ctrl-C), unless
+        # --keep asked to keep it.
+        with session:
+            try:
+                for outputs in session.stream(chunks, window=1):
+                    writer.writerows([f"{v:.{args.precision}g}" for v in row] for row in outputs)
+                    sys.stdout.flush()
+                    printed += len(outputs)
+            except BaseException as exc:
+                if args.keep and not _session_gone(exc):
+                    _keep(session, start + printed, f" after {printed} rows of this input")
+                raise
+            if args.keep:
+                _keep(session, start + printed)
     return 0
+
+
+def _keep(session: StreamSession, step: int, after: str = "") -> None:
+    session.detach()
+    print(
+        # --session=ID: ids may begin with '-', which argparse reads as a flag.
+        f"session {session.session_id} kept at step {step}{after}; resume with "
+        f"--session={session.session_id}",
+        file=sys.stderr,
+    )
+
+
+def _session_gone(exc: BaseException) -> bool:
+    """Whether an error says the session is no longer this command's to keep."""
+    return isinstance(exc, LstmStreamError) and exc.reason in (
+        "SESSION_NOT_FOUND",
+        "SESSION_TAKEN_OVER",
+    )
 
 
 def _attach(client: StreamingClient, args: argparse.Namespace) -> StreamSession:
@@ -389,15 +430,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except UsageError as exc:
         print(f"lstm-client: {exc}", file=sys.stderr)
+        _print_notes(exc)
         return 2
     except LstmStreamError as exc:
         print(f"lstm-client: {args.target}: {exc}", file=sys.stderr)
+        _print_notes(exc)
         return 1
     except grpc.RpcError as exc:
         print(f"lstm-client: {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _print_notes(exc: BaseException) -> None:
+    """What was added to an error on its way (a session that could not be ended)."""
+    for note in getattr(exc, "__notes__", ()):
+        print(f"lstm-client: {note}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,22 @@ class LstmStreamError(Exception):
         self.metadata = dict(metadata or {})
 
 
+class BadInputError(LstmStreamError, ValueError):
+    """Inputs the SDK refuses before sending them: INVALID_ARGUMENT `BAD_INPUT`, as the server
+    would answer. Also a ValueError, what the SDK raised for them before."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, details, "BAD_INPUT")
+
+
+def not_ended(session_id: str, error: BaseException) -> str:
+    """The note a `with` block's exception gets when the session could not be ended."""
+    return (
+        f"lstm-stream: session {session_id!r} was not ended ({error}); the server keeps it "
+        f"until its idle timeout (attach to it, or delete it, to end it sooner)"
+    )
+
+
 def from_rpc_error(error: grpc.RpcError) -> LstmStreamError:
     """Decode a grpc.RpcError (sync or asyncio) into an LstmStreamError."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN

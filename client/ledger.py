@@ -136,6 +136,16 @@ class Ledger:
             self.next_step = chunk.start
         return chunk
 
+    def drop_refused(self, error: LstmStreamError) -> None:
+        """A stream's oldest unanswered chunk was refused as bad input, which ends the stream:
+        the server applied neither it nor any chunk sent after it. They are dropped (the caller
+        has the error), and new chunks are numbered from where the refused one began; kept,
+        they would be resent, and refused, on every later call."""
+        if error.reason != "BAD_INPUT" or self._resending or not self.pending:
+            return
+        self.next_step = self.pending[0].start
+        self.pending.clear()
+
     def rewind(self, error: LstmStreamError) -> bool:
         """After a gap refusal (STEP_OUT_OF_ORDER naming the step the server holds): whether
         resending the kept chunks from that step continues the session. A server behind what

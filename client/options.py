@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,16 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 RETRYABLE_WITHOUT_REASON = frozenset(
     {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 )
+
+
+def lacks_port(target: str) -> bool:
+    """Whether a target is a host with no port ('localhost', '[::1]', 'host:'). gRPC dials port
+    443 (https's) for it, not lstm-serve's 50051. A target with a scheme ('dns:', 'unix:',
+    'ipv4:', ...) is taken as given."""
+    bracketed = re.fullmatch(r"\[[^\]]*\](:\d*)?", target)
+    if bracketed:
+        return bracketed.group(1) in (None, ":")
+    return bool(re.fullmatch(r"[^:/\[\]]+:?", target))
 
 
 def is_retryable(code: grpc.StatusCode, reason: str) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from lstm_stream.client.errors import LstmStreamError
+from lstm_stream.client.errors import BadInputError, LstmStreamError
 from lstm_stream.client.options import IDEMPOTENT, ClientOptions, is_retryable
 
 ArrayLike = np.ndarray | Sequence[Any]
@@ -19,15 +19,25 @@ ArrayLike = np.ndarray | Sequence[Any]
 
 def as_rows(chunk: ArrayLike, width: int) -> np.ndarray:
     """A chunk as (num_steps, width) float32; a flat sequence is read row by row."""
-    rows = np.asarray(chunk, dtype=np.float32)
+    try:
+        rows = np.asarray(chunk, dtype=np.float32)
+    except ValueError as err:  # ragged rows, or not numbers
+        raise BadInputError(
+            f"inputs: expected numbers in rows of input_size={width}, got {err}"
+        ) from None
     if rows.size == 0:
         return np.zeros((0, width), dtype=np.float32)
     if rows.ndim <= 1:
         if rows.size % width:
-            raise ValueError(f"expected a multiple of input_size={width} values, got {rows.size}")
+            raise BadInputError(
+                f"inputs: expected a multiple of input_size={width} values "
+                f"(num_steps * input_size), got {rows.size}"
+            )
         return rows.reshape(-1, width)
     if rows.ndim != 2 or rows.shape[1] != width:
-        raise ValueError(f"expected (num_steps, {width}) inputs, got shape {rows.shape}")
+        raise BadInputError(
+            f"inputs: expected shape (num_steps, input_size={width}), got {rows.shape}"
+        )
     return rows
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from lstm_stream.client.batching import BatchResult
 from lstm_stream.client.call_stream import CallStream
-from lstm_stream.client.errors import LstmStreamError, from_rpc_error
+from lstm_stream.client.errors import LstmStreamError, from_rpc_error, not_ended
 from lstm_stream.client.ledger import Chunk
 from lstm_stream.client.options import ClientOptions
 from lstm_stream.client.policy import ArrayLike, StreamRetry, UnaryRetry, as_rows, new_session_id
@@ -196,14 +196,42 @@ class StreamSession(SessionCore):
         self._client = client
         self._stream: CallStream | None = None
 
+    _released = False  # detached or closed: a `with` block's end leaves it alone
+
     def __enter__(self) -> StreamSession:
         return self
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.detach()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        """The block's end ends the session, whether the block ran to its end or raised;
+        `detach()` (or `close()`) inside it leaves the session as it is. After an exception
+        the session is deleted without waiting for unanswered chunks (a session another stream
+        took over is left to it); if that fails (the connection is gone), the block's own
+        exception is raised, with a note saying so."""
+        if self._released:
+            return
+        if exc is None:
+            try:
+                self.close()
+                return
+            except LstmStreamError:
+                pass  # e.g. a chunk the server refused is unanswered still: delete instead
+        self.detach()
+        if isinstance(exc, LstmStreamError) and exc.reason == "SESSION_TAKEN_OVER":
+            return
+        try:
+            self._client.delete_session(self.session_id)
+        except Exception as err:
+            if isinstance(err, LstmStreamError) and err.reason == "SESSION_NOT_FOUND":
+                return
+            if exc is None:
+                raise
+            exc.add_note(not_ended(self.session_id, err))
+
+    def detach(self) -> str:
+        """Close the stream only; the session stays on the server to attach to later (and
+        past the end of a `with` block). Returns its id (what `attach` takes)."""
+        self._released = True
+        return super().detach()
 
     def step(self, x: ArrayLike) -> np.ndarray:
         """One timestep (input_size,) -> its output (output_size,)."""
@@ -265,6 +293,7 @@ class StreamSession(SessionCore):
                 wait = retry.backoff_after(err, rewound=self._rewind(err))
                 self._close_stream()
                 if wait is None:
+                    self._ledger.drop_refused(err)
                     raise
                 self.reconnects += 1
                 time.sleep(wait)
