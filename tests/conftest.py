@@ -44,3 +44,10 @@ def regression_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def regression_model(regression_dir):
     return load_model(regression_dir).model
+
+
+@pytest.fixture(scope="module")
+def regression_server(regression_dir):
+    """lstm-serve on a free port serving the regression model, shared by a module's tests."""
+    with ServeProcess("--model", str(regression_dir), "--max-sessions", "4096") as proc:
+        yield proc

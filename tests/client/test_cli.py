@@ -9,6 +9,7 @@ import pytest
 
 from lstm_model.checkpoint import BUNDLED_MODEL_DIR
 from lstm_stream.client import StreamingClient
+from tests.equality import assert_equals_offline
 from tests.factories import console_script, offline, random_steps
 
 
@@ -54,24 +55,31 @@ def test_stream_prints_one_output_row_per_timestep(server, bundled_model, chunk)
     np.testing.assert_allclose(from_csv(result.stdout), offline(bundled_model, steps), atol=1e-5)
 
 
-def test_stream_from_a_file_then_resume_the_session(server, bundled_model, tmp_path):
+def test_stream_from_a_file_then_resume_the_session(regression_server, regression_model, tmp_path):
+    """A regression model: a step applied twice on the resume would show in its outputs."""
     steps = random_steps(12, 6, seed=91)
     (tmp_path / "first.csv").write_text(to_csv(steps[:5]))
-    first = lstm_client("stream", str(tmp_path / "first.csv"), "--keep", "--target", server.target)
+    first = lstm_client(
+        "stream", str(tmp_path / "first.csv"), "--keep", "--target", regression_server.target
+    )
     assert first.returncode == 0, first.stderr
     resume_flag = re.search(r"resume with (--session=\S+)", first.stderr).group(1)
-    rest = lstm_client("stream", resume_flag, "--target", server.target, stdin=to_csv(steps[5:]))
+    rest = lstm_client(
+        "stream", resume_flag, "--target", regression_server.target, stdin=to_csv(steps[5:])
+    )
     assert rest.returncode == 0, rest.stderr
     assert f"session {resume_flag.removeprefix('--session=')} from step 5" in rest.stderr
     outputs = np.concatenate([from_csv(first.stdout), from_csv(rest.stdout)])
-    np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5)
+    assert_equals_offline(outputs, regression_model, steps)
 
 
-def test_a_session_id_that_begins_with_a_dash_resumes_as_printed(server, bundled_model):
+def test_a_session_id_that_begins_with_a_dash_resumes_as_printed(
+    regression_server, regression_model
+):
     """One server-issued id in 64 begins with '-' (base64url); the printed --session=ID form
     must still resume it."""
     steps = random_steps(4, 6, seed=92)
-    with StreamingClient(server.target) as client:
+    with StreamingClient(regression_server.target) as client:
         session = client.open_session("-starts-with-a-dash")
         first = session.send(steps[:2])
         session.detach()
@@ -80,13 +88,13 @@ def test_a_session_id_that_begins_with_a_dash_resumes_as_printed(server, bundled
         "--session=-starts-with-a-dash",
         "--keep",
         "--target",
-        server.target,
+        regression_server.target,
         stdin=to_csv(steps[2:]),
     )
     assert rest.returncode == 0, rest.stderr
     assert "resume with --session=-starts-with-a-dash" in rest.stderr
     outputs = np.concatenate([first, from_csv(rest.stdout)])
-    np.testing.assert_allclose(outputs, offline(bundled_model, steps), atol=1e-5)
+    assert_equals_offline(outputs, regression_model, steps)
 
 
 @pytest.mark.parametrize(

@@ -56,14 +56,18 @@ def run_example(work: Path, target: str, steps: np.ndarray, *flags: str) -> dict
     return json.loads(result.stdout)
 
 
-def test_node_example_streams_resumes_and_reads_error_info(node_example, server, bundled_model):
+def test_node_example_streams_resumes_and_reads_error_info(
+    node_example, regression_server, regression_model
+):
+    """A regression model: the step resent after the dropped connection, applied twice, would
+    show in every later output."""
     steps = random_steps(20, 6, seed=51)
-    report = run_example(node_example, server.target, steps)
-    with StreamingClient(server.target) as client, client.open_session() as session:
+    report = run_example(node_example, regression_server.target, steps)
+    with StreamingClient(regression_server.target) as client, client.open_session() as session:
         from_python = session.send(steps)
     outputs = np.asarray(report["outputs"], dtype=np.float32)
     np.testing.assert_allclose(outputs, from_python, atol=1e-6, rtol=0)
-    assert_equals_offline(outputs, bundled_model, steps)
+    assert_equals_offline(outputs, regression_model, steps)
     # The connection cut halfway cost one resend and no step twice.
     assert report["resends"] >= 1
     assert report["next_step"] == 20
