@@ -1,4 +1,7 @@
-"""Generate the Python gRPC modules from proto/lstm_stream/v1/inference.proto.
+"""Generate the Python gRPC modules from the .proto files under proto/lstm_stream.
+
+lstm_stream/v1/inference.proto      the native API
+lstm_stream/oip/grpc_service.proto  the Open Inference Protocol (KServe v2 / Triton)
 
 python proto/generate.py            # rewrite the committed modules
 python proto/generate.py --out DIR  # write them under DIR (the drift test compares)
@@ -14,7 +17,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
-PROTO_FILE = "lstm_stream/v1/inference.proto"
+PROTO_FILES = ["lstm_stream/v1/inference.proto", "lstm_stream/oip/grpc_service.proto"]
 
 
 def googleapis_include() -> Path:
@@ -36,7 +39,7 @@ def generate(out: Path = PROTO_ROOT) -> None:
             f"--python_out={out}",
             f"--pyi_out={out}",
             f"--grpc_python_out={out}",
-            str(PROTO_ROOT / PROTO_FILE),
+            *(str(PROTO_ROOT / name) for name in PROTO_FILES),
         ]
     )
     if code != 0:

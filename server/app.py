@@ -27,6 +27,7 @@ from server import metrics
 from server.config import ServerConfig, load_config
 from server.engine import default_torch_threads, resolve_device
 from server.errors import ServiceError
+from server.oip import OIP_SERVICE_NAME, OpenInferenceService, add_oip_servicer
 from server.rollout import RepositoryError
 from server.runtime import Runtime
 from server.security import AuthInterceptor, TokenFileError, TokenStore, server_credentials
@@ -152,11 +153,13 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     interceptors = [AuthInterceptor(tokens, config.auth_health)] if tokens else []
     grpc_server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
     add_servicer(InferenceService(runtime, tokens), grpc_server)
+    add_oip_servicer(OpenInferenceService(runtime, tokens), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
+            OIP_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

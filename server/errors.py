@@ -44,8 +44,10 @@ class BadInput(ServiceError):
 class SessionNotFound(ServiceError):
     code, reason = grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND"
 
-    def __init__(self, session_id: str) -> None:
-        super().__init__(f"session {session_id!r} not found (unknown, deleted or expired)")
+    def __init__(self, session_id: str, message: str = "") -> None:
+        super().__init__(
+            message or f"session {session_id!r} not found (unknown, deleted or expired)"
+        )
 
 
 class SessionExists(ServiceError):

@@ -21,7 +21,12 @@ from server.errors import ServiceError
 
 log = logging.getLogger("lstm_serve")
 ANONYMOUS = ""
-OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+OPEN_SERVICES = (  # probes: gRPC health, and the Open Inference Protocol's live and ready
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
 
 
 class Unauthenticated(ServiceError):
@@ -66,6 +71,16 @@ def parse_tokens(text: str, source: str) -> dict[bytes, str]:
     if not tokens:
         raise TokenFileError(f"{source}: no tokens (expected 'TOKEN PRINCIPAL' lines)")
     return tokens
+
+
+def principal_of(tokens: TokenStore | None, context: Any) -> str:
+    """Who is calling: the token's principal, or anonymous when auth is off."""
+    if tokens is None:
+        return ANONYMOUS
+    principal = tokens.principal(context.invocation_metadata())
+    if principal is None:  # the interceptor refuses these first; this is a second lock
+        raise Unauthenticated("expected 'authorization: Bearer <token>' with a valid token")
+    return principal
 
 
 class TokenStore:

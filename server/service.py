@@ -27,7 +27,7 @@ from server.codec import (
 from server.errors import BadInput, ServiceError, StepOutOfOrder
 from server.models import ModelVersion, VersionState
 from server.runtime import Attachment, Runtime
-from server.security import ANONYMOUS, TokenStore, Unauthenticated
+from server.security import TokenStore, principal_of
 from server.sessions import Session
 
 Response = TypeVar("Response")
@@ -90,13 +90,16 @@ def tolerant_deserializer(message: type) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def add_servicer(servicer: InferenceService, server: Any) -> None:
-    """Register the servicer as the generated code would, with tolerant deserializers."""
-    service = pb.DESCRIPTOR.services_by_name["InferenceService"]
+def add_servicer(
+    servicer: Any, server: Any, module: Any = pb, service_name: str = "InferenceService"
+) -> None:
+    """Register a servicer of a generated `module`'s service as the generated code would,
+    with tolerant deserializers."""
+    service = module.DESCRIPTOR.services_by_name[service_name]
     handlers = {}
     for method in service.methods:
-        request_type = getattr(pb, method.input_type.name)
-        response_type = getattr(pb, method.output_type.name)
+        request_type = getattr(module, method.input_type.name)
+        response_type = getattr(module, method.output_type.name)
         make = (
             grpc.stream_stream_rpc_method_handler
             if method.client_streaming
@@ -147,13 +150,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self._batches_ok = metrics.REQUESTS.labels("StreamBatches", "OK")
 
     def _principal(self, context: Any) -> str:
-        """Who is calling: the token's principal, or anonymous when auth is off."""
-        if self.tokens is None:
-            return ANONYMOUS
-        principal = self.tokens.principal(context.invocation_metadata())
-        if principal is None:  # the interceptor refuses these first; this is a second lock
-            raise Unauthenticated("expected 'authorization: Bearer <token>' with a valid token")
-        return principal
+        return principal_of(self.tokens, context)
 
     def _session_id(self, request_id: str, context: Any) -> str:
         session_id = resolve_session_id(request_id, metadata_session_id(context))

@@ -5,7 +5,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-GENERATED = ["inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py"]
+GENERATED = [
+    f"{package}/{stem}{suffix}"
+    for package, stem in (("v1", "inference"), ("oip", "grpc_service"))
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+]
 
 
 def test_generated_code_matches_the_proto(tmp_path):
@@ -13,8 +17,8 @@ def test_generated_code_matches_the_proto(tmp_path):
         [sys.executable, str(ROOT / "proto" / "generate.py"), "--out", str(tmp_path)], check=True
     )
     for name in GENERATED:
-        fresh = (tmp_path / "lstm_stream" / "v1" / name).read_text()
-        committed = (ROOT / "proto" / "lstm_stream" / "v1" / name).read_text()
+        fresh = (tmp_path / "lstm_stream" / name).read_text()
+        committed = (ROOT / "proto" / "lstm_stream" / name).read_text()
         assert fresh == committed, f"{name} is stale: run `make proto` and commit the result"
 
 
