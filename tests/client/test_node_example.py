@@ -29,7 +29,13 @@ def install_node_example(tmp_path_factory) -> Path:
     require_binary("node")
     npm = require_binary("npm")
     work = tmp_path_factory.mktemp("node-example")
-    for name in ("package.json", "package-lock.json", "lstm_stream.js", "example.js"):
+    for name in (
+        "package.json",
+        "package-lock.json",
+        "lstm_stream.js",
+        "example.js",
+        "oip_example.js",
+    ):
         shutil.copy(EXAMPLE / name, work / name)
     installed = subprocess.run(
         [npm, "ci", "--no-audit", "--no-fund"],
@@ -76,3 +82,28 @@ def test_node_example_streams_resumes_and_reads_error_info(
     refusal = report["refusal"]
     assert (refusal["code"], refusal["reason"]) == (3, "BAD_INPUT")  # INVALID_ARGUMENT
     assert "expected a multiple of input_size=6" in refusal["details"], refusal
+
+
+def test_a_node_client_generated_from_the_oip_proto_streams_sequences(
+    node_example, server, bundled_model
+):
+    """examples/node/oip_example.js: six sequences, int and string ids, interleaved and
+    pipelined on one ModelStreamInfer stream from the .proto alone; a bad request among them
+    is answered with an error_message and the stream goes on."""
+    inputs = [random_steps(4, 6, seed=300 + i) for i in range(6)]
+    result = subprocess.run(
+        ["node", "oip_example.js", "--target", server.target],
+        cwd=node_example,
+        input=json.dumps([steps.tolist() for steps in inputs]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LSTM_STREAM_PROTO_DIR": str(PROTO_DIR)},
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    (error,) = report["errors"]
+    assert error["id"] == "bad" and "INVALID_ARGUMENT (BAD_INPUT)" in error["message"]
+    assert len(report["ids"]) == 6 * 4 + 1
+    for steps, outputs in zip(inputs, report["outputs"], strict=True):
+        assert_equals_offline(np.asarray(outputs, np.float32), bundled_model, steps)

@@ -288,3 +288,69 @@ def test_the_servers_limits_hold_for_sequences_too():
         with pytest.raises(grpc.RpcError) as full:
             stub.ModelInfer(request(sequence_id=2, sequence_start=True))
         assert outcome_of(full.value)[:2] == ("RESOURCE_EXHAUSTED", "SESSION_CAPACITY")
+
+
+def infer_on(target: str, rows, **parameters) -> np.ndarray:
+    """One ModelInfer of the server's default model, on a channel of its own; its outputs."""
+    message = request(rows, **parameters)
+    message.model_name = ""
+    with grpc.insecure_channel(target) as channel:
+        return outputs_of(oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(message))
+
+
+def test_a_sequence_survives_a_snapshot_restart(tmp_path, regression_dir, regression_model):
+    """A regression model: a restored state a step off would show in the outputs after."""
+    steps = random_steps(8, WIDTH, seed=7)
+    flags = ("--snapshot-dir", str(tmp_path / "snapshots"), "--model", str(regression_dir))
+    with ServeProcess(*flags) as first:
+        head = infer_on(first.target, steps[:5], sequence_id=77, sequence_start=True)
+        assert first.finish()[0] == 0
+    with ServeProcess(*flags) as second:
+        tail = infer_on(second.target, steps[5:], sequence_id=77, lstm_start_step=5)
+    assert_equals_offline(np.concatenate([head, tail]), regression_model, steps)
+
+
+def test_an_idle_sequence_expires_and_is_then_refused():
+    from tests.factories import wait_for
+
+    with ServeProcess("--session-idle-timeout-s", "0.5") as proc:
+        infer_on(proc.target, random_steps(1, WIDTH), sequence_id="idle", sequence_start=True)
+        with StreamingClient(proc.target) as client:
+
+            def expired() -> bool:
+                try:
+                    client.get_session("idle")
+                except LstmStreamError as err:
+                    return err.reason == "SESSION_NOT_FOUND"
+                return False
+
+            wait_for(expired, what="the idle sequence to expire")
+        with pytest.raises(grpc.RpcError) as refused:
+            infer_on(proc.target, random_steps(1, WIDTH), sequence_id="idle")
+    assert "expected sequence_start=true" in refused.value.details()
+
+
+def test_a_sequence_goes_on_on_another_replica_after_its_replica_dies(
+    regression_dir, regression_model
+):
+    """With the state store, the stored sequence continues on a second replica; the step the
+    client resends with lstm_start_step is answered once."""
+    from server.security import ANONYMOUS
+    from server.state_store import session_key
+    from tests.e2e.scale_parts import RedisServer
+    from tests.factories import wait_for
+
+    steps = random_steps(9, WIDTH, seed=8)
+    with RedisServer() as redis:
+        store = ("--state-store", redis.url, "--state-store-interval-ms", "0")
+        model = ("--model", str(regression_dir))
+        with ServeProcess(*store, *model) as a, ServeProcess(*store, *model) as b:
+            head = infer_on(a.target, steps[:6], sequence_id=9, sequence_start=True)
+            key = session_key(ANONYMOUS, "9")
+            wait_for(lambda: redis.client().hget(key, "step") == b"6", what="step 6 stored")
+            a.process.kill()
+            # The client is unsure its last request arrived: it resends from step 4.
+            tail = infer_on(b.target, steps[4:], sequence_id=9, lstm_start_step=4)
+            assert_state_equals_offline(b.target, "9", regression_model, steps)
+    np.testing.assert_array_equal(tail[:2], head[4:6])
+    assert_equals_offline(np.concatenate([head, tail[2:]]), regression_model, steps)
