@@ -277,7 +277,7 @@ def test_tokens_guard_inference_and_a_sequence_belongs_to_its_principal(tmp_path
 
 
 def test_the_servers_limits_hold_for_sequences_too():
-    flags = ("--max-chunk-steps", "4", "--max-sessions", "1")
+    flags = ("--max-chunk-steps", "4", "--max-sessions", "1", "--max-message-bytes", "4096")
     with ServeProcess(*flags) as proc, grpc.insecure_channel(proc.target) as channel:
         stub = oip_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as long:
@@ -288,6 +288,9 @@ def test_the_servers_limits_hold_for_sequences_too():
         with pytest.raises(grpc.RpcError) as full:
             stub.ModelInfer(request(sequence_id=2, sequence_start=True))
         assert outcome_of(full.value)[:2] == ("RESOURCE_EXHAUSTED", "SESSION_CAPACITY")
+        with pytest.raises(grpc.RpcError) as large:  # 200 timesteps: 4.8 kB of inputs
+            stub.ModelInfer(request(random_steps(200, WIDTH)))
+        assert large.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def infer_on(target: str, rows, **parameters) -> np.ndarray:

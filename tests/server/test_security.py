@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -119,6 +120,26 @@ def test_tls_serves_trusting_clients_and_refuses_plaintext(pki):
             target=f"localhost:{srv.port}", tls_ca=pki["rogue_ca"], deadline_s=3, max_retries=0
         )
         assert refused(untrusting).code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_open_inference_protocol_is_served_over_the_same_tls(pki):
+    from lstm_stream.oip import grpc_service_pb2 as oip
+    from lstm_stream.oip import grpc_service_pb2_grpc as oip_grpc
+
+    cert, key = pki["server"]
+    with serve(host="localhost", tls_cert=cert, tls_key=key) as srv:
+        ca = Path(pki["ca"]).read_bytes()
+        trusting = grpc.ssl_channel_credentials(root_certificates=ca)
+        with grpc.secure_channel(f"localhost:{srv.port}", trusting) as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            metadata = stub.ModelMetadata(oip.ModelMetadataRequest(name="basic-motions"))
+        assert metadata.name == "basic-motions"
+        with (
+            grpc.insecure_channel(f"localhost:{srv.port}") as plain,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            oip_grpc.GRPCInferenceServiceStub(plain).ServerLive(oip.ServerLiveRequest(), timeout=3)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_mutual_tls_refuses_clients_without_a_trusted_certificate(pki):
