@@ -134,6 +134,18 @@ def test_stateless_requests_equal_predict(stub, bundled_model):
     assert_equals_offline(outputs_of(response), bundled_model, steps)
 
 
+def test_typed_contents_are_accepted_as_raw_bytes_are(stub, bundled_model):
+    steps = random_steps(3, WIDTH, seed=9)
+    typed = request(steps)
+    del typed.raw_input_contents[:]
+    typed.inputs[0].contents.fp32_contents.extend(steps.ravel().tolist())
+    assert_equals_offline(outputs_of(stub.ModelInfer(typed)), bundled_model, steps)
+    typed.raw_input_contents.append(steps.astype("<f4").tobytes())  # both: which one?
+    with pytest.raises(grpc.RpcError) as both:
+        stub.ModelInfer(typed)
+    assert "expected raw_input_contents or contents, got both" in both.value.details()
+
+
 BAD_REQUESTS = {
     "width": (lambda r: r.inputs[0].shape.__setitem__(1, 5), "expected [timesteps, 6]"),
     "datatype": (lambda r: setattr(r.inputs[0], "datatype", "FP64"), "expected 'FP32'"),
