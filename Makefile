@@ -1,13 +1,16 @@
 # `make test` sets up .venv on a fresh machine and runs the whole suite.
 # On a CPU machine torch comes from the pinned CPU build; on a GPU host run
 #   make venv TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# Benchmarks are not part of `make test`: `make bench` (the grid), `make bench-batches`
+# (StreamBatches against StreamSteps) and `make bench-oip` (the Open Inference Protocol
+# against StreamSteps) each write their report into docs/.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint proto train eval serve soak bench bench-batches bench-gpu clean
+.PHONY: venv test lint proto train eval serve soak bench bench-batches bench-oip bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -50,6 +53,11 @@ bench: venv
 # StreamBatches against StreamSteps in one run (about a minute): docs/batches.{json,md}.
 bench-batches: venv
 	$(BIN)/python -m bench.batches --out-dir docs
+
+# The Open Inference Protocol (one ModelStreamInfer stream, 64 sequences) against StreamSteps
+# in one run (under a minute): docs/oip.{json,md}.
+bench-oip: venv
+	$(BIN)/python -m bench.oip --out-dir docs
 
 bench-gpu:
 	bash bench/gpu.sh

@@ -176,6 +176,10 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+            while not answers.empty():  # the client went away: answers nobody will read
+                item = answers.get_nowait()
+                if item is not None and asyncio.iscoroutine(item[2]):
+                    item[2].close()
 
     async def _plan_stream(
         self,
@@ -213,7 +217,9 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
             sequence.session_id, inputs, sequence.start_step, sequence.start, sequence.end
         )
         pending = await self.runtime.start_batch([chunk], principal, sequence.start, model)
-        return asyncio.ensure_future(self._answer(request, pending, batched, sequence))
+        # A coroutine, not a task: its answer is awaited in order, and start_batch's own task
+        # commits the chunk (and ends an ended sequence) whether or not anyone awaits it.
+        return self._answer(request, pending, batched, sequence)
 
     async def _predict(self, request, model: ModelVersion, inputs, batched: bool):
         outputs = await self.runtime.predict(inputs, model)
