@@ -129,11 +129,15 @@ async def _answers(
             result = next(results)
             if isinstance(result, BaseException):
                 outcomes[item.index] = _as_service_error(result)
+                _ended(item.session)
                 continue
             outputs = result if not len(outputs) else np.concatenate([outputs, result])
         item.outputs = outputs
         if item.end_session:
-            await runtime.close_session(item.session, "ended")
+            try:
+                await runtime.close_session(item.session, "ended")
+            finally:
+                _ended(item.session)
         outcomes[item.index] = item
     return outcomes  # type: ignore[return-value]  # every chunk has its outcome now
 
@@ -189,6 +193,7 @@ async def _find_sessions(
         else:
             chunk.session = result
             found.append(chunk)
+    await _after_endings(runtime, found, outcomes, principal, create_missing, model)
     width = model.config.input_size
     for chunk in list(found):
         lives_on = chunk.session.model
@@ -204,6 +209,33 @@ async def _find_sessions(
             )
             found.remove(chunk)
     return found
+
+
+async def _after_endings(
+    runtime: Runtime,
+    found: list[ChunkRequest],
+    outcomes: list[Outcome | None],
+    principal: str,
+    create_missing: bool,
+    model: ModelVersion,
+) -> None:
+    """A chunk naming a session that an earlier message ends (end_session, still being
+    answered) is for what follows that end: it waits for the end, then finds the session gone,
+    or (create_missing) a new one under the id."""
+    ending = [c for c in found if c.session is not None and c.session.ending is not None]
+    if not ending:
+        return
+    await asyncio.gather(*(asyncio.shield(c.session.ending) for c in ending))  # type: ignore[union-attr]
+    for chunk in ending:
+        found.remove(chunk)
+        try:
+            chunk.session = await _load_or_create(
+                runtime, chunk.session_id, principal, create_missing, model
+            )
+        except ServiceError as err:
+            outcomes[chunk.index] = err
+            continue
+        found.append(chunk)
 
 
 async def _load_or_create(
@@ -242,6 +274,16 @@ def _plan(runtime: Runtime, item: ChunkRequest) -> None:
     item.first = start - len(item.replayed)
     if len(new) or reset:
         item.row = Row(session, StepWork(session.slot, new, reset), start)
+    if item.end_session:
+        session.ending = asyncio.get_running_loop().create_future()
+
+
+def _ended(session: Session | None) -> None:
+    """The session's planned end is over (closed, or its chunk failed): wake who waits."""
+    if session is not None and session.ending is not None:
+        if not session.ending.done():
+            session.ending.set_result(None)
+        session.ending = None
 
 
 def _as_service_error(exc: BaseException) -> ServiceError:

@@ -133,6 +133,9 @@ class Session:
     last_active_monotonic: float = field(default_factory=time.monotonic)
     owner: object | None = None  # the stream attachment feeding it, if any
     closed: bool = False
+    # A batch chunk with end_session is planned: done once the session is closed (or the chunk
+    # failed). A later message naming the id waits for it, and then meets what follows the end.
+    ending: asyncio.Future[None] | None = None
     # Held from the moment a chunk is planned until the batcher has committed it: one chunk of a
     # session is in flight at a time, and a takeover or delete waits for it.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -193,6 +193,26 @@ def test_stream_batches_answers_every_message_in_order_and_ends_sessions(stub, b
     assert ended.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_message_after_one_that_ends_a_session_meets_what_follows_the_end(
+    server, stub, bundled_model
+):
+    """StreamBatches plans a message while the one before is still answered: a chunk naming a
+    session the previous message ends waits for that end, then creates a new session under the
+    id (create_missing), from zero state, rather than stepping the old one."""
+    first, second = random_steps(2, INPUT_SIZE, seed=7), random_steps(3, INPUT_SIZE, seed=8)
+    messages = [
+        pb.StepBatchRequest(
+            create_missing=True, chunks=[chunk("reborn", first, 0, end_session=True)]
+        ),
+        pb.StepBatchRequest(create_missing=True, chunks=[chunk("reborn", second, 0)]),
+    ]
+    ended, reborn = (r.results[0] for r in stub.StreamBatches(iter(messages)))
+    assert_equals_offline(outputs_of(ended), bundled_model, first)
+    assert reborn.start_step == 0
+    assert_equals_offline(outputs_of(reborn), bundled_model, second)
+    assert_state_equals_offline(server.target, "reborn", bundled_model, second)
+
+
 def test_a_batch_call_takes_no_session_over_from_a_stream(server, stub, bundled_model):
     """Batch calls own no session: the stream feeding one carries on, live, after a batch
     stepped it, and each of them applied its own steps once."""
