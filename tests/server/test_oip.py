@@ -227,8 +227,8 @@ def stream_requests(metrics_port: int, code: str) -> float:
 
 
 def test_a_live_sequence_keeps_its_version_through_a_rollout(tmp_path):
-    """A sequence started on v1 goes on with v1's outputs after v2 arrives; a new sequence
-    starts on v2."""
+    """A sequence started on v1 goes on with v1's outputs after v2 arrives and after v1 left
+    the repository (DRAINING); a new sequence starts on v2, and one naming v1 is refused."""
     import signal
 
     from lstm_model.checkpoint import load_model
@@ -247,6 +247,7 @@ def test_a_live_sequence_keeps_its_version_through_a_rollout(tmp_path):
             message.model_name = "m"
             return stub.ModelInfer(message)
 
+        index_request = oip.RepositoryIndexRequest()
         first = infer(steps[:3], sequence_id=1, sequence_start=True)
         make_model_dir(repo / "m" / "2", seed=2, **sizes)
         proc.process.send_signal(signal.SIGHUP)
@@ -254,11 +255,28 @@ def test_a_live_sequence_keeps_its_version_through_a_rollout(tmp_path):
             lambda: stub.ModelReady(oip.ModelReadyRequest(name="m", version="2")).ready,
             what="v2 ready",
         )
-        rest = infer(steps[3:], sequence_id=1)
+        middle = infer(steps[3:4], sequence_id=1)
         fresh = infer(steps, sequence_id=2, sequence_start=True)
-    assert rest.model_version == "1" and fresh.model_version == "2"
-    v1, v2 = (load_model(repo / "m" / v).model for v in ("1", "2"))
-    assert_equals_offline(np.concatenate([outputs_of(first), outputs_of(rest)]), v1, steps)
+        v1 = load_model(repo / "m" / "1").model
+        (repo / "m" / "1").rename(tmp_path / "retired-v1")
+        proc.process.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: (
+                [(m.version, m.state) for m in stub.RepositoryIndex(index_request).models]
+                == [("1", "UNLOADING"), ("2", "READY")]
+            ),
+            what="v1 draining",
+        )
+        rest = infer(steps[4:], sequence_id=1)
+        pinned = request(steps[:1], sequence_id=3, sequence_start=True)
+        pinned.model_name, pinned.model_version = "m", "1"
+        with pytest.raises(grpc.RpcError) as drained:
+            stub.ModelInfer(pinned)
+    assert (middle.model_version, rest.model_version, fresh.model_version) == ("1", "1", "2")
+    assert outcome_of(drained.value)[:2] == ("NOT_FOUND", "MODEL_NOT_FOUND")
+    v2 = load_model(repo / "m" / "2").model
+    outputs = np.concatenate([outputs_of(r) for r in (first, middle, rest)])
+    assert_equals_offline(outputs, v1, steps)
     assert_equals_offline(outputs_of(fresh), v2, steps)
 
 
