@@ -8,6 +8,7 @@ a stream nor is interrupted by one attaching.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,7 @@ class ChunkRequest:
     replayed: np.ndarray = field(default_factory=lambda: NO_OUTPUTS)  # (R, O) from replay
     row: Row | None = None  # the work to run, if any
     outputs: np.ndarray = field(default_factory=lambda: NO_OUTPUTS)  # (T, O) once answered
+    ending: asyncio.Future[None] | None = None  # this chunk ends its session: done when over
 
 
 Outcome = ChunkRequest | ServiceError
@@ -85,7 +87,10 @@ async def start_batch(
             rows.append(item.row)
     applied = _submit(rows) if rows else None  # releases the locks
     # A task, not a coroutine: sessions that end are closed even if nobody awaits the answer.
-    return asyncio.ensure_future(_answers(runtime, held, outcomes, applied))
+    answering = asyncio.ensure_future(_answers(runtime, held, outcomes, applied))
+    # However it ends (cancelled even before it ran), no planned end is left pending.
+    answering.add_done_callback(lambda _: [_ended(item) for item in held])
+    return answering
 
 
 def _submit(rows: list[Row]) -> asyncio.Future[list[np.ndarray | BaseException]]:
@@ -122,24 +127,29 @@ async def _answers(
 ) -> list[Outcome]:
     results = iter(await applied if applied is not None else ())
     for item in held:
-        if outcomes[item.index] is not None:
-            continue
-        outputs = item.replayed
-        if item.row is not None:
-            result = next(results)
-            if isinstance(result, BaseException):
-                outcomes[item.index] = _as_service_error(result)
-                _ended(item.session)
-                continue
-            outputs = result if not len(outputs) else np.concatenate([outputs, result])
-        item.outputs = outputs
-        if item.end_session:
-            try:
-                await runtime.close_session(item.session, "ended")
-            finally:
-                _ended(item.session)
-        outcomes[item.index] = item
+        if outcomes[item.index] is None:
+            outcomes[item.index] = await _answer(runtime, item, results)
+        _ended(item)  # at once: a later message waiting for this end goes on
     return outcomes  # type: ignore[return-value]  # every chunk has its outcome now
+
+
+async def _answer(
+    runtime: Runtime, item: ChunkRequest, results: Iterator[np.ndarray | BaseException]
+) -> Outcome:
+    """One planned chunk's answer: its outputs (the replayed ones first), or its refusal."""
+    outputs = item.replayed
+    if item.row is not None:
+        result = next(results)
+        if isinstance(result, BaseException):
+            return _as_service_error(result)
+        outputs = result if not len(outputs) else np.concatenate([outputs, result])
+    item.outputs = outputs
+    if item.end_session:
+        try:
+            await runtime.close_session(item.session, "ended")
+        except Exception as exc:  # the others in the message are answered all the same
+            return _as_service_error(exc)
+    return item
 
 
 async def _find_sessions(
@@ -259,7 +269,7 @@ def _plan(runtime: Runtime, item: ChunkRequest) -> None:
     session, chunk = item.session, item
     assert session is not None
     runtime.refuse_if_draining()
-    if session.closed:
+    if session.closed or session.ending is not None:  # ended, or another message ends it
         raise SessionNotFound(session.session_id)
     next_step = session.next_step
     if chunk.start_step is None or chunk.start_step == next_step:  # the usual: no replay
@@ -275,15 +285,19 @@ def _plan(runtime: Runtime, item: ChunkRequest) -> None:
     if len(new) or reset:
         item.row = Row(session, StepWork(session.slot, new, reset), start)
     if item.end_session:
-        session.ending = asyncio.get_running_loop().create_future()
+        item.ending = session.ending = asyncio.get_running_loop().create_future()
 
 
-def _ended(session: Session | None) -> None:
-    """The session's planned end is over (closed, or its chunk failed): wake who waits."""
-    if session is not None and session.ending is not None:
-        if not session.ending.done():
-            session.ending.set_result(None)
-        session.ending = None
+def _ended(item: ChunkRequest) -> None:
+    """The chunk's planned end is over (its session closed, or the chunk failed): wake who
+    waits for it."""
+    if item.ending is None:
+        return
+    if not item.ending.done():
+        item.ending.set_result(None)
+    if item.session is not None and item.session.ending is item.ending:
+        item.session.ending = None
+    item.ending = None
 
 
 def _as_service_error(exc: BaseException) -> ServiceError:

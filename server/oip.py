@@ -37,7 +37,7 @@ from server.oip_tensors import (
     put_output,
     sequence_of,
 )
-from server.runtime import Runtime
+from server.runtime import Runtime, check_lives_on
 from server.security import TokenStore, principal_of
 from server.service import Malformed, add_servicer, unary
 
@@ -173,6 +173,11 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
                     response = stream_error(request, err)
                 self._stream_latency.observe(time.perf_counter() - received)
                 yield response
+            await asyncio.wait([reader])
+            if isinstance(failure := reader.exception(), ServiceError):  # before any request
+                await context.abort_with_status(failure.to_status())
+            elif failure is not None:
+                raise failure
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -187,26 +192,26 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
         context: Any,
         answers: asyncio.Queue[tuple[float, Any, Any] | None],
     ) -> None:
-        principal = principal_of(self.tokens, context)  # once a stream
-        async for request in request_iterator:
-            received = time.perf_counter()
-            try:
-                if isinstance(request, Malformed):
-                    raise request.error
-                pending: Any = await self._start(request, principal)
-            except ServiceError as err:
-                pending = err
-            await answers.put((received, request, pending))
-        await answers.put(None)
+        try:
+            principal = principal_of(self.tokens, context)  # once a stream
+            async for request in request_iterator:
+                received = time.perf_counter()
+                try:
+                    if isinstance(request, Malformed):
+                        raise request.error
+                    pending: Any = await self._start(request, principal)
+                except ServiceError as err:
+                    pending = err
+                answers.put_nowait((received, request, pending))
+        finally:  # the end of the requests, or a failure the writer raises: never a hang
+            answers.put_nowait(None)
 
     async def _start(self, request: oip.ModelInferRequest, principal: str) -> Awaitable[Any]:
         """Check and queue one request; an awaitable of its ModelInferResponse. A sequence's
         chunk is queued (behind that sequence's earlier ones) by the time this returns."""
         sequence = sequence_of(request.parameters)
         check_requested_outputs(request)
-        # Only a new sequence (or a stateless request) needs a version that takes new work.
-        new_work = sequence.start or not sequence.session_id
-        model = self._model(request.model_name, request.model_version, new_work)
+        model = self._model_for(request, sequence, principal)
         inputs, batched = decode_input(
             request, model.config.input_size, self.runtime.config.max_chunk_steps
         )
@@ -221,6 +226,23 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
         # commits the chunk (and ends an ended sequence) whether or not anyone awaits it.
         return self._answer(request, pending, batched, sequence)
 
+    def _model_for(
+        self, request: oip.ModelInferRequest, sequence: SequenceParameters, principal: str
+    ) -> ModelVersion:
+        """The version whose input size decodes the request: a live sequence's own (it stays
+        on its version, draining or not, and a request naming another is refused); else the
+        one named, which for a new sequence or a stateless request must take new work."""
+        if sequence.session_id and not sequence.start:
+            try:
+                held = self.runtime.sessions.get(sequence.session_id, principal)
+            except SessionNotFound:
+                held = None  # not held here (the state store may have it): as named
+            if held is not None:
+                check_lives_on(held, request.model_name, version_number(request.model_version))
+                return held.model
+            return self._model(request.model_name, request.model_version, new_work=False)
+        return self._model(request.model_name, request.model_version)
+
     async def _predict(self, request, model: ModelVersion, inputs, batched: bool):
         outputs = await self.runtime.predict(inputs, model)
         response = infer_response(request, model)
@@ -230,8 +252,8 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
     async def _answer(
         self, request, pending: Any, batched: bool, sequence: SequenceParameters
     ) -> oip.ModelInferResponse:
-        (outcome,) = await pending
-        if isinstance(outcome, SessionNotFound):
+        (outcome,) = await asyncio.shield(pending)  # a cancelled caller leaves it to finish
+        if isinstance(outcome, SessionNotFound) and not sequence.start:
             raise SessionNotFound(
                 sequence.session_id,
                 message=f"sequence_id {sequence.session_id!r}: no such sequence (never "

@@ -36,9 +36,10 @@ def sequence_of(parameters: Any) -> SequenceParameters:
     """The request's `sequence_id` (int64 or string), `sequence_start`, `sequence_end` and
     `lstm_start_step` parameters."""
     if "sequence_id" not in parameters:
-        for name in ("sequence_start", "sequence_end", START_STEP_PARAMETER):
-            if name in parameters and _value(parameters[name], name, ("bool_param",)):
-                raise BadInput(f"parameters: {name} needs a sequence_id, and none was given")
+        named = [n for n in ("sequence_start", "sequence_end") if _flag(parameters, n)]
+        named += [START_STEP_PARAMETER] if START_STEP_PARAMETER in parameters else []
+        if named:
+            raise BadInput(f"parameters: {named[0]} needs a sequence_id, and none was given")
         return SequenceParameters()
     raw = _value(parameters["sequence_id"], "sequence_id", ("int64_param", "string_param"))
     if isinstance(raw, int) and raw <= 0:

@@ -356,7 +356,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 try:
                     if isinstance(answer, ServiceError):
                         raise answer
-                    request, outcomes = answer[0], await answer[1]
+                    request, outcomes = answer[0], await asyncio.shield(answer[1])
                 except ServiceError as err:
                     metrics.REQUESTS.labels("StreamBatches", err.code.name).inc()
                     self._batches_latency.observe(time.perf_counter() - received)
@@ -365,6 +365,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 self._batches_ok.inc()
                 self._batches_latency.observe(time.perf_counter() - received)
                 yield response
+            await asyncio.wait([reader])
+            if (failure := reader.exception()) is not None:  # not a refusal: a fault
+                raise failure
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -376,23 +379,25 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         answers: asyncio.Queue[tuple[float, Any] | None],
     ) -> None:
         principal: str | None = None
-        async for request in request_iterator:
-            received = time.perf_counter()
-            try:
-                if isinstance(request, Malformed):
-                    raise request.error
-                if principal is None:  # once a stream
-                    principal = self._principal(context)
-                model = self._batch_model(request)
-                chunks = self._batch_chunks(request, "StreamBatches", model)
-                pending = await self.runtime.start_batch(
-                    chunks, principal, request.create_missing, model
-                )
-            except ServiceError as err:
-                await answers.put((received, err))
-                return
-            await answers.put((received, (request, pending)))
-        await answers.put(None)
+        try:
+            async for request in request_iterator:
+                received = time.perf_counter()
+                try:
+                    if isinstance(request, Malformed):
+                        raise request.error
+                    if principal is None:  # once a stream
+                        principal = self._principal(context)
+                    model = self._batch_model(request)
+                    chunks = self._batch_chunks(request, "StreamBatches", model)
+                    pending = await self.runtime.start_batch(
+                        chunks, principal, request.create_missing, model
+                    )
+                except ServiceError as err:
+                    answers.put_nowait((received, err))
+                    return
+                answers.put_nowait((received, (request, pending)))
+        finally:  # the end of the requests, or a failure the writer raises: never a hang
+            answers.put_nowait(None)
 
     def _batch_model(self, request: pb.StepBatchRequest) -> ModelVersion:
         """The version a batch message's inputs are for: a draining one still feeds its own

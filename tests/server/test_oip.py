@@ -226,6 +226,10 @@ def stream_requests(metrics_port: int, code: str) -> float:
         return 0.0
 
 
+def versions(index: oip.RepositoryIndexResponse, name: str = "m") -> list[tuple[str, str]]:
+    return [(m.version, m.state) for m in index.models if m.name == name]
+
+
 def test_a_live_sequence_keeps_its_version_through_a_rollout(tmp_path):
     """A sequence started on v1 goes on with v1's outputs after v2 arrives and after v1 left
     the repository (DRAINING); a new sequence starts on v2, and one naming v1 is refused."""
@@ -237,6 +241,7 @@ def test_a_live_sequence_keeps_its_version_through_a_rollout(tmp_path):
     sizes = dict(input_size=WIDTH, hidden_size=8, num_layers=1, output_size=OUTPUTS)
     repo = tmp_path / "repo"
     make_model_dir(repo / "m" / "1", seed=1, **sizes)
+    make_model_dir(repo / "other" / "1", seed=3, **sizes)  # the listing never goes empty
     steps = random_steps(6, WIDTH, seed=5)
     flags = ("--model-repository", str(repo), "--repository-poll-s", "0")
     with ServeProcess(*flags) as proc, grpc.insecure_channel(proc.target) as channel:
@@ -262,20 +267,36 @@ def test_a_live_sequence_keeps_its_version_through_a_rollout(tmp_path):
         proc.process.send_signal(signal.SIGHUP)
         wait_for(
             lambda: (
-                [(m.version, m.state) for m in stub.RepositoryIndex(index_request).models]
+                versions(stub.RepositoryIndex(index_request))
                 == [("1", "UNLOADING"), ("2", "READY")]
             ),
             what="v1 draining",
         )
-        rest = infer(steps[4:], sequence_id=1)
+        rest = infer(steps[4:5], sequence_id=1)
         pinned = request(steps[:1], sequence_id=3, sequence_start=True)
         pinned.model_name, pinned.model_version = "m", "1"
         with pytest.raises(grpc.RpcError) as drained:
             stub.ModelInfer(pinned)
+        elsewhere = request(steps[5:], sequence_id=1)
+        elsewhere.model_name, elsewhere.model_version = "m", "2"
+        with pytest.raises(grpc.RpcError) as misnamed:  # it lives on v1
+            stub.ModelInfer(elsewhere)
+        v2 = load_model(repo / "m" / "2").model
+        (repo / "m" / "2").rename(tmp_path / "retired-v2")  # no version is READY now
+        proc.process.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: (
+                versions(stub.RepositoryIndex(index_request))
+                == [("1", "UNLOADING"), ("2", "UNLOADING")]
+            ),
+            what="both draining",
+        )
+        last = infer(steps[5:], sequence_id=1)  # a live sequence goes on all the same
     assert (middle.model_version, rest.model_version, fresh.model_version) == ("1", "1", "2")
     assert outcome_of(drained.value)[:2] == ("NOT_FOUND", "MODEL_NOT_FOUND")
-    v2 = load_model(repo / "m" / "2").model
-    outputs = np.concatenate([outputs_of(r) for r in (first, middle, rest)])
+    assert outcome_of(misnamed.value)[:2] == ("INVALID_ARGUMENT", "BAD_INPUT")
+    assert "lives on m v1" in misnamed.value.details()
+    outputs = np.concatenate([outputs_of(r) for r in (first, middle, rest, last)])
     assert_equals_offline(outputs, v1, steps)
     assert_equals_offline(outputs_of(fresh), v2, steps)
 
