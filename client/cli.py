@@ -220,11 +220,23 @@ def _cmd_stream(args: argparse.Namespace) -> int:
                     printed += len(outputs)
             except BaseException as exc:
                 if args.keep and not _session_gone(exc):
-                    _keep(session, start + printed, f" after {printed} rows of this input")
+                    # The chunk in flight when it stopped (Ctrl-C) may have been applied: the
+                    # server's step says, not the rows printed.
+                    step = _next_step(client, session, start + printed)
+                    _keep(session, step, f" after {printed} rows of this input")
                 raise
             if args.keep:
                 _keep(session, start + printed)
     return 0
+
+
+def _next_step(client: StreamingClient, session: StreamSession, printed: int) -> int:
+    """The kept session's next step as the server has it (`printed` if it cannot say)."""
+    session.detach()
+    try:
+        return client.get_session(session.session_id).next_step
+    except LstmStreamError:
+        return printed
 
 
 def _keep(session: StreamSession, step: int, after: str = "") -> None:
