@@ -17,7 +17,7 @@ import numpy as np
 
 from lstm_stream.client.aio_batches import AsyncBatchFeeder
 from lstm_stream.client.batching import BatchResult
-from lstm_stream.client.errors import LstmStreamError, from_rpc_error, not_ended
+from lstm_stream.client.errors import LstmStreamError, from_rpc_error
 from lstm_stream.client.ledger import Chunk
 from lstm_stream.client.options import ClientOptions
 from lstm_stream.client.policy import ArrayLike, StreamRetry, UnaryRetry, as_rows, new_session_id
@@ -216,8 +216,6 @@ class AsyncStreamSession(SessionCore):
         self._client = client
         self._call: grpc.aio.StreamStreamCall | None = None
 
-    _released = False  # detached or closed: an `async with` block's end leaves it alone
-
     async def __aenter__(self) -> AsyncStreamSession:
         return self
 
@@ -232,23 +230,12 @@ class AsyncStreamSession(SessionCore):
                 return
             except LstmStreamError:
                 pass  # e.g. a chunk the server refused is unanswered still: delete instead
-        self.detach()
-        if isinstance(exc, LstmStreamError) and exc.reason == "SESSION_TAKEN_OVER":
+        if self._leave_after(exc):
             return
         try:
             await self._client.delete_session(self.session_id)
         except Exception as err:
-            if isinstance(err, LstmStreamError) and err.reason == "SESSION_NOT_FOUND":
-                return
-            if exc is None:
-                raise
-            exc.add_note(not_ended(self.session_id, err))
-
-    def detach(self) -> str:
-        """Close the stream only; the session stays on the server to attach to later (and
-        past the end of an `async with` block). Returns its id (what `attach` takes)."""
-        self._released = True
-        return super().detach()
+            self._not_ended(exc, err)
 
     async def step(self, x: ArrayLike) -> np.ndarray:
         """One timestep (input_size,) -> its output (output_size,)."""

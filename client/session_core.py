@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lstm_stream.client.errors import LstmStreamError
+from lstm_stream.client.errors import LstmStreamError, not_ended
 from lstm_stream.client.ledger import Chunk, Ledger
 from lstm_stream.client.options import ClientOptions
 from lstm_stream.client.policy import ArrayLike, as_rows
@@ -63,11 +63,33 @@ class SessionCore:
         """Step index of the next timestep this session will send."""
         return self._ledger.next_step
 
+    _released = False  # detached or closed: a `with` block's end leaves it alone
+
     def detach(self) -> str:
-        """Close the stream only; the session stays on the server to attach to later. Returns
-        its id (what `attach` takes)."""
+        """Close the stream only; the session stays on the server to attach to later (and
+        past the end of a `with` block). Returns its id (what `attach` takes)."""
+        self._released = True
         self._close_stream()
         return self.session_id
+
+    # How a `with` block's end ends the session, in both SDKs: closed when the block ran to
+    # its end; deleted, without waiting for unanswered chunks, when it raised (or the close
+    # failed); left alone when detached or closed inside the block.
+
+    def _leave_after(self, exc: BaseException | None) -> bool:
+        """Detach; whether to leave the session (another stream took it over) rather than
+        delete it."""
+        self.detach()
+        return isinstance(exc, LstmStreamError) and exc.reason == "SESSION_TAKEN_OVER"
+
+    def _not_ended(self, exc: BaseException | None, err: Exception) -> None:
+        """Deleting failed with `err`: fine if it is gone already; else the block's own
+        exception says so in a note (or, with none, `err` is raised)."""
+        if isinstance(err, LstmStreamError) and err.reason == "SESSION_NOT_FOUND":
+            return
+        if exc is None:
+            raise err
+        exc.add_note(not_ended(self.session_id, err))
 
     def _close_stream(self) -> None:
         raise NotImplementedError

@@ -19,7 +19,7 @@ import numpy as np
 
 from lstm_stream.client.batching import BatchResult
 from lstm_stream.client.call_stream import CallStream
-from lstm_stream.client.errors import LstmStreamError, from_rpc_error, not_ended
+from lstm_stream.client.errors import LstmStreamError, from_rpc_error
 from lstm_stream.client.ledger import Chunk
 from lstm_stream.client.options import ClientOptions
 from lstm_stream.client.policy import ArrayLike, StreamRetry, UnaryRetry, as_rows, new_session_id
@@ -196,8 +196,6 @@ class StreamSession(SessionCore):
         self._client = client
         self._stream: CallStream | None = None
 
-    _released = False  # detached or closed: a `with` block's end leaves it alone
-
     def __enter__(self) -> StreamSession:
         return self
 
@@ -215,23 +213,12 @@ class StreamSession(SessionCore):
                 return
             except LstmStreamError:
                 pass  # e.g. a chunk the server refused is unanswered still: delete instead
-        self.detach()
-        if isinstance(exc, LstmStreamError) and exc.reason == "SESSION_TAKEN_OVER":
+        if self._leave_after(exc):
             return
         try:
             self._client.delete_session(self.session_id)
         except Exception as err:
-            if isinstance(err, LstmStreamError) and err.reason == "SESSION_NOT_FOUND":
-                return
-            if exc is None:
-                raise
-            exc.add_note(not_ended(self.session_id, err))
-
-    def detach(self) -> str:
-        """Close the stream only; the session stays on the server to attach to later (and
-        past the end of a `with` block). Returns its id (what `attach` takes)."""
-        self._released = True
-        return super().detach()
+            self._not_ended(exc, err)
 
     def step(self, x: ArrayLike) -> np.ndarray:
         """One timestep (input_size,) -> its output (output_size,)."""
