@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -87,6 +87,7 @@ return result
 """
 # Unreachable for longer than this: fail the command, serve from memory, retry later.
 SOCKET_TIMEOUT_S = 2.0
+STORE_CONNECTIONS = 64  # to Redis at once; more callers wait for one (at most SOCKET_TIMEOUT_S)
 RETRY_INITIAL_S, RETRY_MAX_S = 0.1, 2.0
 SHUTDOWN_FLUSH_S = 5.0
 HEARTBEAT_S = 5.0  # with nothing to write, check this often that the store still answers
@@ -139,12 +140,17 @@ class StateStore:
         self.url = url
         self._read_states = read_states
         self._live_sessions = live_sessions
-        self._redis = Redis.from_url(
+        # A blocking pool: a burst of look-ups (a gateway's first message names a thousand new
+        # sessions) waits for a free connection instead of failing past the pool's size.
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=STORE_CONNECTIONS,
+            timeout=SOCKET_TIMEOUT_S,
             socket_timeout=SOCKET_TIMEOUT_S,
             socket_connect_timeout=SOCKET_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),  # the writer retries on its own schedule
         )
+        self._redis = Redis.from_pool(pool)
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._interval_s = interval_s
         self._replay_steps = replay_steps

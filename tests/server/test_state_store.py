@@ -160,3 +160,32 @@ def test_an_ended_session_stays_ended_until_a_new_one_takes_its_id():
         (loaded, held), record = asyncio.run(run(redis.url))
     assert loaded is None and held is False
     assert record.next_step == 2 and record.create_time == 2000.0
+
+
+def test_a_batch_creating_a_thousand_sessions_with_a_store_creates_every_one(bundled_model):
+    """A gateway's first message names its sessions, all new: each is looked up in the store
+    at once. They once failed from about the 100th on (redis-py's connection pool limit)."""
+    import grpc
+
+    from lstm_stream.v1 import inference_pb2 as pb
+    from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
+    from tests.equality import assert_equals_offline
+    from tests.factories import ServeProcess, random_steps
+
+    steps = random_steps(2, 6, seed=12)
+    ids = [f"gw-{i}" for i in range(1000)]
+    chunks = [
+        pb.SessionChunk(session_id=sid, packed_inputs=steps.astype("<f4").tobytes()) for sid in ids
+    ]
+    with (
+        RedisServer() as redis,
+        ServeProcess("--state-store", redis.url, "--max-sessions", "2000") as proc,
+        grpc.insecure_channel(proc.target) as channel,
+    ):
+        stub = pb_grpc.InferenceServiceStub(channel)
+        results = stub.StepBatch(pb.StepBatchRequest(chunks=chunks, create_missing=True)).results
+    refused = [r.error.message for r in results if r.HasField("error")]
+    assert not refused, f"{len(refused)} of {len(ids)} refused, e.g. {refused[0]}"
+    for result in results:
+        outputs = np.frombuffer(result.packed_outputs, "<f4").reshape(2, 4)
+        assert_equals_offline(outputs, bundled_model, steps)
