@@ -21,12 +21,14 @@ import numpy as np
 import torch
 
 from lstm_model.model import SequenceModel
+from tests.factories import one_thread
 
 ATOL = 1e-5
 
 
 def _run(model: SequenceModel, steps, dtype: torch.dtype):
     """Outputs (T, O) and final (h, c), (L, H) each, of one sequence from zero state."""
+    one_thread()
     if dtype is not torch.float32:
         model = copy.deepcopy(model).to(dtype)
     with torch.inference_mode():

@@ -40,6 +40,15 @@ def make_model_dir(path: Path, **model_args) -> Path:
     return save_model(make_model(**model_args), path)
 
 
+def one_thread() -> None:
+    """Offline runs on one thread. They are small, step by step, and an in-process server may
+    have left torch at every core; with other work on the cores, each timestep's OpenMP
+    barrier then waits for a descheduled thread (a 512,000-step offline run once took over the
+    300 s test timeout on a loaded 2-core machine, where one thread takes seconds)."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 def make_inputs(batch: int = 2, steps: int = 7, input_size: int = 4, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, steps, input_size, generator=generator)  # (B, T, I)
@@ -132,6 +141,7 @@ def serve(**overrides) -> ServerThread:
 
 def offline(model: SequenceModel, steps):
     """Outputs of one whole sequence (T, I) from zero state, as the server must reproduce."""
+    one_thread()
     with torch.inference_mode():
         x = torch.as_tensor(steps, dtype=torch.float32)[None]  # (1, T, I)
         return model(x)[0][0].numpy()  # (T, O)
