@@ -1,9 +1,13 @@
 """The suite's one rule for "equal to offline", and the state an exactly-once test compares.
 
-Equal to offline: elementwise within ATOL (1e-5) of the float32 offline computation, or else
-within ATOL + 3·|f32 − f64| of the float64 one. Batching moves an ill-conditioned float32 input
-by ~4e-5 (a batched GEMM sums in another order); the float64 term admits exactly that
-conditioning and nothing else, so a wrong step still shows.
+Equal to offline: elementwise within ATOL + RTOL·|x| (1e-5 + 4e-6·|x|) of the float32 offline
+computation x, or else within that + 3·|f32 − f64| of the float64 one. Batching moves an
+ill-conditioned float32 input by ~4e-5 (a batched GEMM sums in another order); the float64 term
+admits exactly that conditioning and nothing else, so a wrong step still shows. The relative term
+is for the cell state: c is an accumulator (c = f·c + i·g, f near 1 for many steps), reaches tens,
+where one float32 ulp is 2e-6, and its rounding adds up over steps (a replica in a container
+exported c = 25.49843 against 25.49842 offline, f32 and f64 alike). 4e-6 is 32 float32 ulps;
+a doubled step moves logits by 2e-2 or more.
 
 A doubled or skipped step can hide in a classifier's outputs: the bundled model's softmax
 saturates, and a step applied twice moved it by less than 1e-5 in a third of random inputs while
@@ -24,6 +28,7 @@ from lstm_model.model import SequenceModel
 from tests.factories import one_thread
 
 ATOL = 1e-5
+RTOL = 4e-6
 
 
 def _run(model: SequenceModel, steps, dtype: torch.dtype):
@@ -40,10 +45,10 @@ def _run(model: SequenceModel, steps, dtype: torch.dtype):
 def _assert_close(got, f32, f64_of, err_msg: str, what: str) -> None:
     got = np.asarray(got, dtype=np.float64)
     assert got.shape == f32.shape, f"{what}: shape {got.shape}, offline {f32.shape}. {err_msg}"
-    if np.all(np.abs(got - f32) <= ATOL):
+    if np.all(np.abs(got - f32) <= ATOL + RTOL * np.abs(f32)):
         return
     f64 = f64_of()
-    bound = ATOL + 3 * np.abs(f32 - f64)
+    bound = ATOL + RTOL * np.abs(f64) + 3 * np.abs(f32 - f64)
     off = np.abs(got - f64) > bound
     if off.any():
         worst = np.unravel_index(np.argmax(np.abs(got - f64) - bound), got.shape)
