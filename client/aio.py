@@ -281,13 +281,13 @@ class AsyncStreamSession(SessionCore):
             return
         # A failed write shows in the read that follows, and the retry resends this chunk.
         with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-            await self._call.write(chunk.request(self.session_id))
+            await self._call.write(chunk.request(self.session_id, self._ledger.answered))
 
     async def _open(self) -> None:
         self._call = self._client.stub.StreamSteps(metadata=self._options.metadata(self.session_id))
         for chunk in self._ledger.to_send():
             try:
-                await self._call.write(chunk.request(self.session_id))
+                await self._call.write(chunk.request(self.session_id, self._ledger.answered))
             except (grpc.RpcError, asyncio.InvalidStateError):
                 return
 

@@ -147,7 +147,10 @@ class BatchBook:
 
     def message(self, items: list[Item], create_missing: bool) -> pb.StepBatchRequest:
         return pb.StepBatchRequest(
-            chunks=[chunk.session_chunk(session_id) for session_id, chunk in items],
+            chunks=[
+                chunk.session_chunk(session_id, self.ledgers[session_id].answered)
+                for session_id, chunk in items
+            ],
             create_missing=create_missing,
             model=self.model,
             model_version=self.model_version,

@@ -35,22 +35,26 @@ class Chunk:
     def end(self) -> int:
         return self.start + len(self.rows)
 
-    def request(self, session_id: str) -> pb.StreamStepsRequest:
+    def request(self, session_id: str, answered_step: int | None = None) -> pb.StreamStepsRequest:
+        """answered_step: every output before it has reached the caller (with a durable server,
+        so that its stored record keeps fewer outputs)."""
         return pb.StreamStepsRequest(
             session_id=session_id,
             start_step=self.start,
             packed_inputs=self.rows.astype("<f4", copy=False).tobytes(),
             reset=self.reset,
             end_session=self.end_session,
+            answered_step=answered_step,
         )
 
-    def session_chunk(self, session_id: str) -> pb.SessionChunk:
+    def session_chunk(self, session_id: str, answered_step: int | None = None) -> pb.SessionChunk:
         return pb.SessionChunk(
             session_id=session_id,
             start_step=self.start,
             packed_inputs=self.rows.astype("<f4", copy=False).tobytes(),
             reset=self.reset,
             end_session=self.end_session,
+            answered_step=answered_step,
         )
 
     def missing_from(self, step: int) -> bool:
@@ -94,6 +98,11 @@ class Ledger:
         self.pending.append(chunk)
         self.next_step += len(rows)
         return chunk
+
+    @property
+    def answered(self) -> int | None:
+        """What a chunk tells a durable server: every output before this step has arrived."""
+        return self.answered_step if self.keep_until_durable else None
 
     def to_send(self) -> list[Chunk]:
         """What a new stream carries, in order: kept chunks being resent, then every

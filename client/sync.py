@@ -261,14 +261,14 @@ class StreamSession(SessionCore):
         if self._stream is None:
             self._open()  # sends every pending chunk, this one included
         else:
-            self._stream.write(chunk.request(self.session_id))
+            self._stream.write(chunk.request(self.session_id, self._ledger.answered))
 
     def _open(self) -> None:
         self._stream = CallStream(
             self._client.stub.StreamSteps, self._options.metadata(self.session_id)
         )
         for chunk in self._ledger.to_send():
-            self._stream.write(chunk.request(self.session_id))
+            self._stream.write(chunk.request(self.session_id, self._ledger.answered))
 
     def _receive(self) -> tuple[Chunk, np.ndarray]:
         retry = StreamRetry(self._options)

@@ -34,6 +34,7 @@ class ChunkRequest:
     start_step: int | None = None
     reset: bool = False
     end_session: bool = False
+    answered_step: int = 0  # the client has every output before this step (0: not said)
     index: int = 0  # position in the message
     session: Session | None = None
     first: int = 0  # step index of the first output row
@@ -281,6 +282,7 @@ def _plan(runtime: Runtime, item: ChunkRequest) -> None:
         new, start, reset, item.replayed = plan.new, plan.new_start, plan.reset, plan.replayed
     runtime.rate_limiter.take(session.principal, len(new))
     runtime.sessions.touch(session)
+    session.note_answered(chunk.answered_step)
     item.first = start - len(item.replayed)
     if len(new) or reset:
         item.row = Row(session, StepWork(session.slot, new, reset), start)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from lstm_model.checkpoint import BUNDLED_MODEL_DIR
 from server.one_step import CHOICES as ONE_STEP_KERNELS
+from server.store_backend import check_url
 
 ENV_PREFIX = "LSTM_SERVE_"
-STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -41,7 +41,7 @@ class ServerConfig:
     snapshot_dir: str = ""
     snapshot_discard_invalid: bool = False  # start empty instead of refusing a bad snapshot
     state_store: str = ""  # redis://HOST:PORT/DB: durable sessions shared by replicas
-    state_store_interval_ms: float = 100.0  # pause between writes (0: after every batch)
+    state_store_interval_ms: float = 100.0  # writes start at most this often (0: back to back)
     torch_threads: int = 0  # 0: per batch (server/engine.py ThreadPolicy)
     one_step_kernel: str = "nn.LSTM"  # nn.LSTM | fused | fastest (server/one_step.py)
     shutdown_grace_s: float = 10.0
@@ -95,11 +95,8 @@ class ServerConfig:
             raise ValueError(
                 f"--session-idle-timeout-s must be > 0, got {self.session_idle_timeout_s}"
             )
-        if self.state_store and not self.state_store.startswith(STORE_SCHEMES):
-            raise ValueError(
-                "--state-store: expected a URL redis://HOST:PORT/DB (or rediss://, unix://), "
-                f"got {self.state_store!r}"
-            )
+        if self.state_store:
+            check_url(self.state_store)
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -133,11 +130,12 @@ _HELP = {
     "snapshot_dir": "write sessions here on shutdown, restore them at start",
     "snapshot_discard_invalid": "move a mismatched or corrupt snapshot aside and start empty "
     "(default: refuse to start)",
-    "state_store": "redis://HOST:PORT/DB: write session state behind to Redis, so another "
-    "replica can continue a session after this one is lost (default: off)",
-    "state_store_interval_ms": "pause after each write to the state store, so that the next one "
-    "gathers more batches: durability lags by about this much, and costs less throughput "
-    "(0: write as soon as the last write is done)",
+    "state_store": "redis://HOST:PORT/DB, or redis+cluster://HOST:PORT[,HOST:PORT...] for a "
+    "Redis Cluster: write session state behind to Redis, so another replica can continue a "
+    "session after this one is lost (default: off)",
+    "state_store_interval_ms": "start a write to the state store at most this often: each "
+    "session is written at most once per interval, and the store lags the session by at most "
+    "the interval plus one write's time (0: write as soon as the last write is done)",
     "torch_threads": "torch intra-op threads (0: per batch, all cores but one for one-step "
     "chunks and every core for chunks of 8 or more timesteps)",
     "one_step_kernel": "what runs one-step batches: nn.LSTM; fused (one addmm per layer: faster "

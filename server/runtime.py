@@ -274,8 +274,10 @@ class Runtime:
         start_step: int | None = None,
         reset: bool = False,
         attachment: Attachment | None = None,
+        answered_step: int = 0,
     ) -> tuple[int, np.ndarray]:
-        """Apply a chunk exactly once; (step index of the first output, outputs (T, O))."""
+        """Apply a chunk exactly once; (step index of the first output, outputs (T, O)).
+        answered_step: the client has every output before it (0: not said)."""
         await session.lock.acquire()
         try:
             self.refuse_if_draining()
@@ -286,6 +288,7 @@ class Runtime:
             plan = plan_chunk(session, start_step, inputs, reset, session.model.config.output_size)
             self.rate_limiter.take(session.principal, len(plan.new))
             self.sessions.touch(session)
+            session.note_answered(answered_step)
         except BaseException:
             session.lock.release()
             raise

@@ -311,7 +311,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 )
             inputs = self._decode(request, session.model)
         first, outputs = await self.runtime.step(
-            session, inputs, start_step, request.reset, attachment
+            session, inputs, start_step, request.reset, attachment, request.answered_step
         )
         response = pb.StreamStepsResponse(
             session_id=session.session_id,
@@ -432,7 +432,14 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 continue
             start_step = chunk.start_step if chunk.HasField("start_step") else None
             decoded.append(
-                ChunkRequest(session_id, rows, start_step, chunk.reset, chunk.end_session)
+                ChunkRequest(
+                    session_id,
+                    rows,
+                    start_step,
+                    chunk.reset,
+                    chunk.end_session,
+                    answered_step=chunk.answered_step,
+                )
             )
         return decoded
 

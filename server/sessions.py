@@ -128,6 +128,7 @@ class Session:
     principal: str = ""  # who created it; only they can see it
     next_step: int = 0
     durable_step: int = 0  # the state store holds the session up to here (--state-store)
+    answered_step: int = 0  # the client says it has every output before this step
     create_time: float = field(default_factory=time.time)
     last_active_time: float = field(default_factory=time.time)
     last_active_monotonic: float = field(default_factory=time.monotonic)
@@ -143,6 +144,12 @@ class Session:
     def touch(self) -> None:
         self.last_active_time = time.time()
         self.last_active_monotonic = time.monotonic()
+
+    def note_answered(self, step: int) -> None:
+        """The client has received every output before `step`: a stored record need not keep
+        them (server/state_store.py)."""
+        if step > self.answered_step:
+            self.answered_step = step
 
     def commit(self, start: int, outputs: np.ndarray, recorded: bool = False) -> None:
         """Record a chunk the engine applied (called by the batcher when the batch completes);

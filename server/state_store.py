@@ -1,13 +1,27 @@
-"""Durable sessions: a write-behind copy of every session's state in Redis (--state-store).
+"""Durable sessions: a write-behind copy of every session's state in Redis (--state-store), one
+Redis or a Redis Cluster (server/store_backend.py).
 
 After each batch the batcher stages the sessions it changed here; one writer task reads the
-state of all that are staged from the engine's pool (one gather), sends them in one call (one
-round trip), off the response path, then waits --state-store-interval-ms. A session staged
-again before its write goes out is written once, at its newest step, so the cost follows the
-write rate, not the batch rate. A record holds
-what ExportSession returns (h, c, step index, replay buffer, model fingerprint) and expires with
-the idle timeout. Each response says `durable_step`: the step up to which the store holds its
-session.
+state of all that are staged from the engine's pool (one gather) and sends them in one pipeline
+(one round trip per shard), off the response path. Writes start at most once per
+--state-store-interval-ms: a session staged again before its write goes out is written once, at
+its newest step, so the cost follows the write rate, not the batch rate, and the store lags a
+session by at most the interval plus one write. A record holds h, c, the step index, the model
+and a tail of outputs, and expires with the idle timeout. Each response says `durable_step`:
+the step up to which the store holds its session.
+
+Why a short tail of outputs is enough. After a replica is lost, the one that loads the record
+(stored at step S) meets the client's resends. A resend of steps from S on is applied anew. A
+resend of a step s < S must be answered from the record, and a client resends such a step only
+if it never received its output (SDK: client/ledger.py resends unanswered chunks; chunks it kept
+only until durable are resent from S, the step the new replica names). A client that says
+`answered_step = a` has received every output before a, and what it lacks only shrinks, so it
+never again asks for a step before a: the record keeps the outputs of [a, S) and nothing older.
+The server uses the highest `a` it has heard, never more than the client has. A client that says
+nothing keeps the old bound, the last --replay-steps outputs. Either way the tail never exceeds
+the replay ring (so the guarantee is the one the ring gave), and a resend older than the tail is
+refused, as the ring refuses one, naming the oldest step it can answer. An SDK client streaming
+one step at a time says a = S, so its records hold h, c and no outputs at all.
 
 While Redis is unreachable the server keeps serving from memory (lstm_state_store_up 0, a
 warning in the log) and retries; once Redis answers again, every live session is written anew,
@@ -23,12 +37,10 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -36,20 +48,21 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from server import metrics, transfer
 from server.errors import StoreUnavailable
 from server.sessions import Session
+from server.store_backend import KeyLayout, connect, redacted, session_key
 
+__all__ = ["StateStore", "session_key"]
 log = logging.getLogger("lstm_serve")
-KEY_PREFIX = "lstm-stream:session:"
 # A record is a hash: transfer.to_fields (step, meta, state) and `born`, the session's create
 # time, which tells one incarnation of an id from the next. Writes are ordered by (born, step):
 # a write a lost replica had in flight cannot overwrite what its successor wrote since, nor
 # bring back a session that ended (an end leaves a tombstone: born, step, ended).
 #
-# One call writes up to WRITES_PER_CALL sessions. KEYS[1] is this replica's marker, which
-# exists while the store keeps what the replica wrote (a Redis restarted empty, or flushed, has
-# none; it expires with the sessions' TTL and every write renews it). KEYS[2..] are the
-# sessions; ARGV is the TTL, then 5 values per session: kind ("put" or "end"), born, step, meta,
-# state. It returns {1 if the marker was missing, then 1 or 0 per session: applied}.
-MARKER_PREFIX = "lstm-stream:replica-marker:"
+# One call writes up to WRITES_PER_CALL sessions of one bucket (store_backend: a cluster's calls
+# stay in one hash slot). KEYS[1] is this replica's marker for the bucket, which exists while
+# the store keeps what the replica wrote (a Redis restarted empty, or flushed, has none; it
+# expires with the sessions' TTL and every write renews it). KEYS[2..] are the sessions; ARGV
+# is the TTL, then 5 values per session: kind ("put" or "end"), born, step, meta, state. It
+# returns {1 if the marker was missing, then 1 or 0 per session: applied}.
 WRITES_PER_CALL = 256
 WRITE_IN_ORDER = """
 local ttl = ARGV[1]
@@ -95,11 +108,6 @@ HEARTBEAT_S = 5.0  # with nothing to write, check this often that the store stil
 StoreFailure = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 
 
-def session_key(principal: str, session_id: str) -> str:
-    # Session ids have no ':' (codec.SESSION_ID_PATTERN), so the key splits unambiguously.
-    return f"{KEY_PREFIX}{principal}:{session_id}"
-
-
 @dataclass(frozen=True, slots=True)
 class Staged:
     """A session to write (its state as of the write), or its end (a tombstone)."""
@@ -140,24 +148,17 @@ class StateStore:
         self.url = url
         self._read_states = read_states
         self._live_sessions = live_sessions
-        # A blocking pool: a burst of look-ups (a gateway's first message names a thousand new
-        # sessions) waits for a free connection instead of failing past the pool's size.
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=STORE_CONNECTIONS,
-            timeout=SOCKET_TIMEOUT_S,
-            socket_timeout=SOCKET_TIMEOUT_S,
-            socket_connect_timeout=SOCKET_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),  # the writer retries on its own schedule
-        )
-        self._redis = Redis.from_pool(pool)
+        self._redis = connect(url, STORE_CONNECTIONS, SOCKET_TIMEOUT_S)
+        # A gateway's first message names a thousand new sessions: their look-ups go out
+        # together, in one pipeline, not on a connection each.
+        self._lookups = Lookups(self._redis)
+        self._keys = KeyLayout(url, secrets.token_hex(8))
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._interval_s = interval_s
         self._replay_steps = replay_steps
         self._staged: dict[str, Staged] = {}  # key -> the session's newest state, or its end
         self._writing: dict[str, Staged] = {}  # the batch being written
-        self._marker = MARKER_PREFIX + secrets.token_hex(8)
-        self._marked = False  # whether a write has set the marker yet
+        self._marked: set[int] = set()  # the buckets whose marker a write has set
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -191,7 +192,7 @@ class StateStore:
 
     def stage(self, session: Session) -> None:
         """The session changed (its state in the pool is newer than what is stored)."""
-        key = session_key(session.principal, session.session_id)
+        key = self._keys.session(session.principal, session.session_id)
         staged = self._staged.get(key)
         if staged is None or staged.session is not session or staged.ended:
             self._staged[key] = Staged(session)
@@ -200,7 +201,7 @@ class StateStore:
 
     def forget(self, session: Session) -> None:
         """The session ended: replace its record by a tombstone, so no replica brings it back."""
-        key = session_key(session.principal, session.session_id)
+        key = self._keys.session(session.principal, session.session_id)
         self._staged[key] = Staged(session, ended=True, end_step=session.next_step)
         self._wakeup.set()
 
@@ -209,13 +210,13 @@ class StateStore:
     ) -> transfer.SessionRecord | None:
         """The stored session, if there is one past step `newer_than` (a held copy's step:
         then only the step is read, unless the store is ahead)."""
-        key = session_key(principal, session_id)
+        key = self._keys.session(principal, session_id)
         try:
             if newer_than >= 0:
-                step, state = await self._redis.hmget(key, "step", "meta")
+                step, state = await self._lookups.run("hmget", key, "step", "meta")
                 if state is None or int(step) <= newer_than:
                     return None
-            fields = await self._redis.hgetall(key)
+            fields = await self._lookups.run("hgetall", key)
         except RedisError as exc:
             raise StoreUnavailable(describe(exc)) from None
         return transfer.from_fields(fields) if b"state" in fields else None  # else: none, or ended
@@ -223,13 +224,14 @@ class StateStore:
     def ending(self, session_id: str, principal: str) -> bool:
         """Whether the session's end is staged or being written: its record, until then still
         in the store, must not bring it back."""
-        key = session_key(principal, session_id)
+        key = self._keys.session(principal, session_id)
         staged = self._staged.get(key) or self._writing.get(key)
         return staged is not None and staged.ended
 
     async def holds(self, session_id: str, principal: str) -> bool:
         try:
-            return bool(await self._redis.hexists(session_key(principal, session_id), "state"))
+            key = self._keys.session(principal, session_id)
+            return bool(await self._lookups.run("hexists", key, "state"))
         except RedisError as exc:
             raise StoreUnavailable(describe(exc)) from None
 
@@ -244,11 +246,10 @@ class StateStore:
                 with contextlib.suppress(TimeoutError):  # a quiet while: write nothing, check
                     await asyncio.wait_for(self._wakeup.wait(), HEARTBEAT_S)
             self._idle.clear()
+            started = time.monotonic()
             self._writing, self._staged = self._staged, {}
             try:
-                # The marker is missing at the first write, and after the store lost data.
-                emptied = await self._write(self._writing) and self._marked
-                self._marked = True
+                emptied = await self._write(self._writing)
                 if emptied or not self.up:
                     await self._came_back(emptied)
             except StoreFailure as exc:
@@ -263,8 +264,11 @@ class StateStore:
                 log.exception("state store: %d records not written", len(self._writing))
             self._writing = {}
             delay = RETRY_INITIAL_S
-            if self._interval_s:  # let the next write gather what the batches stage meanwhile
-                await asyncio.sleep(self._interval_s)
+            # Let the next write gather what the batches stage meanwhile: writes start at most
+            # once per interval, so each session is written at most that often.
+            pause = self._interval_s - (time.monotonic() - started)
+            if pause > 0:
+                await asyncio.sleep(pause)
 
     async def _snapshots(self, batch: dict[str, Staged]) -> dict[str, Snapshot]:
         """The staged sessions' state, read from the pool now (the closed ones left out)."""
@@ -290,9 +294,9 @@ class StateStore:
             for key, staged in batch.items()
             if staged.ended or key in snapshots
         ]
+        calls = self._calls(items)
         pipe = self._redis.pipeline(transaction=False)
-        for first in range(0, max(len(items), 1), WRITES_PER_CALL):
-            part = items[first : first + WRITES_PER_CALL]
+        for bucket, part in calls:
             args: list[object] = [self._ttl_ms]
             for _, item in part:
                 born = repr(item.session.create_time)
@@ -301,12 +305,16 @@ class StateStore:
                     args += ("put", born, item.next_step, fields["meta"], fields["state"])
                 else:
                     args += ("end", born, item.end_step, "", "")
-            keys = [self._marker, *(key for key, _ in part)]
+            keys = [self._keys.marker(bucket), *(key for key, _ in part)]
             pipe.eval(WRITE_IN_ORDER, len(keys), *keys, *args)
         results = await pipe.execute()
-        written = 0
-        for first, result in zip(range(0, len(items), WRITES_PER_CALL), results, strict=False):
-            for (_, item), applied in zip(items[first:], result[1:], strict=False):
+        written, emptied = 0, False
+        for (bucket, part), result in zip(calls, results, strict=True):
+            # A marker is missing at the first write to its bucket, and after the store (or
+            # the bucket's shard) lost data.
+            emptied |= bool(result[0]) and bucket in self._marked
+            self._marked.add(bucket)
+            for (_, item), applied in zip(part, result[1:], strict=True):
                 if applied and isinstance(item, Snapshot):
                     session = item.session
                     session.durable_step = max(session.durable_step, item.next_step)
@@ -314,16 +322,36 @@ class StateStore:
         metrics.STATE_STORE_WRITES.inc(written)
         metrics.STATE_STORE_FLUSH.observe(time.perf_counter() - started)
         metrics.STATE_STORE_PENDING.set(len(self._staged))
-        return any(result[0] for result in results)
+        return emptied
+
+    def _calls(
+        self, items: list[tuple[str, Staged | Snapshot]]
+    ) -> list[tuple[int, list[tuple[str, Staged | Snapshot]]]]:
+        """The write calls for these items: (bucket, up to WRITES_PER_CALL items of it). With
+        nothing to write, a call per bucket written before, with its marker only: a heartbeat
+        that still notices a store (or shard) that lost data."""
+        if not items:
+            return [(bucket, []) for bucket in sorted(self._marked or {0})]
+        by_bucket: dict[int, list[tuple[str, Staged | Snapshot]]] = {}
+        for key, item in items:
+            bucket = self._keys.bucket(item.session.principal, item.session.session_id)
+            by_bucket.setdefault(bucket, []).append((key, item))
+        return [
+            (bucket, part[first : first + WRITES_PER_CALL])
+            for bucket, part in by_bucket.items()
+            for first in range(0, len(part), WRITES_PER_CALL)
+        ]
 
     def _fields(self, snapshot: Snapshot) -> dict[str, bytes | str | int]:
         session = snapshot.session
         model = session.model  # the version it lives on (server/models.py ModelVersion)
         # The replay rows still held for steps before the snapshot's next_step (the session
-        # may have moved on since; the ring then holds fewer of them).
+        # may have moved on since; the ring then holds fewer of them), from the first step the
+        # client may still ask for (the module's docstring says why).
         oldest = max(
             session.replay.first_step(session.next_step),
             snapshot.next_step - self._replay_steps,
+            min(session.answered_step, snapshot.next_step),
             0,
         )
         replay = session.replay.read(oldest, snapshot.next_step, model.config.output_size)  # (R, O)
@@ -377,9 +405,35 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def redacted(url: str) -> str:
-    """The URL without a password, for logs."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
+class Lookups:
+    """Reads issued in one turn of the event loop go out together, in one pipeline: a burst of
+    look-ups costs one round trip (per shard) and one connection, not one each."""
+
+    def __init__(self, redis: Any) -> None:
+        self._redis = redis
+        self._pending: list[tuple[str, tuple[object, ...], asyncio.Future[Any]]] = []
+
+    async def run(self, command: str, *args: object) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((command, args, future))
+        if len(self._pending) == 1:
+            loop.call_soon(lambda: asyncio.ensure_future(self._send()))
+        return await future
+
+    async def _send(self) -> None:
+        pending, self._pending = self._pending, []
+        pipe = self._redis.pipeline(transaction=False)
+        for command, args, _ in pending:
+            getattr(pipe, command)(*args)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:  # the connection: every read in it failed alike
+            results = [exc] * len(pending)
+        for (_, _, future), result in zip(pending, results, strict=True):
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)

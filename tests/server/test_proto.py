@@ -46,6 +46,7 @@ def test_contract_names_are_in_the_proto():
         request[n].number for n in ("session_id", "start_step", "inputs", "reset", "end_session")
     ] == [1, 2, 3, 4, 5]
     assert request["start_step"].has_presence
+    assert request["answered_step"].has_presence  # beyond 1.3, optional (issue 27)
     response = pb.StreamStepsResponse.DESCRIPTOR.fields_by_name
     assert set(response) == {
         "session_id",
@@ -83,8 +84,9 @@ def test_batch_names_are_those_of_the_contract():
         "packed_inputs",
         "reset",
         "end_session",
+        "answered_step",  # beyond 1.7, optional: what a durable record keeps (issue 27)
     }
-    assert chunk["start_step"].has_presence
+    assert chunk["start_step"].has_presence and chunk["answered_step"].has_presence
     assert set(pb.StepBatchResponse.DESCRIPTOR.fields_by_name) == {"results"}
     result = pb.ChunkResult.DESCRIPTOR.fields_by_name
     assert set(result) == {

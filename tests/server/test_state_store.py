@@ -1,4 +1,5 @@
-"""The state store's writer and reader against a real redis-server."""
+"""The state store's writer and reader against a real redis-server, and a real three-master
+Redis Cluster: each writer test runs on both."""
 
 import asyncio
 from dataclasses import dataclass, field
@@ -11,9 +12,10 @@ import torch
 from server.errors import StoreUnavailable
 from server.models import VersionKey
 from server.sessions import ReplayBuffer, Session
-from server.state_store import StateStore, session_key
-from tests.e2e.scale_parts import RedisServer
-from tests.factories import free_port
+from server.state_store import StateStore
+from server.store_backend import KeyLayout
+from tests.e2e.scale_parts import RedisCluster, RedisServer
+from tests.factories import free_port, wait_for
 
 FINGERPRINT = "f" * 64
 
@@ -58,17 +60,41 @@ class FakePool:
         return [(self.states[id(s)][0].numpy(), self.states[id(s)][1].numpy()) for s in sessions]
 
 
-def make_store(url: str, pool: FakePool | None = None, ttl_s: float = 60.0) -> StateStore:
+def make_store(
+    url: str, pool: FakePool | None = None, ttl_s: float = 60.0, live_sessions=list
+) -> StateStore:
     return StateStore(
         url,
         ttl_s,
         replay_steps=4,
         read_states=(pool or FakePool()).read_states,
-        live_sessions=list,
+        live_sessions=live_sessions,
     )
 
 
-def test_a_record_round_trips_with_its_replay_and_expires_with_the_idle_timeout():
+def key_of(url: str, principal: str, session_id: str) -> str:
+    return KeyLayout(url, "").session(principal, session_id)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with RedisCluster(tmp_path_factory.mktemp("cluster")) as started:
+        yield started
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def redis(request):
+    """One redis-server, or the module's cluster emptied."""
+    if request.param == "redis":
+        with RedisServer() as server:
+            yield server
+    else:
+        started = request.getfixturevalue("cluster")
+        started.flush()
+        yield started
+
+
+def test_a_record_round_trips_with_its_replay_and_expires_with_the_idle_timeout(redis):
     async def run(url):
         pool = FakePool()
         store = make_store(url, pool, ttl_s=30)
@@ -81,9 +107,8 @@ def test_a_record_round_trips_with_its_replay_and_expires_with_the_idle_timeout(
         await store.stop()
         return session, record, other_principal
 
-    with RedisServer() as redis:
-        session, record, other_principal = asyncio.run(run(redis.url))
-        ttl_ms = redis.client().pttl(session_key("alice", "s1"))
+    session, record, other_principal = asyncio.run(run(redis.url))
+    ttl_ms = redis.client().pttl(key_of(redis.url, "alice", "s1"))
     assert record.next_step == 6 and session.durable_step == 6
     assert record.fingerprint == FINGERPRINT and record.principal == "alice"
     assert (record.model, record.model_version) == ("m", 3)  # the version it lives on
@@ -94,7 +119,7 @@ def test_a_record_round_trips_with_its_replay_and_expires_with_the_idle_timeout(
     assert 25_000 < ttl_ms <= 30_000
 
 
-def test_an_older_write_never_replaces_a_newer_one():
+def test_an_older_write_never_replaces_a_newer_one(redis):
     async def run(url):
         pool = FakePool()
         successor, lost = make_store(url, pool), make_store(url, pool)
@@ -111,8 +136,7 @@ def test_an_older_write_never_replaces_a_newer_one():
         await lost.stop()
         return record, late.durable_step
 
-    with RedisServer() as redis:
-        record, late_durable_step = asyncio.run(run(redis.url))
+    record, late_durable_step = asyncio.run(run(redis.url))
     assert record.next_step == 9
     assert late_durable_step == 0  # a refused write is not reported durable
     np.testing.assert_array_equal(record.h.numpy(), np.ones((1, 3), np.float32))
@@ -135,7 +159,7 @@ def test_reading_an_unreachable_store_is_unavailable_not_not_found():
     assert "state store is unreachable (ConnectionError" in err.message
 
 
-def test_an_ended_session_stays_ended_until_a_new_one_takes_its_id():
+def test_an_ended_session_stays_ended_until_a_new_one_takes_its_id(redis):
     async def run(url):
         pool = FakePool()
         successor, lost = make_store(url, pool), make_store(url, pool)
@@ -156,8 +180,7 @@ def test_an_ended_session_stays_ended_until_a_new_one_takes_its_id():
         await lost.stop()
         return after_end, record
 
-    with RedisServer() as redis:
-        (loaded, held), record = asyncio.run(run(redis.url))
+    (loaded, held), record = asyncio.run(run(redis.url))
     assert loaded is None and held is False
     assert record.next_step == 2 and record.create_time == 2000.0
 
@@ -189,3 +212,86 @@ def test_a_batch_creating_a_thousand_sessions_with_a_store_creates_every_one(bun
     for result in results:
         outputs = np.frombuffer(result.packed_outputs, "<f4").reshape(2, 4)
         assert_equals_offline(outputs, bundled_model, steps)
+
+
+def test_a_record_keeps_the_outputs_from_the_step_its_client_has_answered(redis):
+    """A client that says it has every output before step a is never again sent one of them:
+    the record keeps outputs a .. next_step - 1 only (and none once a reaches next_step)."""
+
+    async def run(url):
+        pool = FakePool()
+        store = make_store(url, pool)
+        await store.start()
+        records = {}
+        for answered in (0, 3, 5, 6, 9):  # 9: a client ahead of a successor (it resends)
+            session = make_session(steps=6, value=10.0, session_id=f"a{answered}")
+            session.note_answered(answered)
+            pool.stage(store, session, torch.zeros(1, 3), torch.zeros(1, 3))
+            await store.flush()
+            records[answered] = (session, await store.load(f"a{answered}", "alice"))
+        await store.stop()
+        return records
+
+    records = asyncio.run(run(redis.url))
+    for answered, oldest in ((0, 2), (3, 3), (5, 5), (6, 6), (9, 6)):  # replay_steps=4
+        session, record = records[answered]
+        assert record.next_step == 6
+        np.testing.assert_array_equal(
+            record.replay.numpy(), session.replay.read(oldest, 6, 2), err_msg=f"{answered=}"
+        )
+
+
+def test_a_thousand_look_ups_at_once_share_one_pipeline(redis):
+    """Past the store's connection limit (64; per node in a cluster, whose client refuses more
+    rather than waiting): every look-up is answered."""
+
+    async def run(url):
+        pool = FakePool()
+        store = make_store(url, pool)
+        await store.start()
+        pool.stage(
+            store, make_session(3, 1.0, session_id="held"), torch.ones(1, 3), torch.ones(1, 3)
+        )
+        await store.flush()
+        ids = ["held", *(f"new-{i}" for i in range(999))]
+        held = await asyncio.gather(*(store.holds(i, "alice") for i in ids))
+        records = await asyncio.gather(*(store.load(i, "alice") for i in ids))
+        await store.stop()
+        return held, records
+
+    held, records = asyncio.run(run(redis.url))
+    assert held == [True] + [False] * 999
+    assert records[0].next_step == 3 and records[1:] == [None] * 999
+
+
+def test_a_cluster_shard_that_lost_its_data_gets_every_live_session_again(cluster):
+    """One master restarts empty (FLUSHALL: slots kept, keys gone). Its buckets' markers are
+    gone with its sessions: the writer's next call to it (a heartbeat, with nothing staged)
+    notices, and every live session is written again, idle ones included."""
+    cluster.flush()
+    sessions = [make_session(4, float(i), session_id=f"s{i}") for i in range(60)]
+
+    async def run(url):
+        pool = FakePool()
+        store = make_store(url, pool, live_sessions=lambda: sessions)
+        await store.start()
+        for session in sessions:
+            pool.stage(store, session, torch.ones(1, 3), torch.ones(1, 3))
+        await store.flush()
+        client = cluster.client()
+        keys = [key_of(url, "alice", s.session_id) for s in sessions]
+        nodes = {client.get_node_from_key(key).port for key in keys}
+        victim = cluster.ports[0]
+        lost = [k for k in keys if client.get_node_from_key(k).port == victim]
+        import redis as redis_py
+
+        redis_py.Redis(port=victim).flushall()
+        assert not any(client.exists(k) for k in lost)
+        await asyncio.to_thread(
+            wait_for, lambda: all(client.exists(k) for k in keys), 60, what="rewritten sessions"
+        )
+        await store.stop()
+        return nodes, lost
+
+    nodes, lost = asyncio.run(run(cluster.url))
+    assert len(nodes) == 3 and lost  # the sessions were spread over every shard

@@ -168,7 +168,7 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StreamStepsRequest(_message.Message):
-    __slots__ = ("session_id", "start_step", "inputs", "reset", "end_session", "packed_inputs", "model", "model_version")
+    __slots__ = ("session_id", "start_step", "inputs", "reset", "end_session", "packed_inputs", "model", "model_version", "answered_step")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class StreamStepsRequest(_message.Message):
     PACKED_INPUTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_STEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_step: int
     inputs: _containers.RepeatedScalarFieldContainer[float]
@@ -185,7 +186,8 @@ class StreamStepsRequest(_message.Message):
     packed_inputs: bytes
     model: str
     model_version: int
-    def __init__(self, session_id: _Optional[str] = ..., start_step: _Optional[int] = ..., inputs: _Optional[_Iterable[float]] = ..., reset: _Optional[bool] = ..., end_session: _Optional[bool] = ..., packed_inputs: _Optional[bytes] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+    answered_step: int
+    def __init__(self, session_id: _Optional[str] = ..., start_step: _Optional[int] = ..., inputs: _Optional[_Iterable[float]] = ..., reset: _Optional[bool] = ..., end_session: _Optional[bool] = ..., packed_inputs: _Optional[bytes] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., answered_step: _Optional[int] = ...) -> None: ...
 
 class StreamStepsResponse(_message.Message):
     __slots__ = ("session_id", "start_step", "num_steps", "outputs", "durable_step", "packed_outputs")
@@ -264,20 +266,22 @@ class StepBatchRequest(_message.Message):
     def __init__(self, chunks: _Optional[_Iterable[_Union[SessionChunk, _Mapping]]] = ..., create_missing: _Optional[bool] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class SessionChunk(_message.Message):
-    __slots__ = ("session_id", "start_step", "inputs", "packed_inputs", "reset", "end_session")
+    __slots__ = ("session_id", "start_step", "inputs", "packed_inputs", "reset", "end_session", "answered_step")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     PACKED_INPUTS_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     END_SESSION_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_STEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_step: int
     inputs: _containers.RepeatedScalarFieldContainer[float]
     packed_inputs: bytes
     reset: bool
     end_session: bool
-    def __init__(self, session_id: _Optional[str] = ..., start_step: _Optional[int] = ..., inputs: _Optional[_Iterable[float]] = ..., packed_inputs: _Optional[bytes] = ..., reset: _Optional[bool] = ..., end_session: _Optional[bool] = ...) -> None: ...
+    answered_step: int
+    def __init__(self, session_id: _Optional[str] = ..., start_step: _Optional[int] = ..., inputs: _Optional[_Iterable[float]] = ..., packed_inputs: _Optional[bytes] = ..., reset: _Optional[bool] = ..., end_session: _Optional[bool] = ..., answered_step: _Optional[int] = ...) -> None: ...
 
 class StepBatchResponse(_message.Message):
     __slots__ = ("results",)
