@@ -60,8 +60,8 @@ class SessionExists(ServiceError):
 class StepOutOfOrder(ServiceError):
     code, reason = grpc.StatusCode.FAILED_PRECONDITION, "STEP_OUT_OF_ORDER"
 
-    def __init__(self, message: str, expected_step: int) -> None:
-        super().__init__(message, expected_step=expected_step)
+    def __init__(self, message: str, expected_step: int, **metadata: object) -> None:
+        super().__init__(message, expected_step=expected_step, **metadata)
 
 
 class SessionCapacity(ServiceError):

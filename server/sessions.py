@@ -186,11 +186,13 @@ def plan_chunk(
             expected_step=next_step,
         )
     already = min(next_step - start, len(inputs))
-    if already and start < session.replay.first_step(next_step):
+    oldest = session.replay.first_step(next_step)
+    if already and start < oldest:
         raise StepOutOfOrder(
-            f"start_step: expected at least {session.replay.first_step(next_step)} (the oldest "
-            f"step the replay buffer holds) or the next step {next_step}, got {start}",
+            f"start_step: expected at least {oldest} (the oldest step whose output this "
+            f"server holds) or the next step {next_step}, got {start}",
             expected_step=next_step,
+            oldest_step=oldest,
         )
     replayed = session.replay.read(start, start + already, output_size) if already else NO_OUTPUTS
     # A resent message's reset was applied when it first arrived.

@@ -21,7 +21,8 @@ The server uses the highest `a` it has heard, never more than the client has. A 
 nothing keeps the old bound, the last --replay-steps outputs. Either way the tail never exceeds
 the replay ring (so the guarantee is the one the ring gave), and a resend older than the tail is
 refused, as the ring refuses one, naming the oldest step it can answer. An SDK client streaming
-one step at a time says a = S, so its records hold h, c and no outputs at all.
+one step at a time says a = S - 1 with the chunk of step S - 1, so its records hold h, c and one
+output: the last, which the client may not have yet.
 
 While Redis is unreachable the server keeps serving from memory (lstm_state_store_up 0, a
 warning in the log) and retries; once Redis answers again, every live session is written anew,
