@@ -119,10 +119,14 @@ class BatchFeeder:
         while session_ids := self.book.unanswered(results):
             try:
                 for round_items in self.book.resend_rounds(session_ids):
+                    # The whole round goes out before a session that must send again restarts
+                    # it: a failover rewinds many sessions, spread over many messages, and one
+                    # attempt per message would spend the retries on a large gateway.
+                    again: dict[str, LstmStreamError] = {}
                     for key, group in self.book.requests(round_items):
-                        again = self.book.settle(group, self._call(key, group))
-                        if again:
-                            raise again[next(iter(again))]
+                        again |= self.book.settle(group, self._call(key, group))
+                    if again:
+                        raise next(iter(again.values()))
             except LstmStreamError as err:
                 wait = retry.backoff_after(err, rewound=err.reason == "STEP_OUT_OF_ORDER")
                 if wait is None:
