@@ -129,6 +129,7 @@ class Session:
     next_step: int = 0
     durable_step: int = 0  # the state store holds the session up to here (--state-store)
     answered_step: int = 0  # the client says it has every output before this step
+    meta_stored: bool = False  # the state store holds this session's meta: write updates only
     create_time: float = field(default_factory=time.time)
     last_active_time: float = field(default_factory=time.time)
     last_active_monotonic: float = field(default_factory=time.monotonic)

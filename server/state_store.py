@@ -63,7 +63,10 @@ log = logging.getLogger("lstm_serve")
 # the store keeps what the replica wrote (a Redis restarted empty, or flushed, has none; it
 # expires with the sessions' TTL and every write renews it). KEYS[2..] are the sessions; ARGV
 # is the TTL, then 5 values per session: kind ("put" or "end"), born, step, meta, state. It
-# returns {1 if the marker was missing, then 1 or 0 per session: applied}.
+# returns {1 if the marker was missing, then per session 1: applied, 0: stale, or 2: not applied,
+# the record needs its meta}. A put with an empty meta is an update: the meta (id, principal,
+# model, fingerprint: 300 bytes, a quarter of a small model's record) is sent with a session's
+# first write only, and again whenever the store no longer has it.
 WRITES_PER_CALL = 256
 WRITE_IN_ORDER = """
 local ttl = ARGV[1]
@@ -85,6 +88,15 @@ for i = 2, #KEYS do
   end
   if stale then
     result[i] = 0
+  elseif kind == 'put' and ARGV[a + 3] == '' then
+    -- An update: step and state only, onto this incarnation's record, which holds the meta.
+    if stored_born ~= born or redis.call('HEXISTS', key, 'meta') == 0 then
+      result[i] = 2
+    else
+      redis.call('HSET', key, 'step', ARGV[a + 2], 'state', ARGV[a + 4])
+      redis.call('PEXPIRE', key, ttl)
+      result[i] = 1
+    end
   else
     redis.call('DEL', key)
     if kind == 'end' then
@@ -303,7 +315,7 @@ class StateStore:
                 born = repr(item.session.create_time)
                 if isinstance(item, Snapshot):
                     fields = self._fields(item)
-                    args += ("put", born, item.next_step, fields["meta"], fields["state"])
+                    args += ("put", born, item.next_step, fields.get("meta", ""), fields["state"])
                 else:
                     args += ("end", born, item.end_step, "", "")
             keys = [self._keys.marker(bucket), *(key for key, _ in part)]
@@ -316,10 +328,16 @@ class StateStore:
             emptied |= bool(result[0]) and bucket in self._marked
             self._marked.add(bucket)
             for (_, item), applied in zip(part, result[1:], strict=True):
-                if applied and isinstance(item, Snapshot):
-                    session = item.session
+                if not isinstance(item, Snapshot):
+                    continue
+                session = item.session
+                if applied == 1:
                     session.durable_step = max(session.durable_step, item.next_step)
+                    session.meta_stored = True
                     written += 1
+                elif applied == 2:  # the record was gone (or another's): write it whole
+                    session.meta_stored = False
+                    self.stage(session)
         metrics.STATE_STORE_WRITES.inc(written)
         metrics.STATE_STORE_FLUSH.observe(time.perf_counter() - started)
         metrics.STATE_STORE_PENDING.set(len(self._staged))
@@ -368,7 +386,7 @@ class StateStore:
             model=model.key.name,
             model_version=model.key.version,
         )
-        return transfer.to_fields(record)
+        return transfer.to_fields(record, meta=not session.meta_stored)
 
     def _put_back(self, batch: dict[str, Staged]) -> None:
         """Return a failed batch to the staging area, behind anything staged since."""
@@ -399,6 +417,7 @@ class StateStore:
             log.warning("state store %s holds nothing written before", redacted(self.url))
         log.info("state store: writing every live session again")
         for session in self._live_sessions():
+            session.meta_stored = False
             self.stage(session)
 
 

@@ -132,9 +132,15 @@ def validate(record: SessionRecord, num_layers: int, hidden_size: int, output_si
         )
 
 
-def to_fields(record: SessionRecord) -> dict[str, bytes | str | int]:
-    """The record as hash fields for the state store: step, meta (JSON) and state (h, c and
-    the replay buffer as raw little-endian float32, one after another)."""
+def to_fields(record: SessionRecord, meta: bool = True) -> dict[str, bytes | str | int]:
+    """The record as hash fields for the state store: step, meta (JSON; left out when `meta`
+    is false, for an update of a stored record) and state (h, c and the replay buffer as raw
+    little-endian float32, one after another)."""
+    layers, hidden = record.h.shape
+    arrays = (record.h, record.c, record.replay)
+    state = b"".join(np.ascontiguousarray(a, dtype="<f4").tobytes() for a in arrays)
+    if not meta:
+        return {"step": record.next_step, "state": state}
     layers, hidden = record.h.shape
     meta = {
         "format": FORMAT,
@@ -147,8 +153,6 @@ def to_fields(record: SessionRecord) -> dict[str, bytes | str | int]:
         "model_version": record.model_version,
         "shape": [layers, hidden, record.replay.shape[1]],  # L, H, output size
     }
-    arrays = (record.h, record.c, record.replay)
-    state = b"".join(np.ascontiguousarray(a, dtype="<f4").tobytes() for a in arrays)
     return {"step": record.next_step, "meta": json.dumps(meta), "state": state}
 
 

@@ -295,3 +295,37 @@ def test_a_cluster_shard_that_lost_its_data_gets_every_live_session_again(cluste
 
     nodes, lost = asyncio.run(run(cluster.url))
     assert len(nodes) == 3 and lost  # the sessions were spread over every shard
+
+
+def test_later_writes_send_step_and_state_only_and_a_lost_record_is_written_whole(redis):
+    """The meta (id, principal, model, fingerprint) goes with a session's first write; later
+    writes update step and state. A record gone meanwhile (evicted, or deleted by hand) is
+    written whole again at the next write, never left without its meta."""
+
+    async def run(url, client):
+        pool = FakePool()
+        store = make_store(url, pool)
+        await store.start()
+        key = key_of(url, "alice", "s1")
+        session = make_session(steps=3, value=1.0)
+        pool.stage(store, session, torch.zeros(1, 3), torch.zeros(1, 3))
+        await store.flush()
+        client.hset(key, "meta", client.hget(key, "meta") + b" ")  # marks the stored meta
+        session.commit(3, np.ones((2, 2), np.float32))
+        pool.stage(store, session, torch.ones(1, 3), torch.ones(1, 3))
+        await store.flush()
+        updated_meta = client.hget(key, "meta")
+        updated = await store.load("s1", "alice")
+        client.delete(key)
+        session.commit(5, np.ones((1, 2), np.float32))
+        pool.stage(store, session, torch.full((1, 3), 2.0), torch.full((1, 3), 2.0))
+        await store.flush()
+        rewritten = await store.load("s1", "alice")
+        await store.stop()
+        return updated_meta, updated, rewritten, session.durable_step
+
+    updated_meta, updated, rewritten, durable_step = asyncio.run(run(redis.url, redis.client()))
+    assert updated_meta.endswith(b" ")  # not sent again
+    assert updated.next_step == 5 and float(updated.h[0, 0]) == 1.0
+    assert rewritten is not None and rewritten.next_step == 6 and durable_step == 6
+    assert float(rewritten.h[0, 0]) == 2.0 and rewritten.principal == "alice"
