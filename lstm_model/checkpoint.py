@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from lstm_model.config import ConfigError, LSTMConfig
+from lstm_model.config import GATES, ConfigError, LSTMConfig
 from lstm_model.model import SequenceModel
 
 CONFIG_FILE = "config.json"
@@ -35,14 +35,15 @@ class LoadedModel:
 
 def expected_shapes(config: LSTMConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint of this config holds, with its shape."""
-    hidden4 = 4 * config.hidden_size
+    rows = GATES[config.cell] * config.hidden_size  # the gate blocks, stacked
+    cell = config.cell
     shapes: dict[str, tuple[int, ...]] = {}
     for k in range(config.num_layers):
         layer_in = config.input_size if k == 0 else config.hidden_size
-        shapes[f"lstm.weight_ih_l{k}"] = (hidden4, layer_in)
-        shapes[f"lstm.weight_hh_l{k}"] = (hidden4, config.hidden_size)
-        shapes[f"lstm.bias_ih_l{k}"] = (hidden4,)
-        shapes[f"lstm.bias_hh_l{k}"] = (hidden4,)
+        shapes[f"{cell}.weight_ih_l{k}"] = (rows, layer_in)
+        shapes[f"{cell}.weight_hh_l{k}"] = (rows, config.hidden_size)
+        shapes[f"{cell}.bias_ih_l{k}"] = (rows,)
+        shapes[f"{cell}.bias_hh_l{k}"] = (rows,)
     shapes["head.weight"] = (config.output_size, config.hidden_size)
     shapes["head.bias"] = (config.output_size,)
     return shapes

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lstm_model.checkpoint import BUNDLED_MODEL_DIR, ModelLoadError, load_model, save_model
-from lstm_model.config import ConfigError, LSTMConfig
+from lstm_model.config import CELLS, ConfigError, LSTMConfig
 from lstm_model.model import SequenceModel
 from lstm_model.repository import PublishError, identity_from_path, publish
 
@@ -37,8 +37,10 @@ def init_model(
     labels: tuple[str, ...] = (),
     name: str = "random",
     version: str = "1",
+    cell: str = "lstm",
 ) -> SequenceModel:
-    """A randomly initialised model (PyTorch's default LSTM init), reproducible from `seed`."""
+    """A randomly initialised model (PyTorch's default LSTM or GRU init), reproducible from
+    `seed`."""
     config = LSTMConfig(
         input_size=input_size,
         hidden_size=hidden_size,
@@ -49,6 +51,7 @@ def init_model(
         name=name,
         version=version,
         extra={"seed": seed},
+        cell=cell,
     )
     torch.manual_seed(seed)
     return SequenceModel(config).eval()
@@ -84,10 +87,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
         args.labels or (),
         name,
         version,
+        args.cell,
     )
     save_model(model, args.out)
     print(
-        f"wrote {args.out}: {name} v{version} input={args.input_size} "
+        f"wrote {args.out}: {name} v{version} cell={args.cell} input={args.input_size} "
         f"hidden={args.hidden_size} layers={args.num_layers} output={args.output_size}"
     )
     return 0
@@ -101,7 +105,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     state = read_state_dict(Path(args.checkpoint))
     model = import_state_dict(
         state,
-        args.lstm_prefix,
+        args.rnn_prefix,
         args.head_prefix,
         args.kind,
         args.labels or (),
@@ -110,12 +114,13 @@ def _cmd_import(args: argparse.Namespace) -> int:
         name,
         source=args.checkpoint,
         version=version,
+        cell=args.cell,
     )
     save_model(model, args.out)
     c = model.config
     print(
-        f"wrote {args.out}: {c.name} v{c.version} input={c.input_size} hidden={c.hidden_size} "
-        f"layers={c.num_layers} output={c.output_size} kind={c.output_kind}"
+        f"wrote {args.out}: {c.name} v{c.version} cell={c.cell} input={c.input_size} "
+        f"hidden={c.hidden_size} layers={c.num_layers} output={c.output_size} kind={c.output_kind}"
     )
     return 0
 
@@ -178,16 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kind", choices=["regression", "classification"], default="regression")
     p.add_argument("--labels", type=_labels, help="comma-separated class labels")
+    p.add_argument("--cell", choices=CELLS, default="lstm", help="the recurrent cell")
     _identity_arguments(p, "random")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     p.set_defaults(run=_cmd_init)
 
     p = sub.add_parser(
-        "import", help="convert an nn.LSTM + nn.Linear state dict (.pt/.safetensors)"
+        "import", help="convert an nn.LSTM or nn.GRU + nn.Linear state dict (.pt/.safetensors)"
     )
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
-    p.add_argument("--lstm-prefix", default="lstm.")
+    p.add_argument(
+        "--rnn-prefix",
+        "--lstm-prefix",
+        dest="rnn_prefix",
+        help="key prefix of the nn.LSTM / nn.GRU (default: the first of lstm., gru., rnn. found)",
+    )
+    p.add_argument(
+        "--cell",
+        choices=CELLS,
+        help="lstm or gru (default: read off the gate rows: 4 x hidden an LSTM, 3 x hidden a GRU)",
+    )
     p.add_argument("--head-prefix", default="fc.")
     p.add_argument("--kind", choices=["regression", "classification"], default="regression")
     p.add_argument("--labels", type=_labels)

@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Any
 
 OUTPUT_KINDS = ("regression", "classification")
+# The recurrent cells a model may use, and the state each keeps per session: tensors of shape
+# (num_layers, hidden_size), by name, in the order the cell takes them.
+STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",)}
+CELLS = tuple(STATE_NAMES)
+GATES = {"lstm": 4, "gru": 3}  # gate blocks stacked in the cell's weight rows
 
 
 class ConfigError(ValueError):
@@ -30,6 +35,7 @@ class LSTMConfig:
     version: str = "1"
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (training settings)
+    cell: str = "lstm"  # "lstm" or "gru"; config.json files from before GRUs have none: lstm
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -42,6 +48,8 @@ class LSTMConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.cell not in CELLS:
+            raise ConfigError(f"cell must be one of {CELLS}, got {self.cell!r}")
         if self.output_kind not in OUTPUT_KINDS:
             raise ConfigError(
                 f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}"
@@ -69,11 +77,18 @@ class LSTMConfig:
     def is_classification(self) -> bool:
         return self.output_kind == "classification"
 
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """The recurrent state a session keeps: these tensors, (num_layers, hidden_size) each."""
+        return STATE_NAMES[self.cell]
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["labels"] = list(self.labels)
         data["input_mean"] = list(self.input_mean)
         data["input_std"] = list(self.input_std)
+        if self.cell == "lstm":  # as before GRUs: an LSTM's config, and fingerprint, unchanged
+            del data["cell"]
         return data
 
     def to_json(self) -> str:

@@ -1,7 +1,10 @@
-"""Import a user's plain PyTorch checkpoint: an nn.LSTM (batch_first) and an nn.Linear head.
+"""Import a user's plain PyTorch checkpoint: an nn.LSTM or nn.GRU (batch_first) and an
+nn.Linear head.
 
-Sizes are read off the tensors, so a user needs to say only where the two modules live in the
-state dict (their key prefixes) and, for a classifier, the labels.
+Sizes are read off the tensors, and the cell too (an LSTM stacks 4 gate blocks of hidden_size
+rows, a GRU 3), so a user needs to say only where the two modules live in the state dict (their
+key prefixes; by default the first of lstm., gru., rnn. that holds any) and, for a classifier,
+the labels.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lstm_model.checkpoint import ModelLoadError, check_tensors
-from lstm_model.config import LSTMConfig
+from lstm_model.config import CELLS, GATES, LSTMConfig
 from lstm_model.model import SequenceModel
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # torch colours its refusal
@@ -57,23 +60,52 @@ def _keys(state: dict[str, torch.Tensor]) -> str:
     return f"{shown}, ... ({len(names)} in all)" if len(names) > 12 else shown
 
 
-def _layer_count(lstm: dict[str, torch.Tensor], source: str, where: str) -> int:
-    if any(k.endswith("_reverse") for k in lstm):
-        raise ModelLoadError(f"{source}: bidirectional LSTMs cannot stream; expected one direction")
-    if any(k.startswith("weight_hr") for k in lstm):
+DEFAULT_PREFIXES = ("lstm.", "gru.", "rnn.")
+
+
+def _layer_count(rnn: dict[str, torch.Tensor], source: str, where: str) -> int:
+    if any(k.endswith("_reverse") for k in rnn):
+        raise ModelLoadError(f"{source}: bidirectional RNNs cannot stream; expected one direction")
+    if any(k.startswith("weight_hr") for k in rnn):
         raise ModelLoadError(f"{source}: LSTMs with proj_size are not supported")
-    layers = sorted(int(m.group(1)) for k in lstm if (m := re.fullmatch(r"weight_ih_l(\d+)", k)))
-    if not layers or layers != list(range(len(layers))):
+    layers = sorted(int(m.group(1)) for k in rnn if (m := re.fullmatch(r"weight_ih_l(\d+)", k)))
+    if not layers or layers != list(range(len(layers))) or "weight_hh_l0" not in rnn:
         raise ModelLoadError(
-            f"{source}: expected LSTM tensors weight_ih_l0, weight_ih_l1, ... under {where}, "
-            f"found {sorted(lstm)}"
+            f"{source}: expected LSTM or GRU tensors weight_ih_l0, weight_hh_l0, ... under "
+            f"{where}, found {sorted(rnn)}"
         )
     return len(layers)
 
 
+def _cell_of(rnn: dict[str, torch.Tensor], named: str | None, source: str) -> str:
+    """The cell whose gate rows the tensors hold (4 x hidden: LSTM, 3 x hidden: GRU), which
+    must be the one `named`, if any."""
+    rows, hidden = int(rnn["weight_ih_l0"].shape[0]), int(rnn["weight_hh_l0"].shape[1])
+    found = next((cell for cell in CELLS if rows == GATES[cell] * hidden), None)
+    if found is None:
+        raise ModelLoadError(
+            f"{source}: expected an nn.LSTM (4 x hidden = {4 * hidden} gate rows) or an nn.GRU "
+            f"(3 x hidden = {3 * hidden}), found weight_ih_l0 with {rows} rows for hidden {hidden}"
+        )
+    if named is not None and named != found:
+        raise ModelLoadError(
+            f"{source}: --cell {named} expects {GATES[named]} x hidden = "
+            f"{GATES[named] * hidden} gate rows, found {rows}: the tensors are an "
+            f"nn.{found.upper()}"
+        )
+    return found
+
+
+def _rnn_prefix(state: dict[str, torch.Tensor]) -> str:
+    """The first default prefix that holds any tensor (lstm. when none does)."""
+    return next(
+        (p for p in DEFAULT_PREFIXES if any(k.startswith(p) for k in state)), DEFAULT_PREFIXES[0]
+    )
+
+
 def import_state_dict(
     state: dict[str, torch.Tensor],
-    lstm_prefix: str = "lstm.",
+    rnn_prefix: str | None = None,
     head_prefix: str = "fc.",
     kind: str = "regression",
     labels: tuple[str, ...] = (),
@@ -82,23 +114,28 @@ def import_state_dict(
     name: str = "imported",
     source: str = "checkpoint",
     version: str = "1",
+    cell: str | None = None,
 ) -> SequenceModel:
-    lstm = {k[len(lstm_prefix) :]: v for k, v in state.items() if k.startswith(lstm_prefix)}
+    """The model the state dict holds; `cell` (lstm or gru) is read off the tensors when None,
+    and checked against them otherwise."""
+    prefix = rnn_prefix if rnn_prefix is not None else _rnn_prefix(state)
+    rnn = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     head = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)}
     if "weight" not in head:
         raise ModelLoadError(
             f"{source}: expected a head weight {head_prefix}weight (set --head-prefix); the "
             f"checkpoint's keys are {_keys(state)}"
         )
-    if not lstm:
+    if not rnn:
         raise ModelLoadError(
-            f"{source}: expected LSTM tensors under the prefix {lstm_prefix!r} (set "
-            f"--lstm-prefix); the checkpoint's keys are {_keys(state)}"
+            f"{source}: expected LSTM or GRU tensors under the prefix {prefix!r} (set "
+            f"--rnn-prefix); the checkpoint's keys are {_keys(state)}"
         )
-    num_layers = _layer_count(lstm, source, f"the prefix {lstm_prefix!r}")
-    hidden = lstm["weight_hh_l0"].shape[1] if "weight_hh_l0" in lstm else -1
+    num_layers = _layer_count(rnn, source, f"the prefix {prefix!r}")
+    cell = _cell_of(rnn, cell, source)
+    hidden = rnn["weight_hh_l0"].shape[1]
     config = LSTMConfig(
-        input_size=int(lstm["weight_ih_l0"].shape[1]),
+        input_size=int(rnn["weight_ih_l0"].shape[1]),
         hidden_size=int(hidden),
         num_layers=num_layers,
         output_size=int(head["weight"].shape[0]),
@@ -108,12 +145,13 @@ def import_state_dict(
         input_std=std,
         name=name,
         version=version,
+        cell=cell,
     )
-    tensors = {f"lstm.{k}": v.float() for k, v in lstm.items()}
+    tensors = {f"{cell}.{k}": v.float() for k, v in rnn.items()}
     tensors |= {f"head.{k}": v.float() for k, v in head.items()}
-    for k in range(num_layers):  # nn.LSTM(bias=False) / nn.Linear(bias=False): zero biases
-        for bias in (f"lstm.bias_ih_l{k}", f"lstm.bias_hh_l{k}"):
-            tensors.setdefault(bias, torch.zeros(4 * config.hidden_size))
+    for k in range(num_layers):  # nn.LSTM/GRU(bias=False), nn.Linear(bias=False): zero biases
+        for bias in (f"{cell}.bias_ih_l{k}", f"{cell}.bias_hh_l{k}"):
+            tensors.setdefault(bias, torch.zeros(GATES[cell] * config.hidden_size))
     tensors.setdefault("head.bias", torch.zeros(config.output_size))
     check_tensors(config, tensors, source)
     model = SequenceModel(config)

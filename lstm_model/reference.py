@@ -1,5 +1,5 @@
-"""The LSTM written out gate by gate, as the equations go. Slow and plain on purpose: the tests
-hold the fast nn.LSTM path (cuDNN / oneDNN) to it.
+"""The LSTM and the GRU written out gate by gate, as the equations go. Slow and plain on
+purpose: the tests hold the fast nn.LSTM and nn.GRU paths (cuDNN / oneDNN) to them.
 
 For each layer and timestep, with [h_{t-1}, x_t] the previous hidden state and this input:
 
@@ -12,6 +12,16 @@ For each layer and timestep, with [h_{t-1}, x_t] the previous hidden state and t
 
 nn.LSTM stores the four gates stacked in the order (i, f, g=C̃, o) in weight_ih_l{k} (4H, in),
 weight_hh_l{k} (4H, H), and two biases (4H,) that are simply added.
+
+The GRU, with the same notation (no cell: its state is h alone):
+
+    r_t = σ(W_ir · x_t + b_ir + W_hr · h_{t-1} + b_hr)         reset gate
+    z_t = σ(W_iz · x_t + b_iz + W_hz · h_{t-1} + b_hz)         update gate
+    n_t = tanh(W_in · x_t + b_in + r_t ⊙ (W_hn · h_{t-1} + b_hn))   candidate state
+    h_t = (1 - z_t) ⊙ n_t + z_t ⊙ h_{t-1}                      interpolation
+
+nn.GRU stacks its three gates in the order (r, z, n), 3H rows. The reset gate scales the
+hidden part of the candidate after its bias is added, so the two biases are not one here.
 """
 
 from __future__ import annotations
@@ -46,31 +56,57 @@ def lstm_cell(
     return h_new, c_new
 
 
+def gru_cell(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor,
+    b_hh: torch.Tensor,
+) -> torch.Tensor:
+    """One timestep of one GRU layer: x (B, in), h (B, H) -> new h (B, H)."""
+    hidden = h.shape[-1]
+
+    def from_input(k: int) -> torch.Tensor:
+        rows = slice(k * hidden, (k + 1) * hidden)
+        return x @ w_ih[rows].T + b_ih[rows]  # (B, H)
+
+    def from_hidden(k: int) -> torch.Tensor:
+        rows = slice(k * hidden, (k + 1) * hidden)
+        return h @ w_hh[rows].T + b_hh[rows]  # (B, H)
+
+    reset_gate = torch.sigmoid(from_input(0) + from_hidden(0))
+    update_gate = torch.sigmoid(from_input(1) + from_hidden(1))
+    candidate = torch.tanh(from_input(2) + reset_gate * from_hidden(2))
+    return (1 - update_gate) * candidate + update_gate * h
+
+
 def reference_forward(
     model: SequenceModel, x: torch.Tensor, state: State | None = None
 ) -> tuple[torch.Tensor, State]:
     """SequenceModel.forward, one timestep and one layer at a time: x (B, T, I) -> y (B, T, O)."""
     config = model.config
-    h, c = state if state is not None else model.init_state(x.shape[0])
-    h, c = list(h.unbind(0)), list(c.unbind(0))  # num_layers x (B, H)
+    state = state if state is not None else model.init_state(x.shape[0])
+    layers = [list(tensor.unbind(0)) for tensor in state]  # per state tensor: L x (B, H)
     x = (x - model.input_mean) * model.input_scale
-    lstm = model.lstm
+    rnn = model.rnn
     outputs = []
     for t in range(x.shape[1]):
         layer_input = x[:, t]  # (B, I)
         for k in range(config.num_layers):
-            h[k], c[k] = lstm_cell(
-                layer_input,
-                h[k],
-                c[k],
-                getattr(lstm, f"weight_ih_l{k}"),
-                getattr(lstm, f"weight_hh_l{k}"),
-                getattr(lstm, f"bias_ih_l{k}"),
-                getattr(lstm, f"bias_hh_l{k}"),
-            )
+            weights = [
+                getattr(rnn, f"{name}_l{k}")
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            ]
+            if config.cell == "lstm":
+                h, c = layers
+                h[k], c[k] = lstm_cell(layer_input, h[k], c[k], *weights)
+            else:
+                (h,) = layers
+                h[k] = gru_cell(layer_input, h[k], *weights)
             layer_input = h[k]
         outputs.append(model.head(layer_input))  # (B, O)
     y = torch.stack(outputs, dim=1)  # (B, T, O)
     if config.is_classification:
         y = torch.softmax(y, dim=-1)
-    return y, (torch.stack(h), torch.stack(c))
+    return y, tuple(torch.stack(tensor) for tensor in layers)

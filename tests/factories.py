@@ -21,8 +21,9 @@ def make_model(
     seed: int = 0,
     kind: str = "regression",
     normalised: bool = False,
+    cell: str = "lstm",
 ) -> SequenceModel:
-    model = init_model(input_size, hidden_size, num_layers, output_size, seed, kind)
+    model = init_model(input_size, hidden_size, num_layers, output_size, seed, kind, cell=cell)
     if normalised:
         generator = torch.Generator().manual_seed(seed + 1)
         mean = torch.randn(input_size, generator=generator)

@@ -89,3 +89,29 @@ def test_model_files_are_created_as_the_umask_says(tmp_path):
         os.umask(previous)
     for name in ("config.json", "model.safetensors"):
         assert (tmp_path / "model" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_init_with_cell_gru_writes_a_gru_model(tmp_path, capsys):
+    """`lstm-model init --cell gru` records the cell in config.json; the model loads as a GRU
+    (one state tensor) whose outputs run chunk by chunk equal one pass."""
+    import json
+
+    import torch
+
+    from lstm_model.checkpoint import load_model
+    from lstm_model.cli import main
+    from tests.factories import make_inputs
+
+    out = tmp_path / "gru"
+    args = ["init", "--cell", "gru", "--input-size", "3", "--hidden-size", "8"]
+    assert main([*args, "--num-layers", "2", "--output-size", "2", "--out", str(out)]) == 0
+    assert "cell=gru input=3 hidden=8 layers=2 output=2" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["cell"] == "gru"
+    model = load_model(out).model
+    x = make_inputs(batch=2, steps=6, input_size=3)
+    with torch.inference_mode():
+        whole, (h,) = model(x)
+        first, state = model(x[:, :4])
+        rest, (h_rest,) = model(x[:, 4:], state)
+    torch.testing.assert_close(torch.cat([first, rest], 1), whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(h_rest, h, atol=1e-6, rtol=0)

@@ -5,6 +5,7 @@ from lstm_model.reference import reference_forward
 from tests.factories import make_inputs, make_model
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize(
     ("input_size", "hidden_size", "num_layers", "output_size", "kind"),
     [
@@ -17,8 +18,10 @@ from tests.factories import make_inputs, make_model
 )
 @torch.inference_mode()
 def test_fast_path_equals_gate_by_gate_reference(
-    input_size, hidden_size, num_layers, output_size, kind
+    input_size, hidden_size, num_layers, output_size, kind, cell
 ):
+    """nn.LSTM / nn.GRU against the gate-by-gate cells, from a random state: every state
+    tensor (h and c; h alone for a GRU) and every output within 1e-5."""
     model = make_model(
         input_size,
         hidden_size,
@@ -27,18 +30,21 @@ def test_fast_path_equals_gate_by_gate_reference(
         seed=hidden_size,
         kind=kind,
         normalised=True,
+        cell=cell,
     )
     x = make_inputs(batch=3, steps=11, input_size=input_size, seed=num_layers)
     generator = torch.Generator().manual_seed(7)
-    state = tuple(torch.randn(num_layers, 3, hidden_size, generator=generator) for _ in range(2))
+    names = model.config.state_names
+    state = tuple(torch.randn(num_layers, 3, hidden_size, generator=generator) for _ in names)
 
-    y_fast, (h_fast, c_fast) = model(x, state)
-    y_ref, (h_ref, c_ref) = reference_forward(model, x, state)
+    y_fast, state_fast = model(x, state)
+    y_ref, state_ref = reference_forward(model, x, state)
 
     assert y_fast.shape == (3, 11, output_size)
+    assert len(state_fast) == len(state_ref) == {"lstm": 2, "gru": 1}[cell]
     torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(h_fast, h_ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(c_fast, c_ref, atol=1e-5, rtol=0)
+    for name, fast, ref in zip(names, state_fast, state_ref, strict=True):
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @torch.inference_mode()

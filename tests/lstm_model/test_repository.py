@@ -26,7 +26,7 @@ def identity(model_dir) -> tuple[str, str]:
 def test_init_into_a_repository_takes_name_and_version_from_the_path(tmp_path, capsys):
     out = tmp_path / "repo" / "m" / "3"
     assert main([*INIT, "--out", str(out)]) == 0
-    assert capsys.readouterr().out.startswith(f"wrote {out}: m v3 input=2 ")
+    assert capsys.readouterr().out.startswith(f"wrote {out}: m v3 cell=lstm input=2 ")
     loaded = load_model(out).model.config
     assert (loaded.name, loaded.version) == ("m", "3")
 
@@ -48,7 +48,7 @@ def test_import_into_a_repository_takes_name_and_version_from_the_path(tmp_path,
     out = tmp_path / "repo" / "user-net" / "12"
     prefixes = ["--lstm-prefix", "rnn.", "--head-prefix", "classifier."]
     assert main(["import", str(file), "--out", str(out), *prefixes]) == 0
-    assert capsys.readouterr().out.startswith(f"wrote {out}: user-net v12 input=5 ")
+    assert capsys.readouterr().out.startswith(f"wrote {out}: user-net v12 cell=lstm input=5 ")
     assert identity(out) == ("user-net", "12")
     plain = tmp_path / "plain"
     assert main(["import", str(file), "--out", str(plain), *prefixes]) == 0
