@@ -133,7 +133,7 @@ def test_resend_older_than_the_replay_buffer_is_refused(bundled_model):
             start_step=6,
         )
         assert_state_equals_offline(srv.target, stream.session_id, bundled_model, steps)
-    assert error.metadata == {"expected_step": "12"}
+    assert error.metadata == {"expected_step": "12", "oldest_step": "7"}
     assert "expected at least 7" in error.details
 
 
