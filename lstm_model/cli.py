@@ -1,4 +1,5 @@
-"""lstm-model: create, import, publish, train and evaluate model directories."""
+"""lstm-model: create, import, publish, train and evaluate model directories, of LSTM or GRU
+models (init --cell gru; import reads the cell off the checkpoint)."""
 
 from __future__ import annotations
 
@@ -174,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lstm-model", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("init", help="write a randomly initialised model directory")
+    p = sub.add_parser(
+        "init", help="write a randomly initialised model directory (an LSTM, or --cell gru)"
+    )
     p.add_argument("--input-size", type=int, required=True)
     p.add_argument("--hidden-size", type=int, required=True)
     p.add_argument("--num-layers", type=int, required=True)

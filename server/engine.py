@@ -139,13 +139,18 @@ class Engine:
     ) -> None:
         self.model = loaded.model.to(device=device, dtype=dtype).eval()
         if device.type == "cuda":
-            self.model.lstm.flatten_parameters()  # one contiguous weight buffer for cuDNN
+            self.model.rnn.flatten_parameters()  # one contiguous weight buffer for cuDNN
         self.fingerprint = loaded.fingerprint
         self.config = loaded.model.config
         self.device = device
         self.dtype = dtype
         self.pool = StatePool(
-            self.config.num_layers, self.config.hidden_size, capacity, device, dtype
+            self.config.num_layers,
+            self.config.hidden_size,
+            capacity,
+            device,
+            dtype,
+            self.config.state_names,  # the state the model declares: h and c, or h
         )
         self.threads = ThreadPolicy(torch_threads)
         self.torch_threads = self.threads.threads(rows=1, timesteps=1)  # a one-step batch's
@@ -222,9 +227,9 @@ class Engine:
         if x.shape[1] == 1 and lengths is None:
             y = self.one_step.run(x_dev, slots_dev)  # (B, 1, O)
         else:
-            h, c = self.pool.gather(slots_dev)  # (L, B, H)
-            y, (h, c) = self.model(x_dev, (h, c), lengths)  # (B, T, O)
-            self.pool.scatter(slots_dev, h, c)
+            state = self.pool.gather(slots_dev)  # (L, B, H) each
+            y, state = self.model(x_dev, state, lengths)  # (B, T, O)
+            self.pool.scatter(slots_dev, state)
         return self._to_host(y)
 
     def _use_threads(self, threads: int) -> None:

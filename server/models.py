@@ -147,8 +147,8 @@ class ModelVersion:
         c = self.config
         return (
             f"model {self.key} ({self.fingerprint[:12]}) on {self.engine.device}/"
-            f"{str(self.engine.dtype).removeprefix('torch.')}: input {c.input_size}, hidden "
-            f"{c.hidden_size} x {c.num_layers} layers, output {c.output_size}; state pool "
+            f"{str(self.engine.dtype).removeprefix('torch.')}: {c.cell}, input {c.input_size}, "
+            f"hidden {c.hidden_size} x {c.num_layers} layers, output {c.output_size}; state pool "
             f"{self.pool.nbytes / 2**20:.1f} MiB"
         )
 
@@ -181,6 +181,7 @@ class Models:
                 "device": str(model.engine.device),
                 "dtype": str(model.engine.dtype).removeprefix("torch."),
                 "fingerprint": model.fingerprint[:12],
+                "cell": model.config.cell,
             }
         )
         self.update_state_metric(model)

@@ -29,8 +29,8 @@ class SessionMoves:
             if session.closed:
                 raise SessionNotFound(session_id)
             model: ModelVersion = session.model
-            h, c = await model.engine.call(model.pool.read, [session.slot])
-            return transfer.encode(self.record(session, h[0], c[0]))
+            state = await model.engine.call(model.pool.read, [session.slot])  # (1, L, H) each
+            return transfer.encode(self.record(session, tuple(t[0] for t in state)))
 
     async def import_session(
         self, data: bytes, session_id: str = "", principal: str = ""
@@ -87,7 +87,9 @@ class SessionMoves:
                 f"{model.key} {model.fingerprint[:12]}; a session moves only between equal models"
             )
         config = model.config
-        transfer.validate(record, config.num_layers, config.hidden_size, config.output_size)
+        transfer.validate(
+            record, config.num_layers, config.hidden_size, config.output_size, config.state_names
+        )
         return model
 
     async def restore(
@@ -112,9 +114,12 @@ class SessionMoves:
                 await self._runtime.close_session(session, "deleted")
             raise
         for model, indices in group_by_model(sessions).items():
-            h = torch.stack([records[i].h for i in indices], dim=1)  # (L, N, H)
-            c = torch.stack([records[i].c for i in indices], dim=1)  # (L, N, H)
-            await model.engine.call(model.pool.write, [sessions[i].slot for i in indices], h, c)
+            state = tuple(
+                torch.stack([records[i].state[name] for i in indices], dim=1)  # (L, N, H)
+                for name in model.config.state_names
+            )
+            slots = [sessions[i].slot for i in indices]
+            await model.engine.call(model.pool.write, slots, state)
         for session, record in zip(sessions, records, strict=True):
             replay = record.replay.numpy()
             session.commit(record.next_step - len(replay), replay)
@@ -126,19 +131,19 @@ class SessionMoves:
         sessions = list(self._runtime.sessions)
         states = await self._runtime.read_states(sessions)
         return [
-            self.record(s, torch.from_numpy(h), torch.from_numpy(c))
-            for s, (h, c) in zip(sessions, states, strict=True)
+            self.record(s, tuple(torch.from_numpy(t) for t in state))
+            for s, state in zip(sessions, states, strict=True)
         ]
 
-    def record(self, session: Session, h: torch.Tensor, c: torch.Tensor) -> transfer.SessionRecord:
+    def record(self, session: Session, state: tuple[torch.Tensor, ...]) -> transfer.SessionRecord:
+        """The session's record, `state` its state tensors (L, H) in the model's order."""
         model: ModelVersion = session.model
         replay_start = session.replay.first_step(session.next_step)
         replay = session.replay.read(replay_start, session.next_step, model.config.output_size)
         return transfer.SessionRecord(
             session_id=session.session_id,
             next_step=session.next_step,
-            h=h,
-            c=c,
+            state=dict(zip(model.config.state_names, state, strict=True)),
             replay=torch.from_numpy(np.ascontiguousarray(replay)),
             fingerprint=model.fingerprint,
             create_time=session.create_time,

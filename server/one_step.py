@@ -1,9 +1,11 @@
 """One-step batches: the kernel that runs them, and on CUDA a captured graph per batch size.
 
-Two kernels compute one timestep: `nn.LSTM` through the model (the default), and `FusedStep`
-(lstm_model/fused.py), one `addmm` per layer. On a CPU the fused step is 2-4x faster for small
-batches and slower for large ones (docs/performance.md); `fastest` times both at every bucket
-size, a power of two, at start and keeps the faster for the batches that fall in it. The fused
+Two kernels compute one timestep: `nn.LSTM` through the model (the default; for a GRU model, its
+nn.GRU), and, for an LSTM, `FusedStep` (lstm_model/fused.py), one `addmm` per layer. A GRU has
+no fused step: it runs the module whatever --one-step-kernel says. On a CPU the fused step is
+2-4x faster for small batches and slower for large ones (docs/performance.md); `fastest` times
+both at every bucket size, a power of two, at start and keeps the faster for the batches that
+fall in it. The fused
 step is as close to float64 as nn.LSTM is, but rounds differently, and a recurrence amplifies
 that: on the bundled model a stream stepped by it drifts past 1e-5 from nn.LSTM offline within
 ten steps. So nn.LSTM, whose outputs do not depend on how a stream is chunked, is the default.
@@ -27,15 +29,13 @@ import torch
 
 from lstm_model.fused import FusedStep
 from lstm_model.model import SequenceModel
-from server.state_pool import StatePool
+from server.state_pool import State, StatePool
 
 log = logging.getLogger(__name__)
-KERNELS = ("nn.LSTM", "fused")
+KERNELS = ("nn.LSTM", "fused")  # nn.LSTM: the model's own recurrent module (nn.GRU for a GRU)
 CHOICES = (*KERNELS, "fastest")
-# x (B, 1, I), h and c (L, B, H) -> y (B, 1, O), new h, new c
-Kernel = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-]
+# x (B, 1, I), the state's tensors (L, B, H) each -> y (B, 1, O), the new state
+Kernel = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 
 
 def bucket_sizes(max_batch_size: int) -> list[int]:
@@ -72,8 +72,13 @@ class OneStepRunner:
         self.capture = capture
         self.pad = capture if pad is None else pad or capture
         self.sizes = bucket_sizes(max_batch_size)
-        self._fused = FusedStep(model)
-        self._kernels: dict[str, Kernel] = {"nn.LSTM": self._lstm, "fused": self._fused_step}
+        self._kernels: dict[str, Kernel] = {"nn.LSTM": self._module}
+        if model.config.cell == "lstm":
+            self._fused = FusedStep(model)
+            self._kernels["fused"] = self._fused_step
+        elif kernel != "nn.LSTM":
+            log.info("one-step kernel: a %s has no fused step; it runs nn.GRU", model.config.cell)
+            kernel = "nn.LSTM"
         self._forced = None if kernel == "fastest" else kernel
         self._buckets: dict[int, _Bucket] = {}
 
@@ -96,9 +101,9 @@ class OneStepRunner:
         n = x.shape[0]
         bucket = self._bucket(self.bucket_of(n))
         if not self.pad:  # at the batch's own size
-            h, c = self.pool.gather(slots)  # (L, n, H)
-            y, h, c = self._kernels[bucket.kernel](x, h, c)
-            self.pool.scatter(slots, h, c)
+            state = self.pool.gather(slots)  # (L, n, H) each
+            y, state = self._kernels[bucket.kernel](x, state)
+            self.pool.scatter(slots, state)
             return y
         bucket.x[:n].copy_(x, non_blocking=True)
         bucket.x[n:].zero_()
@@ -110,22 +115,18 @@ class OneStepRunner:
             self._step(bucket, bucket.kernel)
         return bucket.y[:n] if bucket.y.is_cuda else bucket.y[:n].clone()  # the next batch reuses y
 
-    def _lstm(
-        self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        y, (h, c) = self.model(x, (h, c))  # (B, 1, O)
-        return y, h, c
+    def _module(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        return self.model(x, state)  # (B, 1, O), the new state
 
-    def _fused_step(
-        self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _fused_step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        h, c = state
         y, h, c = self._fused(x[:, 0], h, c)  # y (B, O); h, c updated in place
-        return y[:, None], h, c  # (B, 1, O)
+        return y[:, None], (h, c)  # (B, 1, O)
 
     def _step(self, bucket: _Bucket, kernel: str) -> None:
-        h, c = self.pool.gather(bucket.slots)  # (L, B, H)
-        y, h, c = self._kernels[kernel](bucket.x, h, c)  # (B, 1, O)
-        self.pool.scatter(bucket.slots, h, c)
+        state = self.pool.gather(bucket.slots)  # (L, B, H) each
+        y, state = self._kernels[kernel](bucket.x, state)  # (B, 1, O)
+        self.pool.scatter(bucket.slots, state)
         bucket.y.copy_(y)
 
     def _bucket(self, size: int) -> _Bucket:
@@ -143,7 +144,7 @@ class OneStepRunner:
             y=torch.zeros(size, 1, config.output_size, device=weight.device, dtype=weight.dtype),
         )
         graphs = {kernel: self._capture(bucket, kernel) if self.capture else None
-                  for kernel in ([self._forced] if self._forced else KERNELS)}  # fmt: skip
+                  for kernel in ([self._forced] if self._forced else self._kernels)}  # fmt: skip
         bucket.kernel = min(graphs, key=lambda kernel: self._time(bucket, kernel, graphs[kernel]))
         bucket.graph = graphs[bucket.kernel]
         log.debug("one-step batches of up to %d rows run %s", size, bucket.kernel)

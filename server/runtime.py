@@ -190,21 +190,21 @@ class Runtime:
         )
         return session
 
-    async def read_states(self, sessions: list[Session]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Each session's h and c, (L, H) each, read on its version's engine thread after every
-        batch already handed to it; the batcher has committed those batches by the time this
-        await returns, so each session's next_step agrees with the state read."""
-        nothing = (np.zeros(0, np.float32), np.zeros(0, np.float32))  # a closed one's
-        states = [nothing] * len(sessions)
+    async def read_states(self, sessions: list[Session]) -> list[tuple[np.ndarray, ...]]:
+        """Each session's state tensors (its model's state_names: h and c, or h), (L, H) each,
+        read on its version's engine thread after every batch already handed to it; the batcher
+        has committed those batches by the time this await returns, so each session's next_step
+        agrees with the state read. A closed session's is empty."""
+        states: list[tuple[np.ndarray, ...]] = [()] * len(sessions)
         for model, indices in group_by_model(sessions).items():
             # Checked just before each read (no await in between): an earlier read's await
             # may have let sessions close and their drained version unload.
             live = [i for i in indices if not sessions[i].closed]
             if not live or not self.models.holds(model):
                 continue
-            h, c = await model.engine.call(model.pool.read, [sessions[i].slot for i in live])
-            for row, i in enumerate(live):  # h, c: (N, L, H)
-                states[i] = (h[row].numpy(), c[row].numpy())
+            state = await model.engine.call(model.pool.read, [sessions[i].slot for i in live])
+            for row, i in enumerate(live):  # each tensor: (N, L, H)
+                states[i] = tuple(tensor[row].numpy() for tensor in state)
         return states
 
     async def close_session(self, session: Session, reason: str) -> None:

@@ -179,6 +179,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             fingerprint=model.fingerprint,
             replay_steps=self.runtime.config.replay_steps,
             durable_sessions=self.runtime.store is not None,
+            cell=config.cell,
         )
 
     @unary("ListModels")
@@ -454,16 +455,17 @@ def list_models_response(runtime: Runtime) -> pb.ListModelsResponse:
             listed[name] = response.models.add(name=name)
         return listed[name]
 
-    rows = [(v.key, v.state, v.sessions, v.fingerprint, "") for v in models]
-    rows += [(k, VersionState.LOADING, 0, "", "") for k in models.loading]
-    rows += [(k, VersionState.FAILED, 0, "", f.error) for k, f in models.failed.items()]
-    for key, state, sessions, fingerprint, error in sorted(rows, key=lambda r: r[0]):
+    rows = [(v.key, v.state, v.sessions, v.fingerprint, "", v.config.cell) for v in models]
+    rows += [(k, VersionState.LOADING, 0, "", "", "") for k in models.loading]
+    rows += [(k, VersionState.FAILED, 0, "", f.error, "") for k, f in models.failed.items()]
+    for key, state, sessions, fingerprint, error, cell in sorted(rows, key=lambda r: r[0]):
         entry(key.name).versions.add(
             version=key.version,
             state=VERSION_STATES[state],
             sessions=sessions,
             fingerprint=fingerprint,
             error=error,
+            cell=cell,
         )
     return response
 

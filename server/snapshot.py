@@ -1,9 +1,9 @@
 """Snapshots: every session written on shutdown, read back at start.
 
 One file, `sessions.snapshot` in --snapshot-dir: a safetensors document with, per model version,
-its sessions' h and c stacked and their replay buffers concatenated, and JSON metadata (format
-version; per group the model, version and fingerprint, and each session's id, next step and
-replay length). Written atomically: temp file,
+its sessions' state tensors stacked (h and c for an LSTM, h for a GRU) and their replay buffers
+concatenated, and JSON metadata (format version; per group the model, version, fingerprint and
+state names, and each session's id, next step and replay length). Written atomically: temp file,
 fsync, rename, fsync of the directory, so a crash mid-write leaves the previous state intact.
 A snapshot is deleted once restored: restoring it twice would roll sessions back.
 """
@@ -22,7 +22,9 @@ from server.transfer import SessionRecord
 
 SNAPSHOT_FILE = "sessions.snapshot"
 FORMAT = "lstm-stream.snapshot"
-VERSION = 2  # 2: sessions grouped by model version; 1 (one model) is still read
+VERSION = 3  # 3: each group names its state; 2 (grouped, LSTMs) and 1 (one model) are still read
+READABLE = ("1", "2", "3")
+LSTM_STATE = ["h", "c"]  # what versions 1 and 2 held
 
 
 class SnapshotError(Exception):
@@ -65,14 +67,16 @@ def write_snapshot(directory: Path, records: list[SessionRecord]) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     described = []
     for g, ((model, version, fingerprint), members) in enumerate(groups.items()):
-        tensors[f"{g}.h"] = torch.stack([r.h for r in members])  # (N, L, H)
-        tensors[f"{g}.c"] = torch.stack([r.c for r in members])  # (N, L, H)
+        names = list(members[0].state)  # one model version: one declared state
+        for name in names:
+            tensors[f"{g}.{name}"] = torch.stack([r.state[name] for r in members])  # (N, L, H)
         tensors[f"{g}.replay"] = torch.cat([r.replay for r in members])  # (sum R, O)
         described.append(
             {
                 "model": model,
                 "model_version": version,
                 "fingerprint": fingerprint,
+                "state": names,
                 "sessions": [
                     {
                         "id": r.session_id,
@@ -112,7 +116,7 @@ def read_snapshot(directory: Path) -> list[SessionRecord]:
     try:
         tensors = load(data)
         metadata = _metadata(data)
-        if metadata.get("format") != FORMAT or metadata.get("version") not in ("1", "2"):
+        if metadata.get("format") != FORMAT or metadata.get("version") not in READABLE:
             raise SnapshotError(
                 f"{path}: expected {FORMAT} version {VERSION}, got "
                 f"{metadata.get('format')} version {metadata.get('version')}"
@@ -137,6 +141,7 @@ def _group_records(
     group: dict, tensors: dict[str, torch.Tensor], prefix: str
 ) -> list[SessionRecord]:
     records, offset = [], 0
+    names = group.get("state", LSTM_STATE)
     for i, s in enumerate(group["sessions"]):
         replay = tensors[f"{prefix}replay"][offset : offset + s["replay"]]
         offset += s["replay"]
@@ -144,8 +149,7 @@ def _group_records(
             SessionRecord(
                 s["id"],
                 s["next_step"],
-                tensors[f"{prefix}h"][i],
-                tensors[f"{prefix}c"][i],
+                {name: tensors[f"{prefix}{name}"][i] for name in names},
                 replay,
                 group["fingerprint"],
                 s["create_time"],

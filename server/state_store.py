@@ -136,14 +136,14 @@ class Snapshot:
 
     session: Session
     next_step: int
-    h: np.ndarray  # (L, H) float32
-    c: np.ndarray  # (L, H) float32
+    state: tuple[np.ndarray, ...]  # the model's state tensors (h and c, or h): (L, H) float32
 
 
-# Reads the state of some sessions from their versions' pools: each one's h and c, (L, H) each.
+# Reads the state of some sessions from their versions' pools: each one's state tensors (h and
+# c, or h), (L, H) each.
 # Runs after every batch already handed to the engines, and the batchers commit those before
 # the read's result arrives, so the sessions' next_step values agree with the state read.
-StateReader = Callable[[list[Session]], Awaitable[list[tuple[np.ndarray, np.ndarray]]]]
+StateReader = Callable[[list[Session]], Awaitable[list[tuple[np.ndarray, ...]]]]
 
 
 class StateStore:
@@ -293,8 +293,8 @@ class StateStore:
             return {}
         states = await self._read_states(list(sessions.values()))
         return {
-            key: Snapshot(session, session.next_step, h, c)
-            for (key, session), (h, c) in zip(sessions.items(), states, strict=True)
+            key: Snapshot(session, session.next_step, state)
+            for (key, session), state in zip(sessions.items(), states, strict=True)
             if not session.closed  # closed meanwhile: its slot may be another's now
         }
 
@@ -377,8 +377,10 @@ class StateStore:
         record = transfer.SessionRecord(
             session_id=session.session_id,
             next_step=snapshot.next_step,
-            h=torch.from_numpy(snapshot.h),  # zero-copy views
-            c=torch.from_numpy(snapshot.c),
+            state={  # zero-copy views
+                name: torch.from_numpy(array)
+                for name, array in zip(model.config.state_names, snapshot.state, strict=True)
+            },
             replay=torch.from_numpy(replay),
             fingerprint=model.fingerprint,
             create_time=session.create_time,

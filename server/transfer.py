@@ -1,8 +1,10 @@
 """A session's whole state as bytes: what ExportSession returns, ImportSession and snapshots read.
 
-The bytes are a safetensors document (tensors h, c and the replay buffer's outputs; JSON
-metadata with the format version, id, step index and model fingerprint), so any later release
-can read a version it knows, and nothing is ever unpickled.
+The bytes are a safetensors document (the state tensors the model declares, h and c for an LSTM
+or h for a GRU, and the replay buffer's outputs; JSON metadata with the format version, the
+state's names, id, step index and model fingerprint), so any later release can read a version it
+knows, and nothing is ever unpickled. Version 2 names the state; version 1, from before GRUs,
+held an LSTM's h and c and is still read.
 
 The state store keeps the same record as separate fields (to_fields/from_fields: raw float32
 bytes and one JSON field), which costs a tenth of a safetensors document to write, and it writes
@@ -24,21 +26,26 @@ from safetensors.torch import load as load_tensors
 from server.errors import BadInput
 
 FORMAT = "lstm-stream.session"
-VERSION = 1
+VERSION = 2  # 2: the state's names recorded; 1 (an LSTM's h and c) is still read
+READABLE = (1, 2)
+VERSION_1_STATE = ("h", "c")
 
 
 @dataclass(frozen=True)
 class SessionRecord:
     session_id: str
     next_step: int
-    h: torch.Tensor  # (L, H) float32
-    c: torch.Tensor  # (L, H) float32
+    state: dict[str, torch.Tensor]  # by name, in the model's order (h, c or h): (L, H) float32
     replay: torch.Tensor  # (R, O) float32: outputs of steps next_step - R .. next_step - 1
     fingerprint: str
     create_time: float
     principal: str = ""
     model: str = ""  # the version it lives on; empty in records from before versions
     model_version: int = 0
+
+    @property
+    def h(self) -> torch.Tensor:
+        return self.state["h"]
 
 
 def encode(record: SessionRecord) -> bytes:
@@ -52,8 +59,9 @@ def encode(record: SessionRecord) -> bytes:
         "principal": record.principal,
         "model": record.model,
         "model_version": str(record.model_version),
+        "state": ",".join(record.state),
     }
-    tensors = {"h": record.h, "c": record.c, "replay": record.replay}
+    tensors = {**record.state, "replay": record.replay}
     # numpy's writer: a fifth of torch's time, and the state store encodes after every batch
     # (it passes numpy arrays; np.asarray takes CPU tensors and arrays alike).
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
@@ -78,18 +86,18 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 def decode(data: bytes) -> SessionRecord:
     metadata = _metadata(data)
-    if metadata.get("version") != str(VERSION):
+    if metadata.get("version") not in {str(v) for v in READABLE}:
         raise BadInput(
-            f"state: expected version {VERSION}, got {metadata.get('version')!r} "
+            f"state: expected version {VERSION} (or 1), got {metadata.get('version')!r} "
             "(exported by a newer release?)"
         )
     try:
         tensors = load_tensors(data)
+        names = metadata["state"].split(",") if "state" in metadata else VERSION_1_STATE
         return SessionRecord(
             session_id=metadata["session_id"],
             next_step=int(metadata["next_step"]),
-            h=tensors["h"],
-            c=tensors["c"],
+            state={name: tensors[name] for name in names},
             replay=tensors["replay"],
             fingerprint=metadata["fingerprint"],
             create_time=float(metadata["create_time"]),
@@ -101,15 +109,26 @@ def decode(data: bytes) -> SessionRecord:
         raise BadInput(f"state: corrupt exported session ({exc})") from None
 
 
-def validate(record: SessionRecord, num_layers: int, hidden_size: int, output_size: int) -> None:
+def validate(
+    record: SessionRecord,
+    num_layers: int,
+    hidden_size: int,
+    output_size: int,
+    state_names: tuple[str, ...] = VERSION_1_STATE,
+) -> None:
     """Refuse a record that would make a broken session; run before anything is created."""
     from server.codec import check_session_id
 
     check_session_id(record.session_id)
     if not 0 <= record.next_step < 2**63:
         raise BadInput(f"state: expected next_step in [0, 2**63), got {record.next_step}")
+    if tuple(record.state) != tuple(state_names):
+        raise BadInput(
+            f"state: expected the tensors {', '.join(state_names)} (the model's recurrent "
+            f"state), got {', '.join(record.state) or 'none'}"
+        )
     expected = (num_layers, hidden_size)
-    for name, tensor in (("h", record.h), ("c", record.c)):
+    for name, tensor in record.state.items():
         if tuple(tensor.shape) != expected:
             raise BadInput(
                 f"state: expected {name} of shape {list(expected)}, got {list(tensor.shape)}"
@@ -120,7 +139,7 @@ def validate(record: SessionRecord, num_layers: int, hidden_size: int, output_si
             f"state: expected replay of shape [R, {output_size}] with R <= next_step "
             f"({record.next_step}), got {list(replay.shape)}"
         )
-    for name, tensor in (("h", record.h), ("c", record.c), ("replay", replay)):
+    for name, tensor in (*record.state.items(), ("replay", replay)):
         if tensor.dtype != torch.float32 or not torch.isfinite(tensor).all():
             raise BadInput(
                 f"state: expected finite float32 {name}, got {tensor.dtype} "
@@ -134,10 +153,10 @@ def validate(record: SessionRecord, num_layers: int, hidden_size: int, output_si
 
 def to_fields(record: SessionRecord, meta: bool = True) -> dict[str, bytes | str | int]:
     """The record as hash fields for the state store: step, meta (JSON; left out when `meta`
-    is false, for an update of a stored record) and state (h, c and the replay buffer as raw
-    little-endian float32, one after another)."""
+    is false, for an update of a stored record) and state (the state tensors in order, then the
+    replay buffer, as raw little-endian float32, one after another)."""
     layers, hidden = record.h.shape
-    arrays = (record.h, record.c, record.replay)
+    arrays = (*record.state.values(), record.replay)
     state = b"".join(np.ascontiguousarray(a, dtype="<f4").tobytes() for a in arrays)
     if not meta:
         return {"step": record.next_step, "state": state}
@@ -152,6 +171,7 @@ def to_fields(record: SessionRecord, meta: bool = True) -> dict[str, bytes | str
         "model": record.model,
         "model_version": record.model_version,
         "shape": [layers, hidden, record.replay.shape[1]],  # L, H, output size
+        "state": list(record.state),
     }
     return {"step": record.next_step, "meta": json.dumps(meta), "state": state}
 
@@ -160,20 +180,22 @@ def from_fields(fields: dict[bytes, bytes]) -> SessionRecord:
     """A record from the state store's hash fields; BadInput names what is wrong."""
     try:
         meta = json.loads(fields[b"meta"])
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        if meta.get("format") != FORMAT or meta.get("version") not in READABLE:
             raise BadInput(
-                f"stored state: expected {FORMAT!r} version {VERSION}, got "
+                f"stored state: expected {FORMAT!r} version {VERSION} (or 1), got "
                 f"{meta.get('format')!r} version {meta.get('version')!r}"
             )
         layers, hidden, outputs = (int(n) for n in meta["shape"])
+        names = meta.get("state", VERSION_1_STATE)
         values = torch.from_numpy(np.frombuffer(fields[b"state"], dtype="<f4").copy())
         size = layers * hidden
+        state = {name: values[i * size : (i + 1) * size].reshape(layers, hidden)
+                 for i, name in enumerate(names)}  # fmt: skip
         return SessionRecord(
             session_id=meta["session_id"],
             next_step=int(fields[b"step"]),
-            h=values[:size].reshape(layers, hidden),
-            c=values[size : 2 * size].reshape(layers, hidden),
-            replay=values[2 * size :].reshape(-1, outputs),
+            state=state,
+            replay=values[len(names) * size :].reshape(-1, outputs),
             fingerprint=meta["fingerprint"],
             create_time=float(meta["create_time"]),
             principal=meta["principal"],

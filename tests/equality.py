@@ -12,8 +12,8 @@ a doubled step moves logits by 2e-2 or more.
 A doubled or skipped step can hide in a classifier's outputs: the bundled model's softmax
 saturates, and a step applied twice moved it by less than 1e-5 in a third of random inputs while
 its logits moved by 2e-2 or more. So a test of exactly-once, resume, replay, takeover, transfer
-or restart also compares the session's exported (h, c) with offline (assert_state_equals_offline),
-or runs a regression model, whose outputs do not saturate.
+or restart also compares the session's exported state (h and c; h for a GRU) with offline
+(assert_state_equals_offline), or runs a regression model, whose outputs do not saturate.
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ RTOL = 4e-6
 
 
 def _run(model: SequenceModel, steps, dtype: torch.dtype):
-    """Outputs (T, O) and final (h, c), (L, H) each, of one sequence from zero state."""
+    """Outputs (T, O) and the final state tensors (h and c, or h), (L, H) each, of one sequence
+    from zero state."""
     one_thread()
     if dtype is not torch.float32:
         model = copy.deepcopy(model).to(dtype)
     with torch.inference_mode():
         x = torch.as_tensor(np.asarray(steps), dtype=dtype)[None]  # (1, T, I)
-        y, (h, c) = model(x)
-    return y[0].double().numpy(), h[:, 0].double().numpy(), c[:, 0].double().numpy()
+        y, state = model(x)
+    return y[0].double().numpy(), tuple(t[:, 0].double().numpy() for t in state)
 
 
 def _assert_close(got, f32, f64_of, err_msg: str, what: str) -> None:
@@ -69,16 +70,17 @@ def assert_equals_offline(
     _assert_close(got, y32, lambda: _run(model, steps, torch.float64)[0][rows], err_msg, "outputs")
 
 
-def offline_state(model: SequenceModel, steps) -> tuple[np.ndarray, np.ndarray]:
-    """(h, c) after the sequence `steps` (T, I) from zero state, (L, H) each, float32."""
-    _, h, c = _run(model, steps, torch.float32)
-    return h.astype(np.float32), c.astype(np.float32)
+def offline_state(model: SequenceModel, steps) -> tuple[np.ndarray, ...]:
+    """The state tensors (h and c, or h) after the sequence `steps` (T, I) from zero state,
+    (L, H) each, float32."""
+    return tuple(t.astype(np.float32) for t in _run(model, steps, torch.float32)[1])
 
 
 def exported_state(
     target: str, session_id: str, metadata: Sequence[tuple[str, str]] = ()
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """A live session's (h, c), (L, H) each, and its next step, as ExportSession gives them."""
+) -> tuple[dict[str, np.ndarray], int]:
+    """A live session's state tensors by name ((L, H) each) and its next step, as ExportSession
+    gives them."""
     import grpc
     from safetensors.numpy import load
 
@@ -91,7 +93,8 @@ def exported_state(
         state = stub.ExportSession(request, metadata=tuple(metadata), timeout=30).state
         info = stub.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=metadata)
     tensors = load(state)
-    return tensors["h"], tensors["c"], info.session.next_step
+    tensors.pop("replay")
+    return tensors, info.session.next_step
 
 
 def assert_state_equals_offline(
@@ -103,10 +106,12 @@ def assert_state_equals_offline(
     err_msg: str = "",
 ) -> None:
     """The session has applied exactly `steps` (T, I) from zero state, each once: its next step
-    is T and its exported (h, c) equal offline's."""
-    h, c, next_step = exported_state(target, session_id, metadata)
+    is T and every exported state tensor (h and c, or h) equals offline's."""
+    state, next_step = exported_state(target, session_id, metadata)
     assert next_step == len(steps), f"next_step {next_step}, expected {len(steps)}. {err_msg}"
-    _, h32, c32 = _run(model, steps, torch.float32)
-    f64 = lambda: _run(model, steps, torch.float64)  # noqa: E731
-    _assert_close(h, h32, lambda: f64()[1], err_msg, "exported h")
-    _assert_close(c, c32, lambda: f64()[2], err_msg, "exported c")
+    names = model.config.state_names
+    assert sorted(state) == sorted(names), f"exported {sorted(state)}, expected {names}"
+    offline32 = _run(model, steps, torch.float32)[1]
+    f64 = lambda: _run(model, steps, torch.float64)[1]  # noqa: E731
+    for k, name in enumerate(names):
+        _assert_close(state[name], offline32[k], lambda k=k: f64()[k], err_msg, f"exported {name}")

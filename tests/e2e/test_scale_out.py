@@ -234,8 +234,7 @@ def test_a_stored_session_of_another_model_is_refused_by_name(bundled_model):
     record = transfer.SessionRecord(
         session_id="old-model-session",
         next_step=3,
-        h=torch.zeros(2, 48),
-        c=torch.zeros(2, 48),
+        state={"h": torch.zeros(2, 48), "c": torch.zeros(2, 48)},
         replay=torch.zeros(3, 4),
         fingerprint="0" * 64,
         create_time=time.time(),

@@ -71,10 +71,14 @@ def test_predict_leaves_the_pool_untouched():
     assert torch.equal(engine.pool.h, before)
 
 
-def test_bucketed_one_step_path_equals_the_plain_path():
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bucketed_one_step_path_equals_the_plain_path(cell):
     """The path CUDA graphs replay (padded to a bucket, padding written to the scratch slot),
-    run eagerly on the CPU, gives the plain path's outputs and states, slot for slot."""
-    bucketed, plain = make_engine(one_step_graphs=True), make_engine(one_step_graphs=False)
+    run eagerly on the CPU, gives the plain path's outputs and states, slot for slot, for
+    either cell (a GRU's pool holds h alone)."""
+    bucketed = make_engine(one_step_graphs=True, cell=cell)
+    plain = make_engine(one_step_graphs=False, cell=cell)
+    assert len(plain.pool.tensors) == {"lstm": 2, "gru": 1}[cell]
     assert bucketed.one_step is not None and bucketed.one_step.sizes == [1, 2, 4, 8, 16, 32, 64]
     rng = np.random.default_rng(0)
     for size in (1, 3, 5, 17, 33, 64, 2):  # bucket sizes 1, 4, 8, 32, 64, 64, 2
@@ -84,9 +88,21 @@ def test_bucketed_one_step_path_equals_the_plain_path():
         for got, want in zip(bucketed.step(batch).rows, plain.step(batch).rows, strict=True):
             np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     real = slice(0, 64)
-    torch.testing.assert_close(bucketed.pool.h[:, real], plain.pool.h[:, real], atol=1e-6, rtol=0)
-    torch.testing.assert_close(bucketed.pool.c[:, real], plain.pool.c[:, real], atol=1e-6, rtol=0)
+    for bucketed_state, plain_state in zip(bucketed.pool.tensors, plain.pool.tensors, strict=True):
+        torch.testing.assert_close(bucketed_state[:, real], plain_state[:, real], atol=1e-6, rtol=0)
     assert torch.count_nonzero(plain.pool.h[:, 64]) == 0  # the plain path never uses scratch
+
+
+def test_a_gru_runs_its_module_whichever_one_step_kernel_is_asked_for():
+    """There is no fused GRU step: `fused` and `fastest` run nn.GRU, equal to offline."""
+    for kernel in ("fused", "fastest"):
+        engine = make_engine(one_step_kernel=kernel, cell="gru")
+        assert {engine.one_step.kernel_for(n) for n in (1, 10, 64)} == {"nn.LSTM"}
+        steps = random_steps(6, 6, seed=9)
+        rows = [engine.step([StepWork(0, steps[t : t + 1])]).rows[0] for t in range(6)]
+        np.testing.assert_allclose(
+            np.concatenate(rows), offline(engine.model, steps), atol=1e-5, rtol=0
+        )
 
 
 @pytest.mark.parametrize("kernel", ["fused", "fastest"])

@@ -87,10 +87,12 @@ def errors_counted(metrics_port: int) -> float:
     return every - metric_value(metrics_port, "lstm_requests_total", code="OK")
 
 
-def test_a_rollout_while_100_sessions_stream_keeps_each_on_its_version(tmp_path):
+@pytest.mark.parametrize("v2_cell", ["lstm", "gru"])
+def test_a_rollout_while_100_sessions_stream_keeps_each_on_its_version(tmp_path, v2_cell):
     """v2 arrives and v1 leaves the repository while 100 sessions stream on v1, a step a
     message: each old session finishes on v1 with v1's outputs, new sessions get v2 and v2's
-    outputs, v1 unloads after its last session ends, and not one request fails."""
+    outputs, v1 unloads after its last session ends, and not one request fails. v2 may be a
+    GRU replacing the LSTM under the same name: the LSTM's sessions finish on the LSTM."""
     sessions, before, after = 100, 6, 6
     repo = make_repository(tmp_path)
     v1, v2 = load_model(repo / "m" / "1").model, None
@@ -120,7 +122,7 @@ def test_a_rollout_while_100_sessions_stream_keeps_each_on_its_version(tmp_path)
                 timeout=120,
                 what="100 live",
             )
-            add_version(repo, 2)
+            add_version(repo, 2, cell=v2_cell)
             (repo / "m" / "1").rename(tmp_path / "v1-retired")
             reload(proc)
             await asyncio.to_thread(
@@ -137,6 +139,7 @@ def test_a_rollout_while_100_sessions_stream_keeps_each_on_its_version(tmp_path)
     with serve_repository(repo, metrics_port=metrics_port) as proc:
         old, new, during = asyncio.run(run(proc))
         v2 = load_model(repo / "m" / "2").model
+        assert (v1.config.cell, v2.config.cell) == ("lstm", v2_cell)
         wait_for(lambda: ("m", 1) not in listed(proc.target), timeout=120, what="v1 to unload")
         unloads = metric_value(metrics_port, "lstm_model_unloads_total")
         errors = errors_counted(metrics_port)

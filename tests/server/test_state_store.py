@@ -26,7 +26,9 @@ class FakeModel:
 
     key: VersionKey = field(default_factory=lambda: VersionKey("m", 3))
     fingerprint: str = FINGERPRINT
-    config: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(output_size=2))
+    config: SimpleNamespace = field(
+        default_factory=lambda: SimpleNamespace(output_size=2, state_names=("h", "c"))
+    )
 
 
 def make_session(
@@ -113,7 +115,7 @@ def test_a_record_round_trips_with_its_replay_and_expires_with_the_idle_timeout(
     assert record.fingerprint == FINGERPRINT and record.principal == "alice"
     assert (record.model, record.model_version) == ("m", 3)  # the version it lives on
     np.testing.assert_array_equal(record.h.numpy(), np.full((1, 3), 0.5, np.float32))
-    np.testing.assert_array_equal(record.c.numpy(), np.full((1, 3), -0.5, np.float32))
+    np.testing.assert_array_equal(record.state["c"].numpy(), np.full((1, 3), -0.5, np.float32))
     np.testing.assert_array_equal(record.replay.numpy(), session.replay.read(2, 6, 2))  # last 4
     assert other_principal is None  # keyed by principal too
     assert 25_000 < ttl_ms <= 30_000

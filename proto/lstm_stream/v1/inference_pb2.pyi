@@ -72,18 +72,20 @@ class ModelStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ...) -> None: ...
 
 class ModelVersionStatus(_message.Message):
-    __slots__ = ("version", "state", "sessions", "fingerprint", "error")
+    __slots__ = ("version", "state", "sessions", "fingerprint", "error", "cell")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CELL_FIELD_NUMBER: _ClassVar[int]
     version: int
     state: ModelVersionState
     sessions: int
     fingerprint: str
     error: str
-    def __init__(self, version: _Optional[int] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., sessions: _Optional[int] = ..., fingerprint: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    cell: str
+    def __init__(self, version: _Optional[int] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., sessions: _Optional[int] = ..., fingerprint: _Optional[str] = ..., error: _Optional[str] = ..., cell: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ("model", "model_version")
@@ -94,7 +96,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("name", "version", "input_size", "output_size", "hidden_size", "num_layers", "output_kind", "labels", "device", "dtype", "max_chunk_steps", "fingerprint", "replay_steps", "durable_sessions", "max_batch_chunks", "model_version")
+    __slots__ = ("name", "version", "input_size", "output_size", "hidden_size", "num_layers", "output_kind", "labels", "device", "dtype", "max_chunk_steps", "fingerprint", "replay_steps", "durable_sessions", "max_batch_chunks", "model_version", "cell")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +113,7 @@ class GetModelInfoResponse(_message.Message):
     DURABLE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CELL_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     input_size: int
@@ -127,7 +130,8 @@ class GetModelInfoResponse(_message.Message):
     durable_sessions: bool
     max_batch_chunks: int
     model_version: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., output_kind: _Optional[_Union[OutputKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_chunk_steps: _Optional[int] = ..., fingerprint: _Optional[str] = ..., replay_steps: _Optional[int] = ..., durable_sessions: _Optional[bool] = ..., max_batch_chunks: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
+    cell: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., output_kind: _Optional[_Union[OutputKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_chunk_steps: _Optional[int] = ..., fingerprint: _Optional[str] = ..., replay_steps: _Optional[int] = ..., durable_sessions: _Optional[bool] = ..., max_batch_chunks: _Optional[int] = ..., model_version: _Optional[int] = ..., cell: _Optional[str] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "model", "model_version")

@@ -38,7 +38,9 @@ CRAFTED: dict[str, tuple[dict, dict, Outcome]] = {
     "h of the wrong shape": ({}, {"h": torch.zeros(2, 47)}, BAD),
     "create_time NaN": ({"create_time": "nan"}, {}, BAD),
     "create_time out of range": ({"create_time": "1e300"}, {}, BAD),
-    "another version": ({"version": "2"}, {}, BAD),
+    "another version": ({"version": "3"}, {}, BAD),
+    "a GRU's state for an LSTM": ({"state": "h"}, {}, BAD),
+    "a state tensor named but missing": ({"state": "h,c,x"}, {}, BAD),
     "no next_step": ({"next_step": None}, {}, BAD),
     "another model's fingerprint": ({"fingerprint": "0" * 64}, {}, MODEL_MISMATCH),
 }
