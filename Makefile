@@ -2,15 +2,16 @@
 # On a CPU machine torch comes from the pinned CPU build; on a GPU host run
 #   make venv TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 # Benchmarks are not part of `make test`: `make bench` (the grid), `make bench-batches`
-# (StreamBatches against StreamSteps) and `make bench-oip` (the Open Inference Protocol
-# against StreamSteps) each write their report into docs/.
+# (StreamBatches against StreamSteps), `make bench-oip` (the Open Inference Protocol
+# against StreamSteps) and `make bench-store` (durable sessions) each write their report into
+# docs/.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint proto train eval serve soak bench bench-batches bench-oip bench-gpu clean
+.PHONY: venv test lint proto train eval serve soak bench bench-batches bench-oip bench-store bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -58,6 +59,14 @@ bench-batches: venv
 # in one run (under a minute): docs/oip.{json,md}.
 bench-oip: venv
 	$(BIN)/python -m bench.oip --out-dir docs
+
+# Durable sessions (issue 27): what a stored session costs per timestep at several loads and write
+# intervals (docs/store_cost.{json,md}, about 2 minutes), then 1,000 / 10,000 / 100,000 live
+# sessions on one Redis and on a three-master Redis Cluster, a SIGKILL recovery of all of them,
+# and durable against shipped (docs/store.{json,md}, about 8 minutes).
+bench-store: venv
+	$(BIN)/python -m bench.store_cost --out-dir docs
+	$(BIN)/python -m bench.store --out-dir docs
 
 bench-gpu:
 	bash bench/gpu.sh

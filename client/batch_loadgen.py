@@ -2,7 +2,8 @@
 
 Sessions are split into groups of `sessions_per_message`; each group is one StreamBatches
 stream that keeps `window` messages in flight, every message carrying the next `chunk_steps`
-timesteps of each of its sessions (packed, appended: the same prebuilt request every time). The
+timesteps of each of its sessions (packed, appended: the same prebuilt request every time, only
+its chunks' `answered_step` set anew before a write, as the SDK tells a durable server). The
 first message creates the sessions (create_missing) and is not counted; the last ends them.
 
     result = asyncio.run(run_batch_load("localhost:50051", 1024, 1024, 1, duration_s=3))
@@ -43,11 +44,19 @@ class _Group:
     expected_bytes: int  # packed output bytes per chunk
     window: int
     metadata: tuple[tuple[str, str], ...] = ()
+    chunk_steps: int = 1
+    tell_answered: bool = True  # each chunk says answered_step, as the SDK does
+    answered: int = 0  # timesteps whose outputs every session of the group has received
+    told: int = 0  # the answered_step the request's chunks carry now
     latencies: list[float] = field(default_factory=list)
     timesteps: int = 0
     last_counted: float = 0.0
     error: str = ""
     call: grpc.aio.StreamStreamCall | None = None
+    chunks: list[pb.SessionChunk] = field(init=False)  # the request's own, to set in place
+
+    def __post_init__(self) -> None:
+        self.chunks = list(self.request.chunks)
 
     async def _read(self) -> pb.StepBatchResponse:
         assert self.call is not None
@@ -59,7 +68,16 @@ class _Group:
         for result in response.results:
             if result.HasField("error") or len(result.packed_outputs) != self.expected_bytes:
                 raise RuntimeError(f"chunk of {result.session_id[:8]} refused: {result.error}")
+        self.answered += self.chunk_steps
         return response
+
+    def _tell(self) -> None:
+        """Set the chunks' answered_step to what has been answered (a write serialises the
+        request, so the next write may carry a newer value)."""
+        if self.answered != self.told:
+            self.told = answered = self.answered
+            for chunk in self.chunks:
+                chunk.answered_step = answered
 
     async def open(self) -> None:
         self.call = self.stub.StreamBatches(metadata=self.metadata)
@@ -78,6 +96,8 @@ class _Group:
             now = perf_counter()
             while now < window.end or not self.latencies:
                 while len(sent) < self.window:
+                    if self.tell_answered:
+                        self._tell()
                     await self.call.write(self.request)
                     sent.append(perf_counter())
                 response = await self._read()
@@ -146,10 +166,12 @@ async def run_batch_load(
     seed: int = 0,
     model: str = "",
     model_version: int = 0,
+    tell_answered: bool = True,
 ) -> LoadResult:
     """Drive `sessions` sessions through StreamBatches streams of `sessions_per_message`
     chunks a message, on a model version ('' and 0: the default model's newest ready one);
-    counted as run_load counts (latency is per message)."""
+    counted as run_load counts (latency is per message). With `tell_answered`, every chunk says
+    how many timesteps' outputs its session has received (`answered_step`)."""
     client = target if isinstance(target, ClientOptions) else ClientOptions(target=target)
     metadata = client.metadata()
     groups_count = math.ceil(sessions / sessions_per_message)
@@ -175,6 +197,8 @@ async def run_batch_load(
                 4 * chunk_steps * info.output_size,
                 window,
                 metadata,
+                chunk_steps,
+                tell_answered,
             )
             for i, request in enumerate(requests)
         ]

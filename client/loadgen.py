@@ -4,7 +4,8 @@ Each session is one bidi `StreamSteps` stream: write a message of `chunk_steps` 
 its answer, repeat until the deadline. Sessions share a few channels (one per
 `SESSIONS_PER_CHANNEL`), and each builds its request once up front, so the generator spends its
 CPU on gRPC and not on making random numbers: on a small machine it shares the cores with the
-server it measures.
+server it measures. Before each write only its `answered_step` is set (the timesteps answered so
+far), as the SDK tells a durable server.
 
     result = asyncio.run(run_load("localhost:50051", sessions=64, chunk_steps=32, duration_s=3))
     print(format_result(result))
@@ -67,6 +68,8 @@ class _Session:
     metadata: tuple[tuple[str, str], ...] = ()  # a bearer token on plaintext channels
     model: str = ""  # where the first message creates the session
     model_version: int = 0
+    tell_answered: bool = True  # each message says answered_step, as the SDK does
+    answered: int = 0  # timesteps whose outputs this session has received
     latencies: list[float] = field(default_factory=list)
     timesteps: int = 0
     last_counted: float = 0.0
@@ -89,18 +92,22 @@ class _Session:
         first = pb.StreamStepsRequest(model=self.model, model_version=self.model_version)
         first.MergeFrom(self.request)
         try:
-            await self._exchange(first)
+            self.answered += (await self._exchange(first)).num_steps
         except (grpc.RpcError, RuntimeError) as exc:
             self.error = _describe(exc)
 
     async def run(self, window: _Window) -> None:
         perf_counter, request, latencies = time.perf_counter, self.request, self.latencies
+        tell = self.tell_answered
         try:
             now = perf_counter()
             while now < window.end or not latencies:
                 sent = now
+                if tell:  # the write serialises it: the next one may set it again
+                    request.answered_step = self.answered
                 response = await self._exchange(request)
                 now = perf_counter()
+                self.answered += response.num_steps
                 got = len(response.outputs) or len(response.packed_outputs) // 4
                 if got != self.expected_outputs:
                     raise RuntimeError(f"expected {self.expected_outputs} output values, got {got}")
@@ -195,10 +202,13 @@ async def run_load(
     packed: bool = False,
     model: str = "",
     model_version: int = 0,
+    tell_answered: bool = True,
 ) -> LoadResult:
     """Drive `sessions` concurrent closed-loop streams of `chunk_steps`-step messages, to a
     target address or with full ClientOptions (TLS, token), on a model version ('' and 0: the
-    default model's newest ready version).
+    default model's newest ready version). With `tell_answered`, each message says how many
+    timesteps' outputs its session has received (`answered_step`), as the SDK does: a durable
+    server's records then keep no outputs the client already has.
 
     All streams are opened (and their sessions created) first; then they run for
     `warmup_s + duration_s`, and only messages answered in the last `duration_s` count, plus
@@ -222,6 +232,7 @@ async def run_load(
                 metadata,
                 model,
                 model_version,
+                tell_answered,
             )
             for i, request in enumerate(requests)
         ]

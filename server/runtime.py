@@ -203,8 +203,9 @@ class Runtime:
             if not live or not self.models.holds(model):
                 continue
             state = await model.engine.call(model.pool.read, [sessions[i].slot for i in live])
-            for row, i in enumerate(live):  # each tensor: (N, L, H)
-                states[i] = tuple(tensor[row].numpy() for tensor in state)
+            arrays = [tensor.numpy() for tensor in state]  # (N, L, H) each; rows are views
+            for row, i in enumerate(live):
+                states[i] = tuple(array[row] for array in arrays)
         return states
 
     async def close_session(self, session: Session, reason: str) -> None:

@@ -130,6 +130,7 @@ class Session:
     durable_step: int = 0  # the state store holds the session up to here (--state-store)
     answered_step: int = 0  # the client says it has every output before this step
     meta_stored: bool = False  # the state store holds this session's meta: write updates only
+    store_key: str = ""  # its key in the state store, once staged
     create_time: float = field(default_factory=time.time)
     last_active_time: float = field(default_factory=time.time)
     last_active_monotonic: float = field(default_factory=time.monotonic)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server import metrics, transfer
@@ -62,7 +63,8 @@ log = logging.getLogger("lstm_serve")
 # stay in one hash slot). KEYS[1] is this replica's marker for the bucket, which exists while
 # the store keeps what the replica wrote (a Redis restarted empty, or flushed, has none; it
 # expires with the sessions' TTL and every write renews it). KEYS[2..] are the sessions; ARGV
-# is the TTL, then 5 values per session: kind ("put" or "end"), born, step, meta, state. It
+# is the TTL, then 2 values per session (few arguments: redis-py encodes each one in Python):
+# a header "KIND BORN STEP METALEN" (kind "put" or "end") and the payload, meta then state. It
 # returns {1 if the marker was missing, then per session 1: applied, 0: stale, or 2: not applied,
 # the record needs its meta}. A put with an empty meta is an update: the meta (id, principal,
 # model, fingerprint: 300 bytes, a quarter of a small model's record) is sent with a session's
@@ -74,8 +76,10 @@ local result = {0}
 if redis.call('SET', KEYS[1], '1', 'NX') then result[1] = 1 end
 redis.call('PEXPIRE', KEYS[1], ttl)
 for i = 2, #KEYS do
-  local key, a = KEYS[i], 2 + (i - 2) * 5
-  local kind, born, step = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local key, a = KEYS[i], 2 + (i - 2) * 2
+  local kind, born_s, step_s, meta_len = string.match(ARGV[a], '^(%a+) (%S+) (%d+) (%d+)$')
+  local born, step, meta_len = tonumber(born_s), tonumber(step_s), tonumber(meta_len)
+  local meta, state = string.sub(ARGV[a + 1], 1, meta_len), string.sub(ARGV[a + 1], meta_len + 1)
   local stored = redis.call('HMGET', key, 'born', 'step', 'ended')
   local stored_born = tonumber(stored[1])
   local stale = false
@@ -88,22 +92,21 @@ for i = 2, #KEYS do
   end
   if stale then
     result[i] = 0
-  elseif kind == 'put' and ARGV[a + 3] == '' then
+  elseif kind == 'put' and meta_len == 0 then
     -- An update: step and state only, onto this incarnation's record, which holds the meta.
     if stored_born ~= born or redis.call('HEXISTS', key, 'meta') == 0 then
       result[i] = 2
     else
-      redis.call('HSET', key, 'step', ARGV[a + 2], 'state', ARGV[a + 4])
+      redis.call('HSET', key, 'step', step_s, 'state', state)
       redis.call('PEXPIRE', key, ttl)
       result[i] = 1
     end
   else
     redis.call('DEL', key)
     if kind == 'end' then
-      redis.call('HSET', key, 'born', ARGV[a + 1], 'step', ARGV[a + 2], 'ended', '1')
+      redis.call('HSET', key, 'born', born_s, 'step', step_s, 'ended', '1')
     else
-      redis.call('HSET', key, 'born', ARGV[a + 1], 'step', ARGV[a + 2],
-                 'meta', ARGV[a + 3], 'state', ARGV[a + 4])
+      redis.call('HSET', key, 'born', born_s, 'step', step_s, 'meta', meta, 'state', state)
     end
     redis.call('PEXPIRE', key, ttl)
     result[i] = 1
@@ -172,12 +175,16 @@ class StateStore:
         self._staged: dict[str, Staged] = {}  # key -> the session's newest state, or its end
         self._writing: dict[str, Staged] = {}  # the batch being written
         self._marked: set[int] = set()  # the buckets whose marker a write has set
+        self._script_sha = hashlib.sha1(WRITE_IN_ORDER.encode()).hexdigest()
+        self._script_loaded = False
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self.up = True
         self._up_gauge = metrics.STATE_STORE_UP.labels(redacted(url))
+        # Read when scraped: staging, once per row of every batch, sets nothing.
+        metrics.STATE_STORE_PENDING.set_function(lambda: len(self._staged))
 
     async def start(self) -> None:
         self._up_gauge.set(1)
@@ -204,12 +211,14 @@ class StateStore:
     # Called on the event loop by the batcher and the runtime
 
     def stage(self, session: Session) -> None:
-        """The session changed (its state in the pool is newer than what is stored)."""
-        key = self._keys.session(session.principal, session.session_id)
+        """The session changed (its state in the pool is newer than what is stored). Called for
+        every row of every batch: kept to a dict look-up."""
+        key = session.store_key
+        if not key:
+            key = session.store_key = self._keys.session(session.principal, session.session_id)
         staged = self._staged.get(key)
         if staged is None or staged.session is not session or staged.ended:
             self._staged[key] = Staged(session)
-            metrics.STATE_STORE_PENDING.set(len(self._staged))
         self._wakeup.set()
 
     def forget(self, session: Session) -> None:
@@ -308,19 +317,19 @@ class StateStore:
             if staged.ended or key in snapshots
         ]
         calls = self._calls(items)
-        pipe = self._redis.pipeline(transaction=False)
+        commands = []
         for bucket, part in calls:
             args: list[object] = [self._ttl_ms]
             for _, item in part:
                 born = repr(item.session.create_time)
                 if isinstance(item, Snapshot):
-                    fields = self._fields(item)
-                    args += ("put", born, item.next_step, fields.get("meta", ""), fields["state"])
+                    meta, state = self._fields(item)
+                    args += (f"put {born} {item.next_step} {len(meta)}", meta + state)
                 else:
-                    args += ("end", born, item.end_step, "", "")
+                    args += (f"end {born} {item.end_step} 0", b"")
             keys = [self._keys.marker(bucket), *(key for key, _ in part)]
-            pipe.eval(WRITE_IN_ORDER, len(keys), *keys, *args)
-        results = await pipe.execute()
+            commands.append((len(keys), *keys, *args))
+        results = await self._run_script(commands)
         written, emptied = 0, False
         for (bucket, part), result in zip(calls, results, strict=True):
             # A marker is missing at the first write to its bucket, and after the store (or
@@ -340,8 +349,26 @@ class StateStore:
                     self.stage(session)
         metrics.STATE_STORE_WRITES.inc(written)
         metrics.STATE_STORE_FLUSH.observe(time.perf_counter() - started)
-        metrics.STATE_STORE_PENDING.set(len(self._staged))
         return emptied
+
+    async def _run_script(self, commands: list[tuple[object, ...]]) -> list:
+        """Run WRITE_IN_ORDER once per command, in one pipeline, by its SHA1 (the script's 1.4 KB
+        is not sent with every call); a store that lost its scripts (restarted, or a new shard)
+        gets it again and the calls are sent again: they are idempotent."""
+        for attempt in (1, 2):
+            if not self._script_loaded:
+                await self._redis.script_load(WRITE_IN_ORDER)  # on every shard of a cluster
+                self._script_loaded = True
+            pipe = self._redis.pipeline(transaction=False)
+            for command in commands:
+                pipe.evalsha(self._script_sha, *command)
+            try:
+                return await pipe.execute()
+            except NoScriptError:
+                self._script_loaded = False
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _calls(
         self, items: list[tuple[str, Staged | Snapshot]]
@@ -361,7 +388,9 @@ class StateStore:
             for first in range(0, len(part), WRITES_PER_CALL)
         ]
 
-    def _fields(self, snapshot: Snapshot) -> dict[str, bytes | str | int]:
+    def _fields(self, snapshot: Snapshot) -> tuple[bytes, bytes]:
+        """What a write sends of a session: its meta (JSON; empty for an update of a stored
+        record) and state (its state tensors and output tail as raw float32)."""
         session = snapshot.session
         model = session.model  # the version it lives on (server/models.py ModelVersion)
         # The replay rows still held for steps before the snapshot's next_step (the session
@@ -374,6 +403,8 @@ class StateStore:
             0,
         )
         replay = session.replay.read(oldest, snapshot.next_step, model.config.output_size)  # (R, O)
+        if session.meta_stored:  # the usual write, after every batch: no record object
+            return b"", transfer.state_bytes(snapshot.state, replay)
         record = transfer.SessionRecord(
             session_id=session.session_id,
             next_step=snapshot.next_step,
@@ -388,12 +419,12 @@ class StateStore:
             model=model.key.name,
             model_version=model.key.version,
         )
-        return transfer.to_fields(record, meta=not session.meta_stored)
+        fields = transfer.to_fields(record)
+        return str(fields["meta"]).encode(), bytes(fields["state"])
 
     def _put_back(self, batch: dict[str, Staged]) -> None:
         """Return a failed batch to the staging area, behind anything staged since."""
         self._staged = {**batch, **self._staged}
-        metrics.STATE_STORE_PENDING.set(len(self._staged))
 
     def _went_down(self, exc: BaseException) -> None:
         metrics.STATE_STORE_ERRORS.inc()

@@ -151,15 +151,17 @@ def validate(
         )
 
 
-def to_fields(record: SessionRecord, meta: bool = True) -> dict[str, bytes | str | int]:
-    """The record as hash fields for the state store: step, meta (JSON; left out when `meta`
-    is false, for an update of a stored record) and state (the state tensors in order, then the
-    replay buffer, as raw little-endian float32, one after another)."""
+def state_bytes(state, replay) -> bytes:
+    """The state store's `state` field: the state tensors in order, then the replay rows, as
+    raw little-endian float32, one after another (arrays or CPU tensors)."""
+    return b"".join(np.ascontiguousarray(a, dtype="<f4").tobytes() for a in (*state, replay))
+
+
+def to_fields(record: SessionRecord) -> dict[str, bytes | str | int]:
+    """The record as hash fields for the state store: step, meta (JSON) and state
+    (state_bytes)."""
     layers, hidden = record.h.shape
-    arrays = (*record.state.values(), record.replay)
-    state = b"".join(np.ascontiguousarray(a, dtype="<f4").tobytes() for a in arrays)
-    if not meta:
-        return {"step": record.next_step, "state": state}
+    state = state_bytes(record.state.values(), record.replay)
     layers, hidden = record.h.shape
     meta = {
         "format": FORMAT,

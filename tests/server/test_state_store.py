@@ -331,3 +331,28 @@ def test_later_writes_send_step_and_state_only_and_a_lost_record_is_written_whol
     assert updated.next_step == 5 and float(updated.h[0, 0]) == 1.0
     assert rewritten is not None and rewritten.next_step == 6 and durable_step == 6
     assert float(rewritten.h[0, 0]) == 2.0 and rewritten.principal == "alice"
+
+
+def test_a_store_that_lost_its_scripts_gets_the_write_script_again(redis):
+    """Writes call the script by its SHA1; a Redis restarted (or a shard replaced) has none,
+    answers NOSCRIPT, and the writer loads it again and writes."""
+    import redis as redis_py
+
+    async def run(url):
+        pool = FakePool()
+        store = make_store(url, pool)
+        await store.start()
+        session = make_session(steps=3, value=1.0)
+        pool.stage(store, session, torch.zeros(1, 3), torch.zeros(1, 3))
+        await store.flush()
+        for port in getattr(redis, "ports", None) or [redis.port]:
+            redis_py.Redis(port=port).script_flush()
+        session.commit(3, np.ones((2, 2), np.float32))
+        pool.stage(store, session, torch.ones(1, 3), torch.ones(1, 3))
+        await store.flush()
+        record = await store.load("s1", "alice")
+        await store.stop()
+        return record, session.durable_step
+
+    record, durable_step = asyncio.run(run(redis.url))
+    assert record.next_step == 5 == durable_step and float(record.h[0, 0]) == 1.0
