@@ -79,7 +79,10 @@ for i = 2, #KEYS do
   local key, a = KEYS[i], 2 + (i - 2) * 2
   local kind, born_s, step_s, meta_len = string.match(ARGV[a], '^(%a+) (%S+) (%d+) (%d+)$')
   local born, step, meta_len = tonumber(born_s), tonumber(step_s), tonumber(meta_len)
-  local meta, state = string.sub(ARGV[a + 1], 1, meta_len), string.sub(ARGV[a + 1], meta_len + 1)
+  local meta, state = '', ARGV[a + 1]
+  if meta_len > 0 then  -- a whole record: split the payload (an update's is the state alone)
+    meta, state = string.sub(state, 1, meta_len), string.sub(state, meta_len + 1)
+  end
   local stored = redis.call('HMGET', key, 'born', 'step', 'ended')
   local stored_born = tonumber(stored[1])
   local stale = false
@@ -93,8 +96,9 @@ for i = 2, #KEYS do
   if stale then
     result[i] = 0
   elseif kind == 'put' and meta_len == 0 then
-    -- An update: step and state only, onto this incarnation's record, which holds the meta.
-    if stored_born ~= born or redis.call('HEXISTS', key, 'meta') == 0 then
+    -- An update: step and state only, onto this incarnation's record, which holds the meta
+    -- (only a whole put writes `born` without `ended`, and it writes the meta with it).
+    if stored_born ~= born then
       result[i] = 2
     else
       redis.call('HSET', key, 'step', step_s, 'state', state)
