@@ -62,27 +62,28 @@ log = logging.getLogger("lstm_serve")
 # One call writes up to WRITES_PER_CALL sessions of one bucket (store_backend: a cluster's calls
 # stay in one hash slot). KEYS[1] is this replica's marker for the bucket, which exists while
 # the store keeps what the replica wrote (a Redis restarted empty, or flushed, has none; it
-# expires with the sessions' TTL and every write renews it). KEYS[2..] are the sessions; ARGV
-# is the TTL, then 2 values per session (few arguments: redis-py encodes each one in Python):
-# a header "KIND BORN STEP METALEN" (kind "put" or "end") and the payload, meta then state. It
-# returns {1 if the marker was missing, then per session 1: applied, 0: stale, or 2: not applied,
+# expires with the sessions' TTL and every write renews it). KEYS[2..] are the sessions. ARGV
+# is three values whatever the number of sessions (redis-py encodes each argument in Python):
+# the TTL, a header of one line per session, "KIND BORN STEP METALEN STATELEN" (kind "put" or
+# "end"), and the payload, every session's meta then state, one after another. It returns
+# {1 if the marker was missing, then per session 1: applied, 0: stale, or 2: not applied,
 # the record needs its meta}. A put with an empty meta is an update: the meta (id, principal,
 # model, fingerprint: 300 bytes, a quarter of a small model's record) is sent with a session's
 # first write only, and again whenever the store no longer has it.
 WRITES_PER_CALL = 256
 WRITE_IN_ORDER = """
-local ttl = ARGV[1]
+local ttl, payload, offset = ARGV[1], ARGV[3], 1
 local result = {0}
 if redis.call('SET', KEYS[1], '1', 'NX') then result[1] = 1 end
 redis.call('PEXPIRE', KEYS[1], ttl)
-for i = 2, #KEYS do
-  local key, a = KEYS[i], 2 + (i - 2) * 2
-  local kind, born_s, step_s, meta_len = string.match(ARGV[a], '^(%a+) (%S+) (%d+) (%d+)$')
-  local born, step, meta_len = tonumber(born_s), tonumber(step_s), tonumber(meta_len)
-  local meta, state = '', ARGV[a + 1]
-  if meta_len > 0 then  -- a whole record: split the payload (an update's is the state alone)
-    meta, state = string.sub(state, 1, meta_len), string.sub(state, meta_len + 1)
-  end
+local i = 2
+for kind, born_s, step_s, meta_len, state_len in
+    string.gmatch(ARGV[2], '(%a+) (%S+) (%d+) (%d+) (%d+)\\n') do
+  local key, born, step = KEYS[i], tonumber(born_s), tonumber(step_s)
+  meta_len, state_len = tonumber(meta_len), tonumber(state_len)
+  local meta = string.sub(payload, offset, offset + meta_len - 1)
+  local state = string.sub(payload, offset + meta_len, offset + meta_len + state_len - 1)
+  offset = offset + meta_len + state_len
   local stored = redis.call('HMGET', key, 'born', 'step', 'ended')
   local stored_born = tonumber(stored[1])
   local stale = false
@@ -115,6 +116,7 @@ for i = 2, #KEYS do
     redis.call('PEXPIRE', key, ttl)
     result[i] = 1
   end
+  i = i + 1
 end
 return result
 """
@@ -323,16 +325,19 @@ class StateStore:
         calls = self._calls(items)
         commands = []
         for bucket, part in calls:
-            args: list[object] = [self._ttl_ms]
+            header: list[str] = []
+            payload: list[bytes] = []  # every session's meta, then its state's pieces
             for _, item in part:
                 born = repr(item.session.create_time)
                 if isinstance(item, Snapshot):
-                    meta, state = self._fields(item)
-                    args += (f"put {born} {item.next_step} {len(meta)}", meta + state)
+                    meta, pieces = self._fields(item)
+                    state_len = sum(map(len, pieces))
+                    header.append(f"put {born} {item.next_step} {len(meta)} {state_len}\n")
+                    payload += (meta, *pieces)
                 else:
-                    args += (f"end {born} {item.end_step} 0", b"")
+                    header.append(f"end {born} {item.end_step} 0 0\n")
             keys = [self._keys.marker(bucket), *(key for key, _ in part)]
-            commands.append((len(keys), *keys, *args))
+            commands.append((len(keys), *keys, self._ttl_ms, "".join(header), b"".join(payload)))
         results = await self._run_script(commands)
         written, emptied = 0, False
         for (bucket, part), result in zip(calls, results, strict=True):
@@ -392,9 +397,10 @@ class StateStore:
             for first in range(0, len(part), WRITES_PER_CALL)
         ]
 
-    def _fields(self, snapshot: Snapshot) -> tuple[bytes, bytes]:
+    def _fields(self, snapshot: Snapshot) -> tuple[bytes, tuple[bytes, ...]]:
         """What a write sends of a session: its meta (JSON; empty for an update of a stored
-        record) and state (its state tensors and output tail as raw float32)."""
+        record) and its state field in pieces (the state tensors, then the output tail, as raw
+        float32: transfer.state_bytes, left unjoined for the call's one payload)."""
         session = snapshot.session
         model = session.model  # the version it lives on (server/models.py ModelVersion)
         # The replay rows still held for steps before the snapshot's next_step (the session
@@ -408,7 +414,7 @@ class StateStore:
         )
         replay = session.replay.read(oldest, snapshot.next_step, model.config.output_size)  # (R, O)
         if session.meta_stored:  # the usual write, after every batch: no record object
-            return b"", transfer.state_bytes(snapshot.state, replay)
+            return b"", tuple(array.tobytes() for array in (*snapshot.state, replay))
         record = transfer.SessionRecord(
             session_id=session.session_id,
             next_step=snapshot.next_step,
@@ -424,7 +430,7 @@ class StateStore:
             model_version=model.key.version,
         )
         fields = transfer.to_fields(record)
-        return str(fields["meta"]).encode(), bytes(fields["state"])
+        return str(fields["meta"]).encode(), (bytes(fields["state"]),)
 
     def _put_back(self, batch: dict[str, Staged]) -> None:
         """Return a failed batch to the staging area, behind anything staged since."""
