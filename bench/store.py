@@ -23,40 +23,52 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import math
 import platform
-import re
 import secrets
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-import redis
 
 from bench.cpu_meter import BUSY_CORES, CpuMeter, QuietGate, _machine_busy_s, _process_cpu_s
 from bench.measure import machine_info
 from bench.process import (
-    free_port,
     lstm_serve,
     redis_server,
     rss_bytes,
     running_server,
-    wait_for_port,
 )
+from bench.store_parts import (
+    CALL_TIMEOUT_S,
+    CONCURRENT_MESSAGES,
+    HIDDEN,
+    INPUTS,
+    LAYERS,
+    MAX_CHUNKS,
+    MIN_WARMUP_S,
+    OUTPUTS,
+    QUIET_BUDGET_S,
+    RECORD_BUDGET,
+    SAMPLE_EVERY_S,
+    SPARE_SESSIONS,
+    STORES,
+    Server,
+    Store,
+    lstm_server,
+    record_sizes,
+    store_info,
+)
+from bench.store_report import render
 from lstm_model.checkpoint import save_model
 from lstm_model.cli import init_model
 from lstm_stream.client.batch_loadgen import run_batch_load
@@ -65,187 +77,13 @@ from lstm_stream.client.errors import LstmStreamError
 from lstm_stream.client.loadgen import run_load
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
-from server.store_backend import KEY_PREFIX
 
-INPUTS, HIDDEN, LAYERS, OUTPUTS = 32, 256, 2, 8
-STATE_BYTES = 2 * LAYERS * HIDDEN * 4  # h and c, float32
-RECORD_BUDGET = STATE_BYTES + 1024
-MAX_CHUNKS = 1024  # chunks (sessions) per message
-SPARE_SESSIONS = 1024  # --max-sessions beyond N
-MIN_WARMUP_S = 5.0
-SAMPLE_EVERY_S = 0.5
-CONCURRENT_MESSAGES = 4  # creating and recovering: StepBatch calls in flight at once
-CALL_TIMEOUT_S = 300.0
-QUIET_BUDGET_S = 120.0  # the comparison waits at most this long, all cells, for quiet
-RECORD_SAMPLE = 64  # records whose size is read
 COMPARISON = {
     "StreamSteps, 64 sessions x 1-step messages": lambda t, d: run_load(t, 64, 1, d),
     "StreamBatches, 1,024 sessions x 1,024 chunks, window 4": lambda t, d: run_batch_load(
         t, 1024, 1024, 1, d, window=4
     ),
 }
-
-
-# The stores
-
-
-@dataclass(frozen=True)
-class Store:
-    kind: str
-    url: str
-    ports: tuple[int, ...]
-    pids: tuple[int, ...]
-
-
-@contextmanager
-def one_redis(directory: Path) -> Iterator[Store]:
-    with redis_server() as (url, pid):
-        yield Store("redis", url, (int(url.rsplit(":", 1)[1].split("/")[0]),), (pid,))
-
-
-@contextmanager
-def redis_cluster(directory: Path, masters: int = 3) -> Iterator[Store]:
-    """`masters` cluster-enabled redis-servers (no replicas, no persistence), their slots
-    spread by `redis-cli --cluster create`; the URL names every node as a seed."""
-    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    if binary is None or cli is None:
-        raise RuntimeError("the cluster needs redis-server and redis-cli")
-    ports: list[int] = []
-    while len(ports) < masters:  # the cluster bus listens on port + 10000
-        port = free_port()
-        if port < 55536 and port not in ports:
-            ports.append(port)
-    processes = []
-    try:
-        for port in ports:
-            node = directory / f"redis-{port}"
-            node.mkdir(parents=True, exist_ok=True)
-            options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-            command = [binary, "--port", str(port), *options, *cluster, "--dir", str(node)]
-            processes.append(
-                subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            )
-        _wait(lambda: all(_answers(port) for port in ports), "the cluster nodes to listen")
-        nodes = [f"127.0.0.1:{port}" for port in ports]
-        subprocess.run(
-            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        _wait(lambda: all(_cluster_ok(p) for p in ports), "the cluster to cover every slot")
-        url = "redis+cluster://" + ",".join(nodes)
-        yield Store("cluster", url, tuple(ports), tuple(p.pid for p in processes))
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
-
-
-STORES: dict[str, Callable[[Path], contextlib.AbstractContextManager[Store]]] = {
-    "redis": one_redis,
-    "cluster": redis_cluster,
-}
-
-
-def _answers(port: int) -> bool:
-    try:
-        with redis.Redis(port=port, socket_timeout=1) as client:
-            return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-def _cluster_ok(port: int) -> bool:
-    with redis.Redis(port=port) as client:
-        return client.cluster("info")["cluster_state"] == "ok"
-
-
-def _wait(ready: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def store_info(store: Store) -> dict[str, int]:
-    """INFO figures summed over the store's nodes."""
-    totals = {"total_net_input_bytes": 0, "used_memory": 0, "keys": 0}
-    for port in store.ports:
-        with redis.Redis(port=port) as client:
-            info = client.info()
-            totals["total_net_input_bytes"] += info["total_net_input_bytes"]
-            totals["used_memory"] += info["used_memory"]
-            totals["keys"] += client.dbsize()
-    return totals
-
-
-def record_sizes(store: Store) -> dict[str, Any]:
-    """Up to RECORD_SAMPLE session records: their fields' bytes and Redis's MEMORY USAGE."""
-    fields, usage = [], []
-    for port in store.ports:
-        with redis.Redis(port=port) as client:
-            keys = client.scan_iter(match=KEY_PREFIX + "*", count=1000)
-            for key in list(itertools.islice(keys, math.ceil(RECORD_SAMPLE / len(store.ports)))):
-                record = client.hgetall(key)
-                fields.append({name.decode(): len(value) for name, value in record.items()})
-                usage.append(client.memory_usage(key, samples=0))
-    values = [sum(f.values()) for f in fields]
-    return {
-        "sampled": len(fields),
-        "field_bytes_mean": statistics.mean(values),
-        "field_bytes_max": max(values),
-        "state_field_bytes_max": max(f.get("state", 0) for f in fields),
-        "meta_field_bytes_max": max(f.get("meta", 0) for f in fields),
-        "memory_usage_mean": statistics.mean(usage),
-        "memory_usage_max": max(usage),
-        "example_fields": fields[0],
-    }
-
-
-# The server
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen
-    target: str
-    metrics_port: int
-    started: float  # time.monotonic() before it was spawned
-    ready_s: float  # from spawn to serving
-
-    def scrape(self) -> dict[str, float]:
-        """The unlabelled samples of /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        return {
-            name: float(value)
-            for name, value in re.findall(r"^([a-z_]+) (\S+)$", text, re.MULTILINE)
-        }
-
-
-@contextmanager
-def lstm_server(model_dir: Path, store_url: str, capacity: int, log_path: Path) -> Iterator[Server]:
-    """One lstm-serve on the store; SIGKILLed on the way out (if nothing killed it first)."""
-    metrics_port = free_port()
-    command = lstm_serve(
-        *("--model", str(model_dir), "--metrics-port", str(metrics_port)),
-        *("--state-store", store_url, "--max-sessions", str(capacity), "--torch-threads", "1"),
-    )
-    started = time.monotonic()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=log)
-    try:
-        port = wait_for_port(process, log_path)
-        yield Server(
-            process, f"127.0.0.1:{port}", metrics_port, started, time.monotonic() - started
-        )
-    finally:
-        process.kill()
-        process.wait()
 
 
 # The feeder
@@ -557,134 +395,6 @@ def compare(model_dir: Path, trials: int, duration_s: float, work: Path) -> dict
         "ratio_durable_to_shipped": {n: m["durable"] / m["shipped"] for n, m in medians.items()},
         "errors": sum(r["errors"] for by in runs.values() for rows in by.values() for r in rows),
     }
-
-
-# The report
-
-
-def checks(cells: list[dict[str, Any]]) -> str:
-    """The targets, cell by cell: said, not asserted."""
-
-    def verdict(ok: list[bool]) -> str:
-        return "yes, every cell" if all(ok) else f"NO in {ok.count(False)} of {len(ok)} cells"
-
-    records = verdict([c["record_within_budget"] for c in cells])
-    # Bounded: not growing over the window beyond what one message stages at once.
-    pending = verdict(
-        [
-            c["pending_max_second_half"] <= max(c["pending_max_first_half"], MAX_CHUNKS)
-            for c in cells
-        ]
-    )
-    continued = verdict([c["recovery"]["failed"] == 0 for c in cells])
-    back = max(c["recovery"]["resent_steps_max"] for c in cells)
-    return (
-        f"Every record within {RECORD_BUDGET:,} B: {records}. Pending in the window's second "
-        f"half at most its first half's or one message's sessions ({MAX_CHUNKS:,}): {pending}. "
-        f"Every session continued: {continued}; a resend went back at most {back} timesteps."
-    )
-
-
-def render(result: dict[str, Any]) -> str:
-    machine, mib = result["machine"], 2**20
-    lines = [
-        "# Durable sessions at scale: the state store at 1,000 to 100,000 live sessions",
-        "",
-        f"Machine: {machine['node']} ({machine['cpu']}, {machine['cores']} cores), "
-        f"redis-server {machine['redis']}; {machine['date']}; lstm-stream {machine['commit']}. "
-        f"Command: `{machine['command']}` (bench/store.py).",
-        "",
-        f"Each cell: a fresh store and one `lstm-serve --state-store URL --torch-threads 1 "
-        f"--max-sessions N+{SPARE_SESSIONS}` (input {INPUTS}, hidden {HIDDEN} x {LAYERS} layers, "
-        f"output {OUTPUTS}; --state-store-interval-ms and --replay-steps at their defaults) "
-        f"holding N sessions, fed through StreamBatches at {result['rate']:,.0f} timesteps/s in "
-        f"all (each session a 1-step chunk every N/{result['rate']:,.0f} s, up to {MAX_CHUNKS:,} "
-        "chunks a message, every chunk naming start_step and answered_step), measured over "
-        f"{result['window_s']:.0f} s after every session had stepped since its creation. Store "
-        "bytes: INFO total_net_input_bytes over the window, summed over the nodes. Record: the "
-        f"values of a stored hash's fields (max of {RECORD_SAMPLE} sampled; budget h and c "
-        f"{STATE_BYTES:,} B + 1 KiB = {RECORD_BUDGET:,} B) and Redis's MEMORY USAGE. Pending: "
-        f"lstm_state_store_pending_sessions sampled every {SAMPLE_EVERY_S} s (max over the "
-        "window's first half / second half). Recovery: the server is SIGKILLed while being fed, "
-        "the moment a message is answered (its step is likely not stored yet); "
-        "a new one on the same store gets one chunk per session at the step the feeder knows "
-        "(create_missing off), and a chunk refused STEP_OUT_OF_ORDER is resent from the "
-        "expected_step named; the time runs from the new server's spawn (ready: serving) to "
-        "the last session answered. CPU: cores used over the window by the server, by Redis "
-        "(all nodes) and by everything else (the feeder included).",
-        "",
-    ]
-    for kind in result["stores"]:
-        title = {"redis": "One redis-server", "cluster": "Redis Cluster, 3 masters"}[kind]
-        lines += [
-            f"## {title}",
-            "",
-            "| live sessions | timesteps/s | store bytes / timestep | store bytes / session / s "
-            "| record bytes (max; MEMORY USAGE) | server RSS | Redis used_memory | pending max "
-            "(1st / 2nd half) | CPU cores: server / Redis / other | continued (resent) "
-            "| recovery s (ready s) |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for c in (c for c in result["cells"] if c["store"] == kind):
-            r, rec = c["recovery"], c["record"]
-            lines.append(
-                f"| {c['sessions']:,} | {c['timesteps_per_s']:,.0f} "
-                f"| {c['store_bytes_per_timestep']:,.0f} "
-                f"| {c['store_bytes_per_session_per_s']:,.1f} "
-                f"| {rec['field_bytes_max']:,} ({rec['memory_usage_max']:,}) "
-                f"| {c['server_rss_bytes'] / mib:,.0f} MiB "
-                f"| {c['store_used_memory_bytes'] / mib:,.0f} MiB "
-                f"| {c['pending_max']:,.0f} ({c['pending_max_first_half']:,.0f} / "
-                f"{c['pending_max_second_half']:,.0f}) "
-                f"| {c['server_cpu_cores']:.2f} / {c['store_cpu_cores']:.2f} / "
-                f"{c['other_cpu_cores']:.2f} "
-                f"| {r['continued']:,} of {c['sessions']:,} ({r['resent']:,}) "
-                f"| {r['recovery_s']:.1f} ({r['ready_s']:.1f}) |"
-            )
-        lines += ["", checks([c for c in result["cells"] if c["store"] == kind]), ""]
-    errors = [(c["store"], c["sessions"], c["feed_error_sample"]) for c in result["cells"]]
-    if any(e for *_, e in errors):
-        lines += ["Feed errors: " + "; ".join(f"{k} {n:,}: {e}" for k, n, e in errors if e), ""]
-    failures = [
-        (c["store"], c["sessions"], c["recovery"]["failure_sample"]) for c in result["cells"]
-    ]
-    if any(f for *_, f in failures):
-        lines += [
-            "Sessions that did not continue: "
-            + "; ".join(f"{k} {n:,}: {f}" for k, n, f in failures if f),
-            "",
-        ]
-    comparison = result.get("comparison")
-    if comparison:
-        lines += [
-            "## Durable (one Redis) against shipped (no store)",
-            "",
-            f"Closed loop at top speed, the same model; two servers as they ship (defaults, no "
-            f"--torch-threads) up at once, {comparison['trials']} alternating trials of "
-            f"{comparison['duration_s']:.0f} s; medians. Target: durable >= 0.85 x shipped.",
-            "",
-            "| cell | shipped timesteps/s | durable timesteps/s | durable / shipped "
-            "| shipped trials | durable trials |",
-            "| --- | ---: | ---: | ---: | --- | --- |",
-        ]
-        for name, by in comparison["runs"].items():
-            m = comparison["median_timesteps_per_s"][name]
-            each = {
-                v: ", ".join(f"{r['timesteps_per_s']:,.0f}{'*' * r['busy']}" for r in rows)
-                for v, rows in by.items()
-            }
-            lines.append(
-                f"| {name} | {m['shipped']:,.0f} | {m['durable']:,.0f} "
-                f"| {comparison['ratio_durable_to_shipped'][name]:.2f} "
-                f"| {each['shipped']} | {each['durable']} |"
-            )
-        lines += [
-            "",
-            f"Errors: {comparison['errors']}. `*`: other processes used more than {BUSY_CORES} "
-            "cores during that trial (each trial first waits, within a budget, for quiet).",
-            "",
-        ]
-    return "\n".join(lines)
 
 
 def tree_state() -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import secrets
 import time
@@ -44,13 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server import metrics, transfer
 from server.errors import StoreUnavailable
 from server.sessions import Session
 from server.store_backend import KeyLayout, connect, redacted, session_key
+from server.store_script import WRITES_PER_CALL, WriteScript
 
 __all__ = ["StateStore", "session_key"]
 log = logging.getLogger("lstm_serve")
@@ -59,67 +59,6 @@ log = logging.getLogger("lstm_serve")
 # a write a lost replica had in flight cannot overwrite what its successor wrote since, nor
 # bring back a session that ended (an end leaves a tombstone: born, step, ended).
 #
-# One call writes up to WRITES_PER_CALL sessions of one bucket (store_backend: a cluster's calls
-# stay in one hash slot). KEYS[1] is this replica's marker for the bucket, which exists while
-# the store keeps what the replica wrote (a Redis restarted empty, or flushed, has none; it
-# expires with the sessions' TTL and every write renews it). KEYS[2..] are the sessions. ARGV
-# is three values whatever the number of sessions (redis-py encodes each argument in Python):
-# the TTL, a header of one line per session, "KIND BORN STEP METALEN STATELEN" (kind "put" or
-# "end"), and the payload, every session's meta then state, one after another. It returns
-# {1 if the marker was missing, then per session 1: applied, 0: stale, or 2: not applied,
-# the record needs its meta}. A put with an empty meta is an update: the meta (id, principal,
-# model, fingerprint: 300 bytes, a quarter of a small model's record) is sent with a session's
-# first write only, and again whenever the store no longer has it.
-WRITES_PER_CALL = 256
-WRITE_IN_ORDER = """
-local ttl, payload, offset = ARGV[1], ARGV[3], 1
-local result = {0}
-if redis.call('SET', KEYS[1], '1', 'NX') then result[1] = 1 end
-redis.call('PEXPIRE', KEYS[1], ttl)
-local i = 2
-for kind, born_s, step_s, meta_len, state_len in
-    string.gmatch(ARGV[2], '(%a+) (%S+) (%d+) (%d+) (%d+)\\n') do
-  local key, born, step = KEYS[i], tonumber(born_s), tonumber(step_s)
-  meta_len, state_len = tonumber(meta_len), tonumber(state_len)
-  local meta = string.sub(payload, offset, offset + meta_len - 1)
-  local state = string.sub(payload, offset + meta_len, offset + meta_len + state_len - 1)
-  offset = offset + meta_len + state_len
-  local stored = redis.call('HMGET', key, 'born', 'step', 'ended')
-  local stored_born = tonumber(stored[1])
-  local stale = false
-  if stored_born then
-    if born < stored_born then
-      stale = true
-    elseif born == stored_born then
-      stale = stored[3] ~= false or (kind == 'put' and tonumber(stored[2]) > step)
-    end
-  end
-  if stale then
-    result[i] = 0
-  elseif kind == 'put' and meta_len == 0 then
-    -- An update: step and state only, onto this incarnation's record, which holds the meta
-    -- (only a whole put writes `born` without `ended`, and it writes the meta with it).
-    if stored_born ~= born then
-      result[i] = 2
-    else
-      redis.call('HSET', key, 'step', step_s, 'state', state)
-      redis.call('PEXPIRE', key, ttl)
-      result[i] = 1
-    end
-  else
-    redis.call('DEL', key)
-    if kind == 'end' then
-      redis.call('HSET', key, 'born', born_s, 'step', step_s, 'ended', '1')
-    else
-      redis.call('HSET', key, 'born', born_s, 'step', step_s, 'meta', meta, 'state', state)
-    end
-    redis.call('PEXPIRE', key, ttl)
-    result[i] = 1
-  end
-  i = i + 1
-end
-return result
-"""
 # Unreachable for longer than this: fail the command, serve from memory, retry later.
 SOCKET_TIMEOUT_S = 2.0
 STORE_CONNECTIONS = 64  # to Redis at once; more callers wait for one (at most SOCKET_TIMEOUT_S)
@@ -181,8 +120,7 @@ class StateStore:
         self._staged: dict[str, Staged] = {}  # key -> the session's newest state, or its end
         self._writing: dict[str, Staged] = {}  # the batch being written
         self._marked: set[int] = set()  # the buckets whose marker a write has set
-        self._script_sha = hashlib.sha1(WRITE_IN_ORDER.encode()).hexdigest()
-        self._script_loaded = False
+        self._script = WriteScript()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -338,7 +276,7 @@ class StateStore:
                     header.append(f"end {born} {item.end_step} 0 0\n")
             keys = [self._keys.marker(bucket), *(key for key, _ in part)]
             commands.append((len(keys), *keys, self._ttl_ms, "".join(header), b"".join(payload)))
-        results = await self._run_script(commands)
+        results = await self._script.run(self._redis, commands)
         written, emptied = 0, False
         for (bucket, part), result in zip(calls, results, strict=True):
             # A marker is missing at the first write to its bucket, and after the store (or
@@ -359,25 +297,6 @@ class StateStore:
         metrics.STATE_STORE_WRITES.inc(written)
         metrics.STATE_STORE_FLUSH.observe(time.perf_counter() - started)
         return emptied
-
-    async def _run_script(self, commands: list[tuple[object, ...]]) -> list:
-        """Run WRITE_IN_ORDER once per command, in one pipeline, by its SHA1 (the script's 1.4 KB
-        is not sent with every call); a store that lost its scripts (restarted, or a new shard)
-        gets it again and the calls are sent again: they are idempotent."""
-        for attempt in (1, 2):
-            if not self._script_loaded:
-                await self._redis.script_load(WRITE_IN_ORDER)  # on every shard of a cluster
-                self._script_loaded = True
-            pipe = self._redis.pipeline(transaction=False)
-            for command in commands:
-                pipe.evalsha(self._script_sha, *command)
-            try:
-                return await pipe.execute()
-            except NoScriptError:
-                self._script_loaded = False
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
 
     def _calls(
         self, items: list[tuple[str, Staged | Snapshot]]
