@@ -394,14 +394,20 @@ class Lookups:
     def __init__(self, redis: Any) -> None:
         self._redis = redis
         self._pending: list[tuple[str, tuple[object, ...], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
 
     async def run(self, command: str, *args: object) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((command, args, future))
         if len(self._pending) == 1:
-            loop.call_soon(lambda: asyncio.ensure_future(self._send()))
+            loop.call_soon(self._start_sending)
         return await future
+
+    def _start_sending(self) -> None:
+        task = asyncio.ensure_future(self._send())
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _send(self) -> None:
         pending, self._pending = self._pending, []
