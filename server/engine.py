@@ -174,7 +174,12 @@ class Engine:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn on the engine's worker thread, in order with the batches."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self.submit(fn, *args)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Hand fn to the worker thread now (call() does when first awaited): whatever is
+        handed over after this returns runs after fn."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def run_on_worker(self, fn: Callable[[], T]) -> T:
         """Run fn on the engine's worker thread and wait for it (no event loop needed)."""

@@ -4,6 +4,7 @@ with, never on another."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -113,17 +114,22 @@ class SessionMoves:
             for session in sessions:  # all or nothing
                 await self._runtime.close_session(session, "deleted")
             raise
+        # The sessions are in the table already: from here to the state writes' hand-over
+        # nothing awaits, so no one sees them half made (at step 0, a new create time), and any
+        # work for them handed to an engine later (a step, a read) runs after their write.
+        for session, record in zip(sessions, records, strict=True):
+            replay = record.replay.numpy()
+            session.commit(record.next_step - len(replay), replay)
+            session.create_time = record.create_time
+        writes = []
         for model, indices in group_by_model(sessions).items():
             state = tuple(
                 torch.stack([records[i].state[name] for i in indices], dim=1)  # (L, N, H)
                 for name in model.config.state_names
             )
             slots = [sessions[i].slot for i in indices]
-            await model.engine.call(model.pool.write, slots, state)
-        for session, record in zip(sessions, records, strict=True):
-            replay = record.replay.numpy()
-            session.commit(record.next_step - len(replay), replay)
-            session.create_time = record.create_time
+            writes.append(model.engine.submit(model.pool.write, slots, state))
+        await asyncio.gather(*writes)
         return sessions
 
     async def records(self) -> list[transfer.SessionRecord]:
