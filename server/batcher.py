@@ -1,8 +1,9 @@
 """The batcher: what runs next. One loop takes the oldest waiting chunk of each session (at most
 one per session), up to --max-batch-size of them, hands the batch to the engine as soon as the
-engine is free, and completes every chunk's future. When a batch fails, every future in it gets
-the error and no session's state or step index moves. With a state store, each session a batch
-changed is staged for the store's write-behind.
+engine is free, gives the outputs to the domain's commit (server/steps.py: replay, next_step,
+the state store, the sessions' locks) and completes every chunk's future. When a batch fails,
+every future in it gets the error and the commit is told, so no session's state or step index
+moves. The batcher applies no rule of the domain.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from server import metrics
 from server.engine import Engine, StepOutputs, StepWork
-from server.sessions import ReplayPool, Session
-from server.state_store import StateStore
+
+if TYPE_CHECKING:
+    from server.sessions import Session
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,16 @@ class Row:
     session: Session
     work: StepWork
     start: int  # step index of the chunk's first timestep
+
+
+class Commit(Protocol):
+    """What a finished batch changes (server/steps.py Commit): each row's result."""
+
+    def __call__(
+        self, rows: list[Row], outputs: StepOutputs
+    ) -> list[np.ndarray | BaseException]: ...
+
+    def failed(self, rows: list[Row]) -> None: ...
 
 
 @dataclass(eq=False)
@@ -55,16 +68,14 @@ class Batcher:
     def __init__(
         self,
         engine: Engine,
+        commit: Commit,
         max_batch_size: int,
         max_batch_delay_us: int,
-        store: StateStore | None = None,
-        replay: ReplayPool | None = None,  # the sessions' rings, written a batch at a time
         model: str = "",  # the model version, for the metrics' labels
         version: int = 0,
     ) -> None:
         self._engine = engine
-        self._store = store
-        self._replay = replay
+        self._commit = commit
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_batch_delay_us / 1e6
         self._queue: deque[Entry] = deque()
@@ -94,27 +105,10 @@ class Batcher:
             await self._idle.wait()
             await asyncio.sleep(0)
 
-    def submit(self, session: Session, work: StepWork, start: int) -> asyncio.Future[np.ndarray]:
-        """Queue one chunk; a future of its outputs. The caller holds session.lock; the batcher
-        releases it once the chunk is committed (or failed), whatever happens to the caller
-        meanwhile."""
-        answer: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-
-        def hand_over(entry: asyncio.Future[list[np.ndarray | BaseException]]) -> None:
-            if answer.done():  # the caller went away; its chunk was applied all the same
-                return
-            (result,) = entry.result()
-            if isinstance(result, BaseException):
-                answer.set_exception(result)
-            else:
-                answer.set_result(result)
-
-        self.submit_rows([Row(session, work, start)]).add_done_callback(hand_over)
-        return answer
-
-    def submit_rows(self, rows: list[Row]) -> asyncio.Future[list[np.ndarray | BaseException]]:
-        """Queue many sessions' chunks as one entry (each session's lock held, as for submit);
-        they run in one batch where they fit. The future gives each row's outputs or error."""
+    def submit(self, rows: list[Row]) -> asyncio.Future[list[np.ndarray | BaseException]]:
+        """Queue chunks of different sessions as one entry (each session's lock held by its
+        plan, released by the commit whatever happens to the caller meanwhile); they run in
+        one batch where they fit. The future gives each row's outputs or error."""
         entry = Entry(rows, asyncio.get_running_loop().create_future())
         self._queue.append(entry)
         self._queued_rows += len(rows)
@@ -169,49 +163,17 @@ class Batcher:
             outputs = await self._engine.call(self._engine.step, [row.work for row in rows])
         except Exception as exc:
             log.exception("batch of %d failed", len(rows))
+            self._commit.failed(rows)
             for entry, entry_rows in batch:
-                for row in entry_rows:
-                    row.session.lock.release()
                 entry.settle([exc] * len(entry_rows))
             return
         finished = time.perf_counter()
-        recorded = self._record(rows, outputs)
-        steps = 0
-        done = iter(outputs.rows)
+        results = self._commit(rows, outputs)
+        done = 0
         for entry, entry_rows in batch:
-            results = [self._commit(row, next(done), recorded) for row in entry_rows]
-            for row, result in zip(entry_rows, results, strict=True):
-                if isinstance(result, np.ndarray):
-                    steps += len(result)
-                    if self._store is not None:
-                        self._store.stage(row.session)
-            entry.settle(results)
+            entry.settle(results[done : done + len(entry_rows)])
+            done += len(entry_rows)
         self._batch_size.observe(len(rows))
         self._queue_wait.observe(dispatched - batch[0][0].enqueued)
         self._compute.observe(finished - dispatched)
-        self._timesteps.inc(steps)
-
-    def _record(self, rows: list[Row], outputs: StepOutputs) -> bool:
-        """Write a uniform batch's outputs to the replay rings in one go; False: each chunk's
-        commit records its own."""
-        if self._replay is None or outputs.uniform is None:
-            return False
-        try:
-            slots = [row.session.slot for row in rows]
-            self._replay.write(slots, [row.start for row in rows], outputs.uniform)
-        except Exception:
-            log.exception("recording a batch of %d in the replay rings failed", len(rows))
-            return False
-        return True
-
-    @staticmethod
-    def _commit(row: Row, out: np.ndarray, recorded: bool) -> np.ndarray | BaseException:
-        """Commit one chunk; a failure here fails that chunk alone."""
-        try:
-            row.session.commit(row.start, out, recorded)
-        except Exception as exc:
-            log.exception("committing a chunk of session %s failed", row.session.session_id[:6])
-            return exc
-        finally:
-            row.session.lock.release()
-        return out
+        self._timesteps.inc(sum(len(r) for r in results if isinstance(r, np.ndarray)))

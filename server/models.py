@@ -28,6 +28,7 @@ from server.errors import ModelNotFound
 from server.sessions import ReplayPool
 from server.state_pool import StatePool
 from server.state_store import StateStore
+from server.steps import Commit
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,9 @@ class ModelVersion:
         self.replay = ReplayPool(config.max_sessions, config.replay_steps, self.config.output_size)
         self.batcher = Batcher(
             self.engine,
+            Commit(self.replay, store),
             config.max_batch_size,
             config.max_batch_delay_us,
-            store,
-            self.replay,
             model=key.name,
             version=key.version,
         )

@@ -22,7 +22,6 @@ from typing import Any
 from lstm_stream.oip import grpc_service_pb2 as oip
 from lstm_stream.oip import grpc_service_pb2_grpc as oip_grpc
 from server import metrics
-from server.batches import ChunkRequest
 from server.errors import BadInput, ServiceError, SessionNotFound
 from server.models import ModelVersion, VersionState
 from server.oip_tensors import (
@@ -40,6 +39,7 @@ from server.oip_tensors import (
 from server.runtime import Runtime, check_lives_on
 from server.security import TokenStore, principal_of
 from server.service import Malformed, add_servicer, unary
+from server.steps import ChunkRequest
 
 SERVER_NAME = "lstm-stream"
 OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -216,8 +216,7 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
             request, model.config.input_size, self.runtime.config.max_chunk_steps
         )
         if not sequence.session_id:
-            self.runtime.rate_limiter.take(principal, len(inputs))
-            return asyncio.ensure_future(self._predict(request, model, inputs, batched))
+            return asyncio.ensure_future(self._predict(request, model, inputs, batched, principal))
         chunk = ChunkRequest(
             sequence.session_id, inputs, sequence.start_step, sequence.start, sequence.end
         )
@@ -243,8 +242,8 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
             return self._model(request.model_name, request.model_version, new_work=False)
         return self._model(request.model_name, request.model_version)
 
-    async def _predict(self, request, model: ModelVersion, inputs, batched: bool):
-        outputs = await self.runtime.predict(inputs, model)
+    async def _predict(self, request, model: ModelVersion, inputs, batched: bool, principal: str):
+        outputs = await self.runtime.predict(inputs, model, principal)
         response = infer_response(request, model)
         put_output(response, outputs, batched)
         return response

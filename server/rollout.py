@@ -11,9 +11,10 @@ not reloaded (publish a new number).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,17 @@ class Rollout:
             model.sessions,
         )
         self.unload_if_drained(model)
+
+    @contextlib.contextmanager
+    def pinned(self, model: ModelVersion) -> Iterator[ModelVersion]:
+        """Hold a version loaded without a session (a Predict call, a session moving onto it):
+        a draining version unloads once its last session and pin are gone."""
+        model.users += 1
+        try:
+            yield model
+        finally:
+            model.users -= 1
+            self.unload_if_drained(model)
 
     def unload_if_drained(self, model: ModelVersion) -> None:
         """Called when a session's slot or a Predict call is given back."""

@@ -15,9 +15,8 @@ import time
 import numpy as np
 import torch
 
-from server import batches, metrics
+from server import metrics, steps
 from server.config import ServerConfig
-from server.engine import StepWork
 from server.errors import (
     BadInput,
     ModelNotFound,
@@ -32,7 +31,7 @@ from server.models import Models, ModelVersion, VersionKey
 from server.moves import SessionMoves, group_by_model
 from server.rollout import Rollout
 from server.security import RateLimiter
-from server.sessions import Session, SessionTable, plan_chunk
+from server.sessions import Attachment, Session, SessionTable
 from server.state_store import StateStore
 
 log = logging.getLogger("lstm_serve")
@@ -41,24 +40,6 @@ log = logging.getLogger("lstm_serve")
 def short_id(session_id: str) -> str:
     """Session ids are bearer secrets: logs show a prefix only."""
     return session_id[:6] + "…"
-
-
-class Attachment:
-    """One stream feeding a session. A takeover, delete, expiry or shutdown interrupts it: at
-    once when it is waiting for its next message, after its response when it is mid-message."""
-
-    def __init__(self) -> None:
-        self._task = asyncio.current_task()
-        self.session: Session | None = None
-        self.busy = False
-        self.interruption: ServiceError | None = None
-
-    def interrupt(self, error: ServiceError) -> None:
-        if self.interruption is not None:
-            return
-        self.interruption = error
-        if not self.busy and self._task is not None:
-            self._task.cancel()
 
 
 class Runtime:
@@ -173,14 +154,11 @@ class Runtime:
                 raise SessionNotFound(session_id)
             return held
         model = await self.moves.place_loading(record, "stored state")
-        model.users += 1  # closing the held copy must not unload the version it moves to
-        try:
+        # Pinned: closing the held copy must not unload the version the session moves to.
+        with self.rollout.pinned(model):
             if held is not None:
                 await self.close_session(held, "superseded")
             (session,) = await self.moves.restore([record], session_id, principal)
-        finally:
-            model.users -= 1
-            self.rollout.unload_if_drained(model)
         session.durable_step = record.next_step
         metrics.STATE_STORE_LOADS.inc()
         log.info(
@@ -268,48 +246,18 @@ class Runtime:
         if session is not None and session.owner is attachment:
             session.owner = None
 
-    async def step(
-        self,
-        session: Session,
-        inputs: np.ndarray,
-        start_step: int | None = None,
-        reset: bool = False,
-        attachment: Attachment | None = None,
-        answered_step: int = 0,
-    ) -> tuple[int, np.ndarray]:
-        """Apply a chunk exactly once; (step index of the first output, outputs (T, O)).
-        answered_step: the client has every output before it (0: not said)."""
-        await session.lock.acquire()
-        try:
-            self.refuse_if_draining()
-            if session.closed:
-                raise SessionNotFound(session.session_id)
-            if attachment is not None and session.owner is not attachment:
-                raise SessionTakenOver(session.session_id)
-            plan = plan_chunk(session, start_step, inputs, reset, session.model.config.output_size)
-            self.rate_limiter.take(session.principal, len(plan.new))
-            self.sessions.touch(session)
-            session.note_answered(answered_step)
-        except BaseException:
-            session.lock.release()
-            raise
-        first = plan.new_start - len(plan.replayed)
-        if not len(plan.new) and not plan.reset:
-            session.lock.release()
-            return first, plan.replayed
-        work = StepWork(session.slot, plan.new, plan.reset)
-        outputs = await session.model.batcher.submit(session, work, plan.new_start)  # unlocks
-        if len(plan.replayed):
-            outputs = np.concatenate([plan.replayed, outputs])
-        return first, outputs
+    async def step(self, item: steps.ChunkRequest) -> steps.ChunkRequest:
+        """Apply a stream's chunk (item.session, item.stream) exactly once; the item, answered:
+        outputs (T, O) from step `first`."""
+        return await steps.step_one(self, item)
 
     async def step_batch(
         self,
-        chunks: list[batches.ChunkRequest | ServiceError],
+        chunks: list[steps.ChunkRequest | ServiceError],
         principal: str = "",
         create_missing: bool = False,
         model: ModelVersion | None = None,
-    ) -> list[batches.Outcome]:
+    ) -> list[steps.Outcome]:
         """Many sessions' chunks at once (StepBatch): each one's answer or refusal, in order.
         `model`: the version the inputs were decoded for and create_missing creates on."""
         return await asyncio.shield(
@@ -318,23 +266,21 @@ class Runtime:
 
     async def start_batch(
         self,
-        chunks: list[batches.ChunkRequest | ServiceError],
+        chunks: list[steps.ChunkRequest | ServiceError],
         principal: str = "",
         create_missing: bool = False,
         model: ModelVersion | None = None,
-    ) -> asyncio.Future[list[batches.Outcome]]:
+    ) -> asyncio.Future[list[steps.Outcome]]:
         """Queue a batch message's chunks (StreamBatches); a future of their outcomes."""
         target = model or self.models.resolve()
-        return await batches.start_batch(self, chunks, principal, create_missing, target)
+        return await steps.start_batch(self, chunks, principal, create_missing, target)
 
-    async def predict(self, inputs: np.ndarray, model: ModelVersion) -> np.ndarray:
+    async def predict(self, inputs: np.ndarray, model: ModelVersion, principal: str) -> np.ndarray:
+        """A stateless run of `inputs` (T, I) from zero state; no session."""
         self.refuse_if_draining()
-        model.users += 1
-        try:
+        self.rate_limiter.take(principal, len(inputs))
+        with self.rollout.pinned(model):
             outputs = await model.engine.call(model.engine.predict, inputs)
-        finally:
-            model.users -= 1
-            self.rollout.unload_if_drained(model)
         metrics.TIMESTEPS.labels(model.key.name, str(model.key.version)).inc(len(inputs))
         return outputs
 

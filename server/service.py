@@ -16,7 +16,6 @@ from google.protobuf.message import DecodeError
 from lstm_stream.v1 import inference_pb2 as pb
 from lstm_stream.v1 import inference_pb2_grpc as pb_grpc
 from server import metrics
-from server.batches import ChunkRequest
 from server.codec import (
     check_session_id,
     decode_chunks,
@@ -26,9 +25,10 @@ from server.codec import (
 )
 from server.errors import BadInput, ServiceError, StepOutOfOrder
 from server.models import ModelVersion, VersionState
-from server.runtime import Attachment, Runtime
+from server.runtime import Runtime
 from server.security import TokenStore, principal_of
-from server.sessions import Session
+from server.sessions import Attachment, Session
+from server.steps import ChunkRequest
 
 Response = TypeVar("Response")
 SESSION_ID_METADATA = "x-session-id"
@@ -218,8 +218,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 f"num_steps: expected {len(inputs)} or 0 (inputs hold {len(inputs)} timesteps "
                 f"of input_size {model.config.input_size}), got {request.num_steps}"
             )
-        self.runtime.rate_limiter.take(self._principal(context), len(inputs))
-        outputs = await self.runtime.predict(inputs, model)
+        outputs = await self.runtime.predict(inputs, model, self._principal(context))
         response = pb.PredictResponse()
         put_outputs(response, outputs, bool(request.packed_inputs))
         return response
@@ -311,16 +310,23 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     f"empty, got {request.session_id!r}"
                 )
             inputs = self._decode(request, session.model)
-        first, outputs = await self.runtime.step(
-            session, inputs, start_step, request.reset, attachment, request.answered_step
+        item = ChunkRequest(
+            session.session_id,
+            inputs,
+            start_step,
+            request.reset,
+            answered_step=request.answered_step,
+            session=session,
+            stream=attachment,
         )
+        await self.runtime.step(item)
         response = pb.StreamStepsResponse(
             session_id=session.session_id,
-            start_step=first,
-            num_steps=len(outputs),
+            start_step=item.first,
+            num_steps=len(item.outputs),
             durable_step=session.durable_step,
         )
-        put_outputs(response, outputs, bool(request.packed_inputs))
+        put_outputs(response, item.outputs, bool(request.packed_inputs))
         return response
 
     def _decode(

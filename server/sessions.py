@@ -13,12 +13,13 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from server import metrics
 from server.errors import (
+    ServiceError,
     SessionCapacity,
     SessionExists,
     SessionNotFound,
@@ -26,6 +27,9 @@ from server.errors import (
     StepOutOfOrder,
 )
 from server.state_pool import SlotsExhausted, StatePool
+
+if TYPE_CHECKING:
+    from server.models import ModelVersion
 
 
 class ReplayBuffer:
@@ -119,12 +123,30 @@ class Placement(Protocol):
     def count_sessions(self, delta: int) -> None: ...
 
 
+class Attachment:
+    """One stream feeding a session. A takeover, delete, expiry or shutdown interrupts it: at
+    once when it is waiting for its next message, after its response when it is mid-message."""
+
+    def __init__(self) -> None:
+        self._task = asyncio.current_task()
+        self.session: Session | None = None
+        self.busy = False
+        self.interruption: ServiceError | None = None
+
+    def interrupt(self, error: ServiceError) -> None:
+        if self.interruption is not None:
+            return
+        self.interruption = error
+        if not self.busy and self._task is not None:
+            self._task.cancel()
+
+
 @dataclass(eq=False, slots=True)  # slots: 100,000 idle sessions must stay small
 class Session:
     session_id: str
     slot: int
     replay: ReplayBuffer
-    model: Any = None  # the Placement (model version) whose pool holds its slot, for life
+    model: ModelVersion = None  # type: ignore[assignment]  # whose pool holds its slot, for life
     principal: str = ""  # who created it; only they can see it
     next_step: int = 0
     durable_step: int = 0  # the state store holds the session up to here (--state-store)
@@ -134,7 +156,7 @@ class Session:
     create_time: float = field(default_factory=time.time)
     last_active_time: float = field(default_factory=time.time)
     last_active_monotonic: float = field(default_factory=time.monotonic)
-    owner: object | None = None  # the stream attachment feeding it, if any
+    owner: Attachment | None = None  # the stream feeding it, if any
     closed: bool = False
     # A batch chunk with end_session is planned: done once the session is closed (or the chunk
     # failed). A later message naming the id waits for it, and then meets what follows the end.
@@ -180,7 +202,9 @@ def plan_chunk(
     session: Session, start_step: int | None, inputs: np.ndarray, reset: bool, output_size: int
 ) -> ChunkPlan:
     next_step = session.next_step
-    start = next_step if start_step is None else start_step
+    if start_step is None or start_step == next_step:  # the usual: nothing to replay
+        return ChunkPlan(NO_OUTPUTS, inputs, next_step, reset)
+    start = start_step
     if start > next_step:
         raise StepOutOfOrder(
             f"start_step: expected at most the session's next step {next_step}, got {start} "

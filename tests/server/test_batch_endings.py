@@ -1,4 +1,4 @@
-"""A chunk that ends its session, seen from the messages after it (server/batches.py): they
+"""A chunk that ends its session, seen from the messages after it (server/steps.py): they
 wait for the end and meet what follows it, whatever happens to the ending message's answer.
 Driven on the server's own loop, where the interleavings can be forced."""
 
@@ -6,8 +6,8 @@ import asyncio
 
 import numpy as np
 
-from server.batches import ChunkRequest
 from server.errors import ServiceError, SessionNotFound
+from server.steps import ChunkRequest
 from tests.factories import serve
 
 STEP = np.zeros((1, 6), np.float32)

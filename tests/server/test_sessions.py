@@ -12,6 +12,7 @@ from server.engine import StepOutputs, StepWork
 from server.errors import SessionCapacity, SessionExists, StepOutOfOrder
 from server.sessions import ReplayBuffer, ReplayPool, Session, SessionTable, plan_chunk
 from server.state_pool import StatePool
+from server.steps import Commit
 
 
 def make_pool(capacity: int = 4) -> StatePool:
@@ -126,14 +127,14 @@ class RecordingEngine(FailingEngine):
 def test_a_failed_batch_fails_every_future_and_moves_no_session():
     async def run():
         engine = FailingEngine()
-        batcher = Batcher(engine, max_batch_size=8, max_batch_delay_us=0)
+        batcher = Batcher(engine, Commit(), max_batch_size=8, max_batch_delay_us=0)
         sessions = [Session(str(i), i, ReplayBuffer(4)) for i in range(3)]
         futures = []
         for s in sessions:
             await s.lock.acquire()
-            futures.append(batcher.submit(s, StepWork(s.slot, np.zeros((2, 1))), 0))
+            futures.append(batcher.submit([Row(s, StepWork(s.slot, np.zeros((2, 1))), 0)]))
         batcher.start()
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        results = [result for (result,) in await asyncio.gather(*futures)]
         await batcher.stop()
         assert all(isinstance(r, RuntimeError) for r in results)
         assert [s.next_step for s in sessions] == [0, 0, 0]
@@ -146,12 +147,12 @@ def test_a_failed_batch_fails_every_future_and_moves_no_session():
 def test_batches_are_bounded_by_max_batch_size_oldest_first():
     async def run():
         engine = RecordingEngine()
-        batcher = Batcher(engine, max_batch_size=3, max_batch_delay_us=0)
+        batcher = Batcher(engine, Commit(), max_batch_size=3, max_batch_delay_us=0)
         sessions = [Session(str(i), i, ReplayBuffer(4)) for i in range(5)]
         futures = []
         for s in sessions:
-            await s.lock.acquire()  # as Runtime.step does; the batcher releases it
-            futures.append(batcher.submit(s, StepWork(s.slot, np.zeros((1, 1))), 0))
+            await s.lock.acquire()  # as the plan does (server/steps.py); the commit releases it
+            futures.append(batcher.submit([Row(s, StepWork(s.slot, np.zeros((1, 1))), 0)]))
         batcher.start()
         await asyncio.gather(*futures)
         await batcher.stop()
@@ -168,15 +169,15 @@ def test_an_entry_larger_than_a_batch_is_split_in_order_and_answered_once():
 
     async def run():
         engine = RecordingEngine()
-        batcher = Batcher(engine, max_batch_size=3, max_batch_delay_us=0)
+        batcher = Batcher(engine, Commit(), max_batch_size=3, max_batch_delay_us=0)
         sessions = [Session(str(i), i, ReplayBuffer(4)) for i in range(6)]
         for s in sessions:
             await s.lock.acquire()
         rows = [Row(s, StepWork(s.slot, np.zeros((1, 1))), 0) for s in sessions[:5]]
-        many = batcher.submit_rows(rows)
-        one = batcher.submit(sessions[5], StepWork(5, np.zeros((2, 1))), 0)
+        many = batcher.submit(rows)
+        one = batcher.submit([Row(sessions[5], StepWork(5, np.zeros((2, 1))), 0)])
         batcher.start()
-        results, single = await asyncio.gather(many, one)
+        results, (single,) = await asyncio.gather(many, one)
         await batcher.stop()
         assert engine.batches == [[0, 1, 2], [3, 4, 5]]
         assert [r.shape for r in results] == [(1, 1)] * 5 and single.shape == (2, 1)
