@@ -42,12 +42,13 @@ from server.snapshot import (
 )
 from server.transfer import SessionRecord
 
-log = logging.getLogger("lstm_serve")
+log = logging.getLogger(__name__)
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
 @dataclass
 class Server:
+    config: ServerConfig
     grpc_server: grpc.aio.Server
     port: int
     runtime: Runtime
@@ -65,7 +66,7 @@ class Server:
         """SIGHUP: re-read the token file and the model repository."""
         if self.tokens is not None:
             self.tokens.reload()
-        self.runtime.rollout.request_reload()
+        self.runtime.reload_repository()
 
     async def begin_drain(self) -> None:
         """Health NOT_SERVING, new streams and messages refused, in-flight ones answered."""
@@ -80,7 +81,7 @@ class Server:
 
     @property
     def _snapshot_dir(self) -> Path | None:
-        directory = self.runtime.config.snapshot_dir
+        directory = self.config.snapshot_dir
         return Path(directory) if directory else None
 
     async def restore_snapshot(self) -> None:
@@ -92,12 +93,12 @@ class Server:
             records = read_snapshot(directory)
             records = self._placeable(directory, records)
         except SnapshotError as exc:
-            if not self.runtime.config.snapshot_discard_invalid:
+            if not self.config.snapshot_discard_invalid:
                 raise
             aside = discard_snapshot(directory, "rejected")
             log.warning("%s; moved to %s, starting with no sessions", exc, aside)
             return
-        sessions = await self.runtime.moves.restore(records)
+        sessions = await self.runtime.restore(records)
         if discard_snapshot(directory, "restored"):
             log.info("restored %d sessions from %s", len(sessions), directory)
 
@@ -109,7 +110,7 @@ class Server:
         placeable, lost, why = [], [], ""
         for record in records:
             try:
-                self.runtime.moves.place(record, "snapshot")
+                self.runtime.check_placeable(record)
                 placeable.append(record)
             except ServiceError as exc:
                 lost.append(record)
@@ -136,7 +137,7 @@ class Server:
         directory = self._snapshot_dir
         if directory is None:
             return
-        records = await self.runtime.moves.records()
+        records = await self.runtime.records()
         path = write_snapshot(directory, records)
         log.info("wrote %d sessions to %s", len(records), path)
 
@@ -152,8 +153,8 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     tokens = TokenStore(config.auth_tokens) if config.auth_tokens else None
     interceptors = [AuthInterceptor(tokens, config.auth_health)] if tokens else []
     grpc_server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
-    add_servicer(InferenceService(runtime, tokens), grpc_server)
-    add_oip_servicer(OpenInferenceService(runtime, tokens), grpc_server)
+    add_servicer(InferenceService(runtime, config, tokens), grpc_server)
+    add_oip_servicer(OpenInferenceService(runtime, config, tokens), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
@@ -170,7 +171,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     log.info(
         "capacity %d sessions; default model %s%s",
         config.max_sessions,
-        runtime.models.default_name,
+        runtime.default_model,
         f"; repository {config.model_repository}, re-read on SIGHUP"
         + (f" and every {config.repository_poll_s:g} s" if config.repository_poll_s else "")
         if config.model_repository
@@ -181,7 +182,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         _describe_tls(config),
         f"tokens from {config.auth_tokens}" if tokens else "off",
     )
-    return Server(grpc_server, port, runtime, health_servicer, tokens), port
+    return Server(config, grpc_server, port, runtime, health_servicer, tokens), port
 
 
 def bind_grpc_port(grpc_server: grpc.aio.Server, config: ServerConfig) -> int:

@@ -17,15 +17,15 @@ from server.models import ModelVersion, VersionKey
 from server.sessions import Session
 
 if TYPE_CHECKING:
-    from server.runtime import Runtime
+    from server.lifecycle import SessionLifecycle
 
 
 class SessionMoves:
-    def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
+    def __init__(self, lifecycle: SessionLifecycle) -> None:
+        self._lifecycle = lifecycle
 
     async def export_session(self, session_id: str, principal: str = "") -> bytes:
-        session = await self._runtime.get_session(session_id, principal)
+        session = await self._lifecycle.get_session(session_id, principal)
         async with session.lock:
             if session.closed:
                 raise SessionNotFound(session_id)
@@ -38,21 +38,21 @@ class SessionMoves:
     ) -> Session:
         record = transfer.decode(data)
         await self.place_loading(record, "state")
-        if self._runtime.store is not None:  # an id live on another replica is taken
-            await self._runtime.refuse_if_stored(session_id or record.session_id, principal)
+        if self._lifecycle.store is not None:  # an id live on another replica is taken
+            await self._lifecycle.refuse_if_stored(session_id or record.session_id, principal)
         (session,) = await self.restore([record], session_id, principal)
-        if self._runtime.store is not None:
+        if self._lifecycle.store is not None:
             # A new incarnation: the store orders writes by create time, and an export of
             # a session that then ended must not be refused as that session's late write.
             session.create_time = time.time()
-            self._runtime.store.stage(session)
+            self._lifecycle.store.stage(session)
         return session
 
     async def place_loading(self, record: transfer.SessionRecord, what: str) -> ModelVersion:
         """The loaded version a record's session lives on (loading it from the repository if
         it is there but not loaded yet); checked against the record."""
         if self.place(record, what, missing_ok=True) is None:
-            await self._runtime.rollout.reload()
+            await self._lifecycle.rollout.reload()
         placed = self.place(record, what)
         assert placed is not None
         return placed
@@ -62,7 +62,7 @@ class SessionMoves:
     ) -> ModelVersion | None:
         """The version a record names, or (a record from before versions) the one with its
         fingerprint: refused unless it runs the very model the session was stepped with."""
-        models = self._runtime.models
+        models = self._lifecycle.models
         if record.model:
             model = models.get(VersionKey(record.model, record.model_version))
             named = f"model {record.model} v{record.model_version}"
@@ -108,11 +108,11 @@ class SessionMoves:
                 model = self.place(r, "state")
                 assert model is not None
                 sessions.append(
-                    self._runtime.create_session(model, session_id or r.session_id, owner)
+                    self._lifecycle.create_session(model, session_id or r.session_id, owner)
                 )
         except ServiceError:
             for session in sessions:  # all or nothing
-                await self._runtime.close_session(session, "deleted")
+                await self._lifecycle.close_session(session, "deleted")
             raise
         # The sessions are in the table already: from here to the state writes' hand-over
         # nothing awaits, so no one sees them half made (at step 0, a new create time), and any
@@ -134,8 +134,8 @@ class SessionMoves:
 
     async def records(self) -> list[transfer.SessionRecord]:
         """Every session's whole state (for a snapshot); call when no chunk is in flight."""
-        sessions = list(self._runtime.sessions)
-        states = await self._runtime.read_states(sessions)
+        sessions = list(self._lifecycle.sessions)
+        states = await self._lifecycle.read_states(sessions)
         return [
             self.record(s, tuple(torch.from_numpy(t) for t in state))
             for s, state in zip(sessions, states, strict=True)

@@ -22,7 +22,9 @@ from typing import Any
 from lstm_stream.oip import grpc_service_pb2 as oip
 from lstm_stream.oip import grpc_service_pb2_grpc as oip_grpc
 from server import metrics
+from server.config import ServerConfig
 from server.errors import BadInput, ServiceError, SessionNotFound
+from server.lifecycle import check_lives_on
 from server.models import ModelVersion, VersionState
 from server.oip_tensors import (
     DATATYPE,
@@ -36,7 +38,7 @@ from server.oip_tensors import (
     put_output,
     sequence_of,
 )
-from server.runtime import Runtime, check_lives_on
+from server.runtime import Runtime
 from server.security import TokenStore, principal_of
 from server.service import Malformed, add_servicer, unary
 from server.steps import ChunkRequest
@@ -69,8 +71,11 @@ def version_number(text: str) -> int:
 
 
 class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, runtime: Runtime, tokens: TokenStore | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, config: ServerConfig, tokens: TokenStore | None = None
+    ) -> None:
         self.runtime = runtime
+        self.config = config
         self.tokens = tokens
         self._stream_latency = metrics.STEP_LATENCY.labels("ModelStreamInfer")
         self._stream_ok = metrics.REQUESTS.labels("ModelStreamInfer", "OK")
@@ -84,7 +89,7 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
     @unary("ServerReady")
     async def ServerReady(self, request: oip.ServerReadyRequest, context: Any):
         ready = not self.runtime.draining and any(
-            v.state is VersionState.READY for v in self.runtime.models
+            v.state is VersionState.READY for v in self.runtime.catalog()
         )
         return oip.ServerReadyResponse(ready=ready)
 
@@ -108,7 +113,7 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
         config = model.config
         versions = sorted(
             v.key.version
-            for v in self.runtime.models
+            for v in self.runtime.catalog()
             if v.key.name == model.key.name and v.state is VersionState.READY
         )
         tensor = oip.ModelMetadataResponse.TensorMetadata
@@ -123,11 +128,11 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
     @unary("ModelConfig")
     async def ModelConfig(self, request: oip.ModelConfigRequest, context: Any):
         model = self._model(request.name, request.version, new_work=False)
-        return oip.ModelConfigResponse(config=model_config(model, self.runtime))
+        return oip.ModelConfigResponse(config=model_config(model, self.config))
 
     @unary("RepositoryIndex")
     async def RepositoryIndex(self, request: oip.RepositoryIndexRequest, context: Any):
-        models = self.runtime.models
+        models = self.runtime.catalog()
         rows = [(v.key, v.state, f"draining: {v.sessions} live sequences") for v in models]
         rows += [(k, VersionState.LOADING, "") for k in models.loading]
         rows += [(k, VersionState.FAILED, f.error) for k, f in models.failed.items()]
@@ -213,7 +218,7 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
         check_requested_outputs(request)
         model = self._model_for(request, sequence, principal)
         inputs, batched = decode_input(
-            request, model.config.input_size, self.runtime.config.max_chunk_steps
+            request, model.config.input_size, self.config.max_chunk_steps
         )
         if not sequence.session_id:
             return asyncio.ensure_future(self._predict(request, model, inputs, batched, principal))
@@ -232,11 +237,8 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
         on its version, draining or not, and a request naming another is refused); else the
         one named, which for a new sequence or a stateless request must take new work."""
         if sequence.session_id and not sequence.start:
-            try:
-                held = self.runtime.sessions.get(sequence.session_id, principal)
-            except SessionNotFound:
-                held = None  # not held here (the state store may have it): as named
-            if held is not None:
+            held = self.runtime.held(sequence.session_id, principal)
+            if held is not None:  # else not held here (the state store may have it): as named
                 check_lives_on(held, request.model_name, version_number(request.model_version))
                 return held.model
             return self._model(request.model_name, request.model_version, new_work=False)
@@ -270,7 +272,7 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
         return response
 
     def _model(self, name: str, version: str, new_work: bool = True) -> ModelVersion:
-        return self.runtime.models.resolve(name, version_number(version), new_work)
+        return self.runtime.resolve(name, version_number(version), new_work)
 
 
 def infer_response(request: oip.ModelInferRequest, model: ModelVersion) -> oip.ModelInferResponse:
@@ -289,10 +291,10 @@ def stream_error(request: Any, err: ServiceError) -> oip.ModelStreamInferRespons
     )
 
 
-def model_config(model: ModelVersion, runtime: Runtime) -> oip.ModelConfig:
+def model_config(model: ModelVersion, server: ServerConfig) -> oip.ModelConfig:
     """What Triton's tools read: one FP32 input and output with a dynamic timestep dimension,
     and sequence batching (oldest first) whose idle time is the server's idle timeout."""
-    config, server = model.config, runtime.config
+    config = model.config
     return oip.ModelConfig(
         name=model.key.name,
         platform=SERVER_NAME,

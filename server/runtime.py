@@ -1,60 +1,41 @@
-"""The service's domain core: sessions, their streams, and the model versions behind them.
-
-The servicer translates protobuf to the calls here and errors back; everything a session goes
-through (create, attach, step, takeover, delete, expire, drain) happens here; moving a session
-(export, import, snapshots, store loads) is server/moves.py's, and rolling out model versions
-server/rollout.py's.
+"""The service's core, as the frontends see it: the one object server/service.py, server/oip.py
+and server/app.py hold, and the verbs they call. It wires the parts and delegates: sessions'
+lifecycle to server/lifecycle.py, a chunk's path (plan, run, commit) to server/steps.py, moving
+a session's state to server/moves.py, model versions to server/rollout.py and server/models.py,
+durable sessions to server/state_store.py. docs/architecture.md draws the whole.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 
 import numpy as np
 import torch
 
 from server import metrics, steps
 from server.config import ServerConfig
-from server.errors import (
-    BadInput,
-    ModelNotFound,
-    ServiceError,
-    SessionExists,
-    SessionNotFound,
-    SessionTakenOver,
-    ShuttingDown,
-    StoreUnavailable,
-)
-from server.models import Models, ModelVersion, VersionKey
-from server.moves import SessionMoves, group_by_model
+from server.errors import ServiceError, SessionNotFound, ShuttingDown
+from server.lifecycle import SessionLifecycle
+from server.models import Models, ModelVersion
 from server.rollout import Rollout
 from server.security import RateLimiter
-from server.sessions import Attachment, Session, SessionTable
+from server.sessions import Attachment, Session
 from server.state_store import StateStore
-
-log = logging.getLogger("lstm_serve")
-
-
-def short_id(session_id: str) -> str:
-    """Session ids are bearer secrets: logs show a prefix only."""
-    return session_id[:6] + "…"
+from server.transfer import SessionRecord
 
 
 class Runtime:
     def __init__(self, config: ServerConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
-        self.sessions = SessionTable(config.max_sessions, config.max_sessions_per_principal)
         self.rate_limiter = RateLimiter(config.rate_limit_steps_per_s)
         self.store = (
             StateStore(
                 config.state_store,
                 config.session_idle_timeout_s,
                 config.replay_steps,
-                self.read_states,
-                lambda: self.sessions,
+                lambda sessions: self.lifecycle.read_states(sessions),
+                lambda: self.lifecycle.sessions,
                 config.state_store_interval_ms / 1000,
             )
             if config.state_store
@@ -62,10 +43,64 @@ class Runtime:
         )
         self.models = Models(default_name=config.default_model)
         self.rollout = Rollout(config, device, self.models, self.store)
-        self.moves = SessionMoves(self)
-        self.draining = False
-        self._sweeper: asyncio.Task[None] | None = None
-        self._loading: dict[tuple[str, str], asyncio.Future[Session]] = {}
+        self.lifecycle = SessionLifecycle(config, self.models, self.rollout, self.store)
+        self.sessions = self.lifecycle.sessions
+        self.moves = self.lifecycle.moves
+
+    # What the frontends (server/service.py, server/oip.py, server/app.py) call: they reach no
+    # part of the core but through these and the session verbs below.
+
+    @property
+    def durable(self) -> bool:
+        """Sessions are written to a state store (--state-store)."""
+        return self.store is not None
+
+    @property
+    def default_model(self) -> str:
+        return self.models.default_name
+
+    def resolve(
+        self, model_name: str = "", model_version: int = 0, new_work: bool = True
+    ) -> ModelVersion:
+        """The loaded version a request names (DESIGN 1.8); new_work: it must take new
+        sessions (a draining one only feeds its own)."""
+        return self.models.resolve(model_name, model_version, new_work=new_work)
+
+    def catalog(self) -> Models:
+        """Every version, loaded, loading or failed (ListModels, the OIP repository index)."""
+        return self.models
+
+    def held(self, session_id: str, principal: str = "") -> Session | None:
+        """The session if this replica holds it (no store look-up)."""
+        try:
+            return self.sessions.get(session_id, principal)
+        except SessionNotFound:
+            return None
+
+    async def export_session(self, session_id: str, principal: str = "") -> bytes:
+        return await self.moves.export_session(session_id, principal)
+
+    async def import_session(
+        self, data: bytes, session_id: str = "", principal: str = ""
+    ) -> Session:
+        return await self.moves.import_session(data, session_id, principal)
+
+    def check_placeable(self, record: SessionRecord) -> None:
+        """Refuse a snapshot's session unless its version is loaded here, with its very model
+        (ModelNotFound, ModelMismatch)."""
+        self.moves.place(record, "snapshot")
+
+    async def restore(self, records: list[SessionRecord]) -> list[Session]:
+        """A snapshot's sessions, back with their state."""
+        return await self.moves.restore(records)
+
+    async def records(self) -> list[SessionRecord]:
+        """Every session's whole state (a snapshot); call when no chunk is in flight."""
+        return await self.moves.records()
+
+    def reload_repository(self) -> None:
+        """SIGHUP: read the model repository again."""
+        self.rollout.request_reload()
 
     async def load_models(self) -> None:
         """Load the repository (or --model); refuses to start when nothing loads."""
@@ -75,144 +110,48 @@ class Runtime:
         if self.store is not None:
             await self.store.start()
         self.rollout.start()
-        self._sweeper = asyncio.create_task(self._sweep_idle(), name="sweeper")
+        self.lifecycle.start()
 
-    # Sessions
+    async def drain(self) -> None:
+        """Refuse new work, answer what is in flight, end every stream with UNAVAILABLE."""
+        self.lifecycle.drain()
+        for model in self.models:
+            await model.batcher.wait_idle()
 
-    def create_session(
-        self, model: ModelVersion, session_id: str = "", principal: str = ""
-    ) -> Session:
-        self.refuse_if_draining()
-        if not self.models.holds(model):  # unloaded while the caller awaited something
-            raise ModelNotFound(f"model {model.key} was unloaded (it left the repository)")
-        session = self.sessions.create(model, session_id, principal)
-        log.info(
-            "session %s created on %s (slot %d)",
-            short_id(session.session_id),
-            model.key,
-            session.slot,
-        )
-        return session
+    async def stop(self) -> None:
+        await self.lifecycle.stop()
+        await self.rollout.stop()
+        for model in self.models:
+            await model.batcher.stop()
+        if self.store is not None:
+            await self.store.stop()
+        metrics.SESSIONS_CLOSED.labels("shutdown").inc(len(self.sessions))
+        for model in self.models:
+            model.engine.close()
+
+    @property
+    def draining(self) -> bool:
+        return self.lifecycle.draining
+
+    def refuse_if_draining(self) -> None:
+        if self.lifecycle.draining:
+            raise ShuttingDown()
+
+    # Sessions (server/lifecycle.py)
 
     async def open_session(
         self, session_id: str = "", principal: str = "", model: str = "", version: int = 0
     ) -> Session:
-        """CreateSession: a new session on the named model version (default: the default
-        model's newest), which (with a state store) no replica holds yet."""
-        self.refuse_if_draining()
-        self.models.resolve(model, version)  # refuse an unknown model before the store's answer
-        if session_id and self.store is not None:
-            await self.refuse_if_stored(session_id, principal)
-        # Resolved after the await: a rollout may have moved the newest version meanwhile.
-        session = self.create_session(self.models.resolve(model, version), session_id, principal)
-        if self.store is not None:  # so another replica can continue it before its first step
-            self.store.stage(session)
-        return session
-
-    async def refuse_if_stored(self, session_id: str, principal: str) -> None:
-        assert self.store is not None
-        try:
-            stored = await self.store.holds(session_id, principal)
-        except StoreUnavailable:
-            stored = False  # serve from memory: a client-chosen id is random anyway
-        if stored:
-            raise SessionExists(session_id)
+        return await self.lifecycle.open_session(session_id, principal, model, version)
 
     async def get_session(self, session_id: str, principal: str = "") -> Session:
-        """A session this replica holds or, with a state store, loads from there. A held one
-        the store has newer state for (it was served by another replica meanwhile) is replaced."""
-        try:
-            held: Session | None = self.sessions.get(session_id, principal)
-        except SessionNotFound:
-            if self.store is None:
-                raise
-            held = None
-        if self.store is None:
-            assert held is not None
-            return held
-        key = (principal, session_id)
-        loading = self._loading.get(key)
-        if loading is None:  # one load per session at a time; later callers share it
-            loading = asyncio.ensure_future(self._load(session_id, principal, held))
-            self._loading[key] = loading
-            loading.add_done_callback(lambda _: self._loading.pop(key, None))
-        return await asyncio.shield(loading)
-
-    async def _load(self, session_id: str, principal: str, held: Session | None) -> Session:
-        assert self.store is not None
-        if held is None and self.store.ending(session_id, principal):
-            raise SessionNotFound(session_id)  # ended here; the store has not heard yet
-        try:
-            newer_than = -1 if held is None else held.next_step
-            record = await self.store.load(session_id, principal, newer_than)
-        except StoreUnavailable:
-            if held is None:
-                raise
-            return held  # serve from memory
-        if record is None:
-            if held is None:
-                raise SessionNotFound(session_id)
-            return held
-        model = await self.moves.place_loading(record, "stored state")
-        # Pinned: closing the held copy must not unload the version the session moves to.
-        with self.rollout.pinned(model):
-            if held is not None:
-                await self.close_session(held, "superseded")
-            (session,) = await self.moves.restore([record], session_id, principal)
-        session.durable_step = record.next_step
-        metrics.STATE_STORE_LOADS.inc()
-        log.info(
-            "session %s loaded from the state store at step %d",
-            short_id(session_id),
-            record.next_step,
-        )
-        return session
-
-    async def read_states(self, sessions: list[Session]) -> list[tuple[np.ndarray, ...]]:
-        """Each session's state tensors (its model's state_names: h and c, or h), (L, H) each,
-        read on its version's engine thread after every batch already handed to it; the batcher
-        has committed those batches by the time this await returns, so each session's next_step
-        agrees with the state read. A closed session's is empty."""
-        states: list[tuple[np.ndarray, ...]] = [()] * len(sessions)
-        for model, indices in group_by_model(sessions).items():
-            # Checked just before each read (no await in between): an earlier read's await
-            # may have let sessions close and their drained version unload.
-            live = [i for i in indices if not sessions[i].closed]
-            if not live or not self.models.holds(model):
-                continue
-            state = await model.engine.call(model.pool.read, [sessions[i].slot for i in live])
-            arrays = [tensor.numpy() for tensor in state]  # (N, L, H) each; rows are views
-            for row, i in enumerate(live):
-                states[i] = tuple(array[row] for array in arrays)
-        return states
+        return await self.lifecycle.get_session(session_id, principal)
 
     async def close_session(self, session: Session, reason: str) -> None:
-        """Remove a session once its in-flight chunk is committed; zero and free its slot."""
-        async with session.lock:
-            if session.closed:
-                return
-            slot = self.sessions.detach(session)
-        if isinstance(session.owner, Attachment) and reason != "ended":
-            session.owner.interrupt(SessionNotFound(session.session_id))
-        if self.store is not None and reason in ("ended", "deleted"):
-            # Not on expiry: a replica whose copy went stale must not delete the live record
-            # (records expire in the store on their own, with the same idle timeout).
-            self.store.forget(session)
-        metrics.SESSIONS_CLOSED.labels(reason).inc()
-        log.info("session %s closed: %s", short_id(session.session_id), reason)
-        # Shielded: a caller cancelled now (a client hanging up) must not leak the slot.
-        await asyncio.shield(self._free_slot(session, slot))
-
-    async def _free_slot(self, session: Session, slot: int) -> None:
-        model: ModelVersion = session.model
-        await model.engine.call(model.pool.zero, [slot])
-        self.sessions.release_slot(session)
-        self.rollout.unload_if_drained(model)
+        await self.lifecycle.close_session(session, reason)
 
     async def delete_session(self, session_id: str, principal: str = "") -> None:
-        await self.close_session(await self.get_session(session_id, principal), "deleted")
-
-    # Streams
+        await self.lifecycle.delete_session(session_id, principal)
 
     async def attach(
         self,
@@ -223,28 +162,15 @@ class Runtime:
         version: int = 0,
         found: Session | None = None,
     ) -> Session:
-        """Feed a new session (empty id) on the named model version, or take over an
-        existing one (`found`, when the caller has already looked it up; a model named
-        then must be the one it lives on)."""
-        self.refuse_if_draining()
-        if session_id:
-            session = found or await self.get_session(session_id, principal)
-            check_lives_on(session, model, version)
-        else:
-            session = await self.open_session("", principal, model, version)
-        previous = session.owner
-        session.owner = attachment
-        attachment.session = session
-        if isinstance(previous, Attachment) and previous is not attachment:
-            previous.interrupt(SessionTakenOver(session.session_id))
-            metrics.SESSIONS_CLOSED.labels("taken_over").inc()
-            log.info("session %s taken over by a new stream", short_id(session.session_id))
-        return session
+        return await self.lifecycle.attach(attachment, session_id, principal, model, version, found)
 
-    def detach(self, attachment: Attachment) -> None:
-        session = attachment.session
-        if session is not None and session.owner is attachment:
-            session.owner = None
+    def end_stream(self, attachment: Attachment) -> None:
+        self.lifecycle.end_stream(attachment)
+
+    async def expire_idle(self, now: float) -> list[Session]:
+        return await self.lifecycle.expire_idle(now)
+
+    # Chunks (server/steps.py)
 
     async def step(self, item: steps.ChunkRequest) -> steps.ChunkRequest:
         """Apply a stream's chunk (item.session, item.stream) exactly once; the item, answered:
@@ -283,59 +209,3 @@ class Runtime:
             outputs = await model.engine.call(model.engine.predict, inputs)
         metrics.TIMESTEPS.labels(model.key.name, str(model.key.version)).inc(len(inputs))
         return outputs
-
-    # Lifecycle
-
-    async def _sweep_idle(self) -> None:
-        period = min(max(self.config.session_idle_timeout_s / 4, 0.05), 5.0)
-        while True:
-            await asyncio.sleep(period)
-            await self.expire_idle(time.monotonic())
-
-    async def expire_idle(self, now: float) -> list[Session]:
-        """One pass of the sweeper: close the sessions idle for the timeout as of `now`
-        (monotonic); those closed."""
-        expired = []
-        for session in self.sessions.idle_since(now - self.config.session_idle_timeout_s):
-            if not session.lock.locked():  # a chunk in flight is activity
-                await self.close_session(session, "expired")
-                expired.append(session)
-        return expired
-
-    async def drain(self) -> None:
-        """Refuse new work, answer what is in flight, end every stream with UNAVAILABLE."""
-        self.draining = True
-        for session in self.sessions:
-            if isinstance(session.owner, Attachment):
-                session.owner.interrupt(ShuttingDown())
-        for model in self.models:
-            await model.batcher.wait_idle()
-
-    async def stop(self) -> None:
-        if self._sweeper:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-        # Loads from the store nobody waits for any more must not outlive the engine.
-        await asyncio.gather(*self._loading.values(), return_exceptions=True)
-        await self.rollout.stop()
-        for model in self.models:
-            await model.batcher.stop()
-        if self.store is not None:
-            await self.store.stop()
-        metrics.SESSIONS_CLOSED.labels("shutdown").inc(len(self.sessions))
-        for model in self.models:
-            model.engine.close()
-
-    def refuse_if_draining(self) -> None:
-        if self.draining:
-            raise ShuttingDown()
-
-
-def check_lives_on(session: Session, model: str, version: int) -> None:
-    """A stream attaching may name a model, to be sure where the session lives."""
-    key: VersionKey = session.model.key
-    if (model and model != key.name) or (version and version != key.version):
-        raise BadInput(
-            f"model: session {short_id(session.session_id)} lives on {key}, the message names "
-            f"{model or key.name} v{version or key.version} (a session stays on its version)"
-        )

@@ -19,7 +19,7 @@ import grpc
 from server.config import ServerConfig
 from server.errors import ServiceError
 
-log = logging.getLogger("lstm_serve")
+log = logging.getLogger(__name__)
 ANONYMOUS = ""
 OPEN_SERVICES = (  # probes: gRPC health, and the Open Inference Protocol's live and ready
     "/grpc.health.v1.Health/",

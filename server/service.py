@@ -23,6 +23,7 @@ from server.codec import (
     put_outputs,
     resolve_session_id,
 )
+from server.config import ServerConfig
 from server.errors import BadInput, ServiceError, StepOutOfOrder
 from server.models import ModelVersion, VersionState
 from server.runtime import Runtime
@@ -141,8 +142,11 @@ def metadata_session_id(context: Any) -> str | None:
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
-    def __init__(self, runtime: Runtime, tokens: TokenStore | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, config: ServerConfig, tokens: TokenStore | None = None
+    ) -> None:
         self.runtime = runtime
+        self.config = config
         self.tokens = tokens
         self._stream_latency = metrics.STEP_LATENCY.labels("StreamSteps")
         self._stream_ok = metrics.REQUESTS.labels("StreamSteps", "OK")
@@ -160,7 +164,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     @unary("GetModelInfo")
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any):
-        model = self.runtime.models.resolve(request.model, request.model_version, new_work=False)
+        model = self.runtime.resolve(request.model, request.model_version, new_work=False)
         config, engine = model.config, model.engine
         return pb.GetModelInfoResponse(
             name=model.key.name,
@@ -174,11 +178,11 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             labels=config.labels,
             device=str(engine.device),
             dtype=str(engine.dtype).removeprefix("torch."),
-            max_chunk_steps=self.runtime.config.max_chunk_steps,
-            max_batch_chunks=self.runtime.config.max_batch_chunks,
+            max_chunk_steps=self.config.max_chunk_steps,
+            max_batch_chunks=self.config.max_batch_chunks,
             fingerprint=model.fingerprint,
-            replay_steps=self.runtime.config.replay_steps,
-            durable_sessions=self.runtime.store is not None,
+            replay_steps=self.config.replay_steps,
+            durable_sessions=self.runtime.durable,
             cell=config.cell,
         )
 
@@ -211,7 +215,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     @unary("Predict")
     async def Predict(self, request: pb.PredictRequest, context: Any):
-        model = self.runtime.models.resolve(request.model, request.model_version)
+        model = self.runtime.resolve(request.model, request.model_version)
         inputs = self._decode(request, model)
         if request.num_steps and request.num_steps != len(inputs):
             raise BadInput(
@@ -225,7 +229,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     @unary("ExportSession")
     async def ExportSession(self, request: pb.ExportSessionRequest, context: Any):
-        state = await self.runtime.moves.export_session(
+        state = await self.runtime.export_session(
             self._session_id(request.session_id, context), self._principal(context)
         )
         return pb.ExportSessionResponse(state=state)
@@ -233,7 +237,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     @unary("ImportSession")
     async def ImportSession(self, request: pb.ImportSessionRequest, context: Any):
         session_id = request.session_id and check_session_id(request.session_id)
-        session = await self.runtime.moves.import_session(
+        session = await self.runtime.import_session(
             request.state, session_id, self._principal(context)
         )
         return pb.ImportSessionResponse(session=session_message(session))
@@ -270,7 +274,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 raise  # the client went away
             await context.abort_with_status(attachment.interruption.to_status())
         finally:
-            self.runtime.detach(attachment)
+            self.runtime.end_stream(attachment)
 
     async def _stream_message(
         self,
@@ -293,7 +297,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 found = await self.runtime.get_session(session_id, principal)
                 model = found.model
             else:
-                model = self.runtime.models.resolve(request.model, request.model_version)
+                model = self.runtime.resolve(request.model, request.model_version)
             inputs = self._decode(request, model)
             if not session_id and start_step:
                 raise StepOutOfOrder(
@@ -335,7 +339,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         return decode_steps(
             request.inputs,
             model.config.input_size,
-            self.runtime.config.max_chunk_steps,
+            self.config.max_chunk_steps,
             request.packed_inputs,
         )
 
@@ -409,7 +413,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     def _batch_model(self, request: pb.StepBatchRequest) -> ModelVersion:
         """The version a batch message's inputs are for: a draining one still feeds its own
         sessions, but creates none."""
-        return self.runtime.models.resolve(
+        return self.runtime.resolve(
             request.model, request.model_version, new_work=request.create_missing
         )
 
@@ -417,14 +421,14 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self, request: pb.StepBatchRequest, rpc: str, model: ModelVersion
     ) -> list[ChunkRequest | ServiceError]:
         """The message's chunks decoded, each a ChunkRequest or the BadInput refusing it."""
-        limit = self.runtime.config.max_batch_chunks
+        limit = self.config.max_batch_chunks
         if len(request.chunks) > limit:
             raise BadInput(
                 f"chunks: expected at most max_batch_chunks={limit} chunks per message, "
                 f"got {len(request.chunks)}"
             )
         metrics.BATCH_CHUNKS.labels(rpc).observe(len(request.chunks))
-        config = self.runtime.config
+        config = self.config
         inputs = decode_chunks(request.chunks, model.config.input_size, config.max_chunk_steps)
         decoded: list[ChunkRequest | ServiceError] = []
         for index, (chunk, rows) in enumerate(zip(request.chunks, inputs, strict=True)):
@@ -452,7 +456,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
 
 def list_models_response(runtime: Runtime) -> pb.ListModelsResponse:
-    models = runtime.models
+    models = runtime.catalog()
     response = pb.ListModelsResponse(default_model=models.default_name)
     listed: dict[str, pb.ModelStatus] = {}
 

@@ -273,7 +273,7 @@ class SessionTable:
         session.touch()
         self._sessions.move_to_end((session.principal, session.session_id))
 
-    def detach(self, session: Session) -> int:
+    def remove(self, session: Session) -> int:
         """Remove a session from the table; its slot must be zeroed, then release_slot'ed."""
         session.closed = True
         del self._sessions[session.principal, session.session_id]

@@ -53,7 +53,7 @@ from server.store_backend import KeyLayout, connect, redacted, session_key
 from server.store_script import WRITES_PER_CALL, WriteScript
 
 __all__ = ["StateStore", "session_key"]
-log = logging.getLogger("lstm_serve")
+log = logging.getLogger(__name__)
 # A record is a hash: transfer.to_fields (step, meta, state) and `born`, the session's create
 # time, which tells one incarnation of an id from the next. Writes are ordered by (born, step):
 # a write a lost replica had in flight cannot overwrite what its successor wrote since, nor

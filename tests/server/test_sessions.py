@@ -92,14 +92,14 @@ def test_table_capacity_and_duplicate_ids():
             table.create(place, "a")
         with pytest.raises(SessionCapacity):
             table.create(place)
-        table.detach(a)
+        table.remove(a)
         table.release_slot(a)
         assert place.sessions == 1  # the closed one's slot is back in its own pool
         assert table.create(place, "c").slot == a.slot
         other = Placement(make_pool(2))  # another version: its own pool, the same capacity
         with pytest.raises(SessionCapacity):
             table.create(other)
-        table.detach(a := table.get("c"))
+        table.remove(a := table.get("c"))
         table.release_slot(a)
         assert table.create(other, "d").model is other and other.sessions == 1
 
