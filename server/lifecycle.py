@@ -88,16 +88,23 @@ class SessionLifecycle:
         return session
 
     async def open_session(
-        self, session_id: str = "", principal: str = "", model: str = "", version: int = 0
+        self,
+        session_id: str = "",
+        principal: str = "",
+        model_name: str = "",
+        model_version: int = 0,
     ) -> Session:
         """CreateSession: a new session on the named model version (default: the default
         model's newest), which (with a state store) no replica holds yet."""
         self.refuse_if_draining()
-        self.models.resolve(model, version)  # refuse an unknown model before the store's answer
+        # An unknown model is refused before the store's answer.
+        self.models.resolve(model_name, model_version)
         if session_id and self.store is not None:
             await self.refuse_if_stored(session_id, principal)
         # Resolved after the await: a rollout may have moved the newest version meanwhile.
-        session = self.create_session(self.models.resolve(model, version), session_id, principal)
+        session = self.create_session(
+            self.models.resolve(model_name, model_version), session_id, principal
+        )
         if self.store is not None:  # so another replica can continue it before its first step
             self.store.stage(session)
         return session
@@ -212,8 +219,8 @@ class SessionLifecycle:
         attachment: Attachment,
         session_id: str,
         principal: str = "",
-        model: str = "",
-        version: int = 0,
+        model_name: str = "",
+        model_version: int = 0,
         found: Session | None = None,
     ) -> Session:
         """Feed a new session (empty id) on the named model version, or take over an
@@ -222,9 +229,9 @@ class SessionLifecycle:
         self.refuse_if_draining()
         if session_id:
             session = found or await self.get_session(session_id, principal)
-            check_lives_on(session, model, version)
+            check_lives_on(session, model_name, model_version)
         else:
-            session = await self.open_session("", principal, model, version)
+            session = await self.open_session("", principal, model_name, model_version)
         previous = session.owner
         session.owner = attachment
         attachment.session = session
@@ -259,11 +266,12 @@ class SessionLifecycle:
         return expired
 
 
-def check_lives_on(session: Session, model: str, version: int) -> None:
+def check_lives_on(session: Session, model_name: str, model_version: int) -> None:
     """A stream attaching may name a model, to be sure where the session lives."""
     key: VersionKey = session.model.key
-    if (model and model != key.name) or (version and version != key.version):
+    if (model_name and model_name != key.name) or (model_version and model_version != key.version):
         raise BadInput(
             f"model: session {short_id(session.session_id)} lives on {key}, the message names "
-            f"{model or key.name} v{version or key.version} (a session stays on its version)"
+            f"{model_name or key.name} v{model_version or key.version} (a session stays on "
+            "its version)"
         )

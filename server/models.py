@@ -240,15 +240,16 @@ class Models:
     def with_fingerprint(self, fingerprint: str) -> ModelVersion | None:
         return next((v for v in self if v.fingerprint == fingerprint), None)
 
-    def resolve(self, model: str = "", version: int = 0, new_work: bool = True) -> ModelVersion:
+    def resolve(self, name: str = "", version: int = 0, new_work: bool = True) -> ModelVersion:
         """The version a request names (empty / 0: the default model, its newest READY
         version). `new_work`: a new session or a Predict, which a DRAINING version refuses."""
-        name = model or self.default_name
+        asked = name
+        name = name or self.default_name
         versions = self.versions.get(name)
         if not versions:
             raise ModelNotFound(
                 f"model: expected one of {sorted(self.versions)} (or empty for the default, "
-                f"{self.default_name!r}), got {model!r}"
+                f"{self.default_name!r}), got {asked!r}"
             )
         ready = sorted(n for n, v in versions.items() if v.state is VersionState.READY)
         if not version:

@@ -140,9 +140,13 @@ class Runtime:
     # Sessions (server/lifecycle.py)
 
     async def open_session(
-        self, session_id: str = "", principal: str = "", model: str = "", version: int = 0
+        self,
+        session_id: str = "",
+        principal: str = "",
+        model_name: str = "",
+        model_version: int = 0,
     ) -> Session:
-        return await self.lifecycle.open_session(session_id, principal, model, version)
+        return await self.lifecycle.open_session(session_id, principal, model_name, model_version)
 
     async def get_session(self, session_id: str, principal: str = "") -> Session:
         return await self.lifecycle.get_session(session_id, principal)
@@ -158,11 +162,13 @@ class Runtime:
         attachment: Attachment,
         session_id: str,
         principal: str = "",
-        model: str = "",
-        version: int = 0,
+        model_name: str = "",
+        model_version: int = 0,
         found: Session | None = None,
     ) -> Session:
-        return await self.lifecycle.attach(attachment, session_id, principal, model, version, found)
+        return await self.lifecycle.attach(
+            attachment, session_id, principal, model_name, model_version, found
+        )
 
     def end_stream(self, attachment: Attachment) -> None:
         self.lifecycle.end_stream(attachment)
