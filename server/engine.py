@@ -9,7 +9,6 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -19,6 +18,7 @@ import torch
 from lstm_model.checkpoint import LoadedModel
 from server.one_step import OneStepRunner
 from server.state_pool import StatePool
+from server.worker import Worker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,12 +157,7 @@ class Engine:
         self._threads_now = self.torch_threads
         # torch's thread count (and current CUDA device) is per thread: set them in the worker
         # that runs the model.
-        self._executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="engine",
-            initializer=_init_worker,
-            initargs=(self.torch_threads, device),
-        )
+        self._worker = Worker("engine", _init_worker, (self.torch_threads, device))
         self._staging = Staging(self.config.input_size, device)
         self._no_outputs = np.zeros((0, self.config.output_size), dtype=np.float32)
         graphs = device.type == "cuda" if one_step_graphs is None else one_step_graphs
@@ -179,15 +174,15 @@ class Engine:
     def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Hand fn to the worker thread now (call() does when first awaited): whatever is
         handed over after this returns runs after fn."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return self._worker.submit(fn, *args)
 
     def run_on_worker(self, fn: Callable[[], T]) -> T:
         """Run fn on the engine's worker thread and wait for it (no event loop needed)."""
-        return self._executor.submit(fn).result()
+        return self._worker.run(fn)
 
     def close(self) -> None:
         """Finish the work handed over, stop the worker, give the state pool's memory back."""
-        self._executor.shutdown(wait=True)
+        self._worker.shutdown()
         self.pool.free()
 
     @torch.inference_mode()
