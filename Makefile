@@ -3,7 +3,8 @@
 #   make venv TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 # Benchmarks are not part of `make test`: `make bench` (the grid), `make bench-batches`
 # (StreamBatches against StreamSteps), `make bench-oip` (the Open Inference Protocol
-# against StreamSteps) and `make bench-store` (durable sessions) each write their report into
+# against StreamSteps), `make bench-store` (durable sessions) and `make bench-path` (what a
+# one-step message costs the server against the echo, issue 29) each write their report into
 # docs/.
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint proto train eval serve soak bench bench-batches bench-oip bench-store bench-gpu clean
+.PHONY: venv test lint proto train eval serve soak bench bench-batches bench-oip bench-store bench-path bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -67,6 +68,13 @@ bench-oip: venv
 bench-store: venv
 	$(BIN)/python -m bench.store_cost --out-dir docs
 	$(BIN)/python -m bench.store --out-dir docs
+
+# What a message costs the server (issue 29), against the echo and the model's own compute,
+# this tree beside BASELINE (an older checkout: git worktree add --detach /tmp/before COMMIT)
+# when given, in one run (about 3 minutes): docs/message_cost.{json,md}.
+BASELINE ?=
+bench-path: venv
+	$(BIN)/python -m bench.message_cost $(if $(BASELINE),--baseline $(BASELINE)) --out-dir docs
 
 bench-gpu:
 	bash bench/gpu.sh
