@@ -209,9 +209,4 @@ class Runtime:
 
     async def predict(self, inputs: np.ndarray, model: ModelVersion, principal: str) -> np.ndarray:
         """A stateless run of `inputs` (T, I) from zero state; no session."""
-        self.refuse_if_draining()
-        self.rate_limiter.take(principal, len(inputs))
-        with self.rollout.pinned(model):
-            outputs = await model.engine.call(model.engine.predict, inputs)
-        metrics.TIMESTEPS.labels(model.key.name, str(model.key.version)).inc(len(inputs))
-        return outputs
+        return await steps.predict(self, inputs, model, principal)

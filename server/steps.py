@@ -1,6 +1,7 @@
 """The one step path. However work arrives (a StreamSteps message, a StepBatch or StreamBatches
 message, an Open Inference Protocol request), it is a message of chunks, each for one session,
-and goes through three stages, each written once, here:
+and goes through three stages, each written once, here (a stateless Predict too: its plan is
+the limits alone, and it commits nothing):
 
 plan    Under the session's lock, taken here: the limits (draining, an ended session, a stream
         that lost its session to another, the rate limit) and the step rule (start_step: steps
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from server import metrics
 from server.batcher import Row
 from server.engine import StepOutputs, StepWork
 from server.errors import (
@@ -374,6 +376,22 @@ async def _load_or_create(
         return await runtime.open_session(session_id, principal, key.name, key.version)
     except SessionExists:  # created meanwhile by another call
         return runtime.sessions.get(session_id, principal)
+
+
+# Run: a stateless message (Predict, an Open Inference Protocol request with no sequence)
+
+
+async def predict(
+    runtime: Runtime, inputs: np.ndarray, model: ModelVersion, principal: str
+) -> np.ndarray:
+    """Outputs (T, O) of `inputs` (T, I) from zero state. Its plan is the limits alone (no
+    session, no step rule); the version is pinned while it runs; nothing to commit."""
+    runtime.refuse_if_draining()
+    runtime.rate_limiter.take(principal, len(inputs))
+    with runtime.rollout.pinned(model):
+        outputs = await model.engine.call(model.engine.predict, inputs)
+    metrics.TIMESTEPS.labels(model.key.name, str(model.key.version)).inc(len(inputs))
+    return outputs
 
 
 # Commit
