@@ -19,7 +19,7 @@ from server.lifecycle import SessionLifecycle
 from server.models import Models, ModelVersion
 from server.rollout import Rollout
 from server.security import RateLimiter
-from server.sessions import Attachment, Session
+from server.sessions import Session
 from server.state_store import StateStore
 from server.transfer import SessionRecord
 
@@ -46,6 +46,14 @@ class Runtime:
         self.lifecycle = SessionLifecycle(config, self.models, self.rollout, self.store)
         self.sessions = self.lifecycle.sessions
         self.moves = self.lifecycle.moves
+        # The session verbs are the lifecycle's own (server/lifecycle.py).
+        self.open_session = self.lifecycle.open_session
+        self.get_session = self.lifecycle.get_session
+        self.close_session = self.lifecycle.close_session
+        self.delete_session = self.lifecycle.delete_session
+        self.attach = self.lifecycle.attach
+        self.end_stream = self.lifecycle.end_stream
+        self.expire_idle = self.lifecycle.expire_idle
 
     # What the frontends (server/service.py, server/oip.py, server/app.py) call: they reach no
     # part of the core but through these and the session verbs below.
@@ -136,45 +144,6 @@ class Runtime:
     def refuse_if_draining(self) -> None:
         if self.lifecycle.draining:
             raise ShuttingDown()
-
-    # Sessions (server/lifecycle.py)
-
-    async def open_session(
-        self,
-        session_id: str = "",
-        principal: str = "",
-        model_name: str = "",
-        model_version: int = 0,
-    ) -> Session:
-        return await self.lifecycle.open_session(session_id, principal, model_name, model_version)
-
-    async def get_session(self, session_id: str, principal: str = "") -> Session:
-        return await self.lifecycle.get_session(session_id, principal)
-
-    async def close_session(self, session: Session, reason: str) -> None:
-        await self.lifecycle.close_session(session, reason)
-
-    async def delete_session(self, session_id: str, principal: str = "") -> None:
-        await self.lifecycle.delete_session(session_id, principal)
-
-    async def attach(
-        self,
-        attachment: Attachment,
-        session_id: str,
-        principal: str = "",
-        model_name: str = "",
-        model_version: int = 0,
-        found: Session | None = None,
-    ) -> Session:
-        return await self.lifecycle.attach(
-            attachment, session_id, principal, model_name, model_version, found
-        )
-
-    def end_stream(self, attachment: Attachment) -> None:
-        self.lifecycle.end_stream(attachment)
-
-    async def expire_idle(self, now: float) -> list[Session]:
-        return await self.lifecycle.expire_idle(now)
 
     # Chunks (server/steps.py)
 
