@@ -1,4 +1,4 @@
-"""The servicer: protobuf <-> domain calls, validation and errors. Logic lives in runtime.py."""
+"""The servicer: protobuf <-> the core's verbs (server/runtime.py), validation and errors."""
 
 from __future__ import annotations
 
