@@ -137,9 +137,9 @@ class Engine:
         torch_threads: int = 0,  # 0: per batch (ThreadPolicy)
         one_step_kernel: str = "nn.LSTM",  # nn.LSTM | fused | fastest (server/one_step.py)
     ) -> None:
-        self.model = loaded.model.to(device=device, dtype=dtype).eval()
+        self.network = loaded.model.to(device=device, dtype=dtype).eval()  # the nn.Module
         if device.type == "cuda":
-            self.model.rnn.flatten_parameters()  # one contiguous weight buffer for cuDNN
+            self.network.rnn.flatten_parameters()  # one contiguous weight buffer for cuDNN
         self.fingerprint = loaded.fingerprint
         self.config = loaded.model.config
         self.device = device
@@ -162,7 +162,7 @@ class Engine:
         self._no_outputs = np.zeros((0, self.config.output_size), dtype=np.float32)
         graphs = device.type == "cuda" if one_step_graphs is None else one_step_graphs
         self.one_step = OneStepRunner(
-            self.model, self.pool, max_batch_size, capture=graphs and device.type == "cuda",
+            self.network, self.pool, max_batch_size, capture=graphs and device.type == "cuda",
             kernel=one_step_kernel, pad=graphs,
         )  # fmt: skip
         self.run_on_worker(self.one_step.warm_up)
@@ -228,7 +228,7 @@ class Engine:
             y = self.one_step.run(x_dev, slots_dev)  # (B, 1, O)
         else:
             state = self.pool.gather(slots_dev)  # (L, B, H) each
-            y, state = self.model(x_dev, state, lengths)  # (B, T, O)
+            y, state = self.network(x_dev, state, lengths)  # (B, T, O)
             self.pool.scatter(slots_dev, state)
         return self._to_host(y)
 
@@ -256,5 +256,5 @@ class Engine:
         if not inputs.flags.writeable:  # packed bytes decode to a read-only view
             inputs = inputs.copy()
         x = torch.from_numpy(inputs).to(self.device, self.dtype)[None]  # (1, T, I)
-        y, _ = self.model(x)  # (1, T, O)
+        y, _ = self.network(x)  # (1, T, O)
         return y[0].float().cpu().numpy()

@@ -58,7 +58,7 @@ class _Bucket:
 class OneStepRunner:
     def __init__(
         self,
-        model: SequenceModel,
+        network: SequenceModel,
         pool: StatePool,
         max_batch_size: int,
         capture: bool,
@@ -67,17 +67,17 @@ class OneStepRunner:
     ) -> None:
         if kernel not in CHOICES:
             raise ValueError(f"one-step kernel: expected one of {CHOICES}, got {kernel!r}")
-        self.model = model
+        self.network = network  # the nn.Module
         self.pool = pool
         self.capture = capture
         self.pad = capture if pad is None else pad or capture
         self.sizes = bucket_sizes(max_batch_size)
         self._kernels: dict[str, Kernel] = {"nn.LSTM": self._module}
-        if model.config.cell == "lstm":
-            self._fused = FusedStep(model)
+        if network.config.cell == "lstm":
+            self._fused = FusedStep(network)
             self._kernels["fused"] = self._fused_step
         elif kernel != "nn.LSTM":
-            log.info("one-step kernel: a %s has no fused step; it runs nn.GRU", model.config.cell)
+            log.info("one-step kernel: a %s has no fused step; it runs nn.GRU", network.config.cell)
             kernel = "nn.LSTM"
         self._forced = None if kernel == "fastest" else kernel
         self._buckets: dict[int, _Bucket] = {}
@@ -116,7 +116,7 @@ class OneStepRunner:
         return bucket.y[:n] if bucket.y.is_cuda else bucket.y[:n].clone()  # the next batch reuses y
 
     def _module(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        return self.model(x, state)  # (B, 1, O), the new state
+        return self.network(x, state)  # (B, 1, O), the new state
 
     def _fused_step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         h, c = state
@@ -137,7 +137,7 @@ class OneStepRunner:
 
     @torch.inference_mode()
     def _new_bucket(self, size: int) -> _Bucket:
-        config, weight = self.model.config, self.model.head.weight
+        config, weight = self.network.config, self.network.head.weight
         bucket = _Bucket(
             x=torch.zeros(size, 1, config.input_size, device=weight.device, dtype=weight.dtype),
             slots=torch.full((size,), self.pool.scratch_slot, device=weight.device),

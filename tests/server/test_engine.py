@@ -48,7 +48,7 @@ def test_a_batch_mixing_1_and_32_step_chunks_equals_the_unbatched_result():
     for slot, steps in sequences.items():
         alone = np.concatenate([reference.step([StepWork(slot, steps[:66])]).rows[0]])
         np.testing.assert_allclose(np.concatenate(batched[slot]), alone, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(alone, offline(engine.model, steps), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(alone, offline(engine.network, steps), atol=1e-5, rtol=0)
 
 
 def test_reset_zeroes_only_its_own_slot_and_empty_chunks_give_empty_outputs():
@@ -101,7 +101,7 @@ def test_a_gru_runs_its_module_whichever_one_step_kernel_is_asked_for():
         steps = random_steps(6, 6, seed=9)
         rows = [engine.step([StepWork(0, steps[t : t + 1])]).rows[0] for t in range(6)]
         np.testing.assert_allclose(
-            np.concatenate(rows), offline(engine.model, steps), atol=1e-5, rtol=0
+            np.concatenate(rows), offline(engine.network, steps), atol=1e-5, rtol=0
         )
 
 
@@ -129,7 +129,7 @@ def test_a_uniform_batch_hands_back_one_array_whose_rows_are_the_outputs():
     assert out.uniform is not None and out.uniform.shape == (2, 3, 4)
     for row, array in zip(out.rows, out.uniform, strict=True):
         assert np.shares_memory(row, out.uniform) and np.array_equal(row, array)
-    np.testing.assert_allclose(out.rows[0], offline(engine.model, steps[:3]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out.rows[0], offline(engine.network, steps[:3]), atol=1e-5, rtol=0)
 
 
 def test_zeroing_slots_builds_its_index_on_the_pools_own_device():
