@@ -85,15 +85,19 @@ def plan(runtime: Runtime, item: ChunkRequest) -> None:
         raise SessionNotFound(session.session_id)
     if item.stream is not None and session.owner is not item.stream:
         raise SessionTakenOver(session.session_id)
-    output_size = session.model.config.output_size
-    chunk = plan_chunk(session, item.start_step, item.inputs, item.reset, output_size)
-    runtime.rate_limiter.take(session.principal, len(chunk.new))
+    start = session.next_step
+    if item.start_step is None or item.start_step == start:  # the usual: nothing replayed
+        new, reset = item.inputs, item.reset  # (a batch plans a thousand of these a message)
+    else:
+        output_size = session.model.config.output_size
+        chunk = plan_chunk(session, item.start_step, item.inputs, item.reset, output_size)
+        new, start, reset, item.replayed = chunk.new, chunk.new_start, chunk.reset, chunk.replayed
+    runtime.rate_limiter.take(session.principal, len(new))
     runtime.sessions.touch(session)
     session.note_answered(item.answered_step)
-    item.replayed = chunk.replayed
-    item.first = chunk.new_start - len(chunk.replayed)
-    if len(chunk.new) or chunk.reset:
-        item.row = Row(session, StepWork(session.slot, chunk.new, chunk.reset), chunk.new_start)
+    item.first = start - len(item.replayed)
+    if len(new) or reset:
+        item.row = Row(session, StepWork(session.slot, new, reset), start)
     if item.end_session:
         item.ending = session.ending = asyncio.get_running_loop().create_future()
 
@@ -409,13 +413,13 @@ class Commit:
 
     def __call__(self, rows: list[Row], outputs: StepOutputs) -> list[np.ndarray | BaseException]:
         recorded = self._record(rows, outputs)
-        results = [
-            _commit_row(row, out, recorded) for row, out in zip(rows, outputs.rows, strict=True)
-        ]
-        if self._store is not None:
-            for row, result in zip(rows, results, strict=True):
-                if isinstance(result, np.ndarray):
-                    self._store.stage(row.session)
+        store = self._store
+        results: list[np.ndarray | BaseException] = []
+        for row, out in zip(rows, outputs.rows, strict=True):
+            result = _commit_row(row, out, recorded)
+            if store is not None and result is out:  # committed: the store has a change
+                store.stage(row.session)
+            results.append(result)
         return results
 
     @staticmethod
