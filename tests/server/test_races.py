@@ -79,6 +79,38 @@ def test_takeover_racing_a_batch_in_flight_applies_each_step_once(bundled_model)
             )
 
 
+def test_a_message_waiting_for_its_session_when_a_new_stream_takes_it_over_is_not_applied(
+    regression_dir, regression_model
+):
+    """One stream feeds a session at a time (DESIGN 1.1): the old stream's message, received
+    but still waiting for the session (a chunk of it in flight), is refused once a new stream
+    has taken the session over; the new stream's unnumbered chunk is the one applied at step
+    2, once. A regression model, whose state shows a step applied twice."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    steps = random_steps(3, 6, seed=71)
+
+    async def owner(session):
+        return session.owner, session.owner is not None and session.owner.busy
+
+    with serve(model=str(regression_dir)) as srv, RawStream(srv.target) as old:
+        old.send(steps[:2])
+        session = srv.server.runtime.sessions.get(old.session_id)
+        old_stream = srv.call(owner(session))[0]
+        srv.call(session.lock.acquire())  # as if a chunk of the session were in flight
+        old.write(steps[2:3])  # received; it waits for the session
+        wait_for(lambda: srv.call(owner(session)) == (old_stream, True), what="old's message")
+        with RawStream(srv.target, old.session_id) as new, ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(new.send, steps[2:3])  # attaches, then waits for the session
+            wait_for(lambda: srv.call(owner(session))[0] is not old_stream, what="the takeover")
+            srv.loop.call_soon_threadsafe(session.lock.release)
+            start, got = answer.result(30)
+            assert old.end_status() == grpc.StatusCode.ABORTED  # and no answer before it
+        assert start == 2
+        assert_equals_offline(got, regression_model, steps, first=2)
+        assert_state_equals_offline(srv.target, old.session_id, regression_model, steps)
+
+
 def test_delete_racing_a_stream_ends_it_not_found_and_frees_the_slot():
     async def run(target, srv):
         async with AsyncStreamingClient(target) as client:
