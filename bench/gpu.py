@@ -169,7 +169,7 @@ def engine_checks(args: argparse.Namespace, device: torch.device) -> None:
     )
     x_dev = torch.from_numpy(x).to(device)
     with torch.inference_mode():
-        bare = median_time(lambda: plain.model(x_dev), args.repeats, device)
+        bare = median_time(lambda: plain.network(x_dev), args.repeats, device)
     report(
         f"bare model forward, {chunk_sessions} x 32 steps",
         f"{chunk_sessions * 32 / bare:,.0f} timesteps/s",
