@@ -161,8 +161,8 @@ class Session:
     # A batch chunk with end_session is planned: done once the session is closed (or the chunk
     # failed). A later message naming the id waits for it, and then meets what follows the end.
     ending: asyncio.Future[None] | None = None
-    # Held from the moment a chunk is planned until the batcher has committed it: one chunk of a
-    # session is in flight at a time, and a takeover or delete waits for it.
+    # Held from the moment a chunk is planned until it is committed, both in server/steps.py:
+    # one chunk of a session is in flight at a time, and a close or an export waits for it.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def touch(self) -> None:
