@@ -29,9 +29,10 @@ from server.engine import default_torch_threads, resolve_device
 from server.errors import ServiceError
 from server.oip import OIP_SERVICE_NAME, OpenInferenceService, add_oip_servicer
 from server.rollout import RepositoryError
+from server.rpc import add_servicer
 from server.runtime import Runtime
 from server.security import AuthInterceptor, TokenFileError, TokenStore, server_credentials
-from server.service import InferenceService, add_servicer
+from server.service import InferenceService
 from server.snapshot import (
     SNAPSHOT_FILE,
     SnapshotError,

@@ -38,9 +38,9 @@ from server.oip_tensors import (
     put_output,
     sequence_of,
 )
+from server.rpc import Malformed, add_servicer, unary
 from server.runtime import Runtime
 from server.security import TokenStore, principal_of
-from server.service import Malformed, add_servicer, unary
 from server.steps import ChunkRequest
 
 SERVER_NAME = "lstm-stream"
