@@ -51,13 +51,7 @@ def render(doc: dict) -> str:
         cells = [f"{t[n]['ratio']:.2f} {'met' if t[n]['met'] else 'NOT met'}" for n in trees]
         limit = f"{'≤' if t['at_most'] else '≥'} {t['limit']}"
         lines.append(f"| {t['target']} | {limit} | {' | '.join(cells)} |")
-    paths = [
-        f"{n} {t['path']} (imports {', '.join(t['imports'])})" for n, t in doc["trees"].items()
-    ]
-    lines += ["", "Trees: " + "; ".join(paths) + "."]
-    if doc["noisy"]:
-        lines += ["", f"Other processes used > {BUSY_CORES} cores in: {', '.join(doc['noisy'])}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + footer(doc)) + "\n"
 
 
 def more_ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -134,10 +128,15 @@ def render_more(doc: dict[str, Any]) -> str:
             values = "".join(f" {row[metric]:.2f} |" for metric in METRICS)
             with_store = f" {row['cpu_with_store']:.2f} |" if extra else ""
             lines.append(f"| {first} {model} {load_label(load)} |{values}{with_store}")
+    return "\n".join(lines + footer(doc)) + "\n"
+
+
+def footer(doc: dict) -> list[str]:
+    """Which files each tree ran, and the cells other processes disturbed."""
     paths = [
         f"{n} {t['path']} (imports {', '.join(t['imports'])})" for n, t in doc["trees"].items()
     ]
-    lines += ["", "Trees: " + "; ".join(paths) + "."]
+    lines = ["", "Trees: " + "; ".join(paths) + "."]
     if doc["noisy"]:
         lines += ["", f"Other processes used > {BUSY_CORES} cores in: {', '.join(doc['noisy'])}."]
-    return "\n".join(lines) + "\n"
+    return lines

@@ -14,7 +14,7 @@ import torch
 
 from server import metrics, steps
 from server.config import ServerConfig
-from server.errors import ServiceError, SessionNotFound, ShuttingDown
+from server.errors import ServiceError, SessionNotFound
 from server.lifecycle import SessionLifecycle
 from server.models import Models, ModelVersion
 from server.rollout import Rollout
@@ -54,6 +54,7 @@ class Runtime:
         self.attach = self.lifecycle.attach
         self.end_stream = self.lifecycle.end_stream
         self.expire_idle = self.lifecycle.expire_idle
+        self.refuse_if_draining = self.lifecycle.refuse_if_draining
 
     # What the frontends (server/service.py, server/oip.py, server/app.py) call: they reach no
     # part of the core but through these and the session verbs below.
@@ -140,10 +141,6 @@ class Runtime:
     @property
     def draining(self) -> bool:
         return self.lifecycle.draining
-
-    def refuse_if_draining(self) -> None:
-        if self.lifecycle.draining:
-            raise ShuttingDown()
 
     # Chunks (server/steps.py)
 

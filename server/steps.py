@@ -145,8 +145,8 @@ def _slot(item: ChunkRequest) -> tuple[object, int]:
 
 
 async def step_one(runtime: Runtime, item: ChunkRequest) -> ChunkRequest:
-    """Apply one chunk of `item.session` exactly once; the item, answered (ServiceError if
-    refused). Lean: StreamSteps sends one such message per timestep or few."""
+    """Apply one chunk of `item.session` exactly once; the item, answered, or the refusal
+    raised. Lean: StreamSteps sends one such message per timestep or few."""
     session = item.session
     assert session is not None
     await session.lock.acquire()
