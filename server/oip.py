@@ -6,9 +6,11 @@ A sequence is a session: `sequence_id` (int64, as its decimal string, or a strin
 session id, owned by the caller's principal. `sequence_start` creates it from zero state (a live
 one restarts: its state is zeroed, on the version it lives on), `sequence_end` ends it after
 the answer, and a request of a sequence that was never started is refused. A request is a chunk
-of one session planned by the batch path (runtime.start_batch), so the step rule, replay,
-version pinning and the state store apply as to StepBatch; a request with no `sequence_id` is
-stateless, like Predict.
+of one session on the one step path (server/steps.py), so the step rule, replay, version
+pinning and the state store apply as to native messages: a live sequence's next steps are
+planned as a StreamSteps message is (runtime.queue_step); a start, an end, or a sequence this
+replica does not hold (the state store may) as a StepBatch of one (runtime.start_batch). A
+request with no `sequence_id` is stateless, like Predict.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from server.oip_tensors import (
 from server.rpc import Malformed, add_servicer, unary
 from server.runtime import Runtime
 from server.security import TokenStore, principal_of
+from server.sessions import Session
 from server.steps import ChunkRequest
 
 SERVER_NAME = "lstm-stream"
@@ -216,7 +219,7 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
         chunk is queued (behind that sequence's earlier ones) by the time this returns."""
         sequence = sequence_of(request.parameters)
         check_requested_outputs(request)
-        model = self._model_for(request, sequence, principal)
+        model, held = self._model_for(request, sequence, principal)
         inputs, batched = decode_input(
             request, model.config.input_size, self.config.max_chunk_steps
         )
@@ -225,6 +228,14 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
         chunk = ChunkRequest(
             sequence.session_id, inputs, sequence.start_step, sequence.start, sequence.end
         )
+        if held is not None and not (sequence.start or sequence.end):
+            # The usual request, a live sequence's next steps: planned as a StreamSteps message.
+            chunk.session = held
+            try:
+                answered = await self.runtime.queue_step(chunk)
+            except SessionNotFound:  # ended or being ended meanwhile
+                raise unknown_sequence(sequence) from None
+            return self._answer_one(request, answered, batched)
         pending = await self.runtime.start_batch([chunk], principal, sequence.start, model)
         # A coroutine, not a task: its answer is awaited in order, and start_batch's own task
         # commits the chunk (and ends an ended sequence) whether or not anyone awaits it.
@@ -232,17 +243,18 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
 
     def _model_for(
         self, request: oip.ModelInferRequest, sequence: SequenceParameters, principal: str
-    ) -> ModelVersion:
-        """The version whose input size decodes the request: a live sequence's own (it stays
-        on its version, draining or not, and a request naming another is refused); else the
-        one named, which for a new sequence or a stateless request must take new work."""
+    ) -> tuple[ModelVersion, Session | None]:
+        """The version whose input size decodes the request, and the live sequence if this
+        replica holds it: a live sequence's own version (it stays on it, draining or not, and
+        a request naming another is refused); else the one named, which for a new sequence or
+        a stateless request must take new work."""
         if sequence.session_id and not sequence.start:
             held = self.runtime.held(sequence.session_id, principal)
             if held is not None:  # else not held here (the state store may have it): as named
                 check_lives_on(held, request.model_name, version_number(request.model_version))
-                return held.model
-            return self._model(request.model_name, request.model_version, new_work=False)
-        return self._model(request.model_name, request.model_version)
+                return held.model, held
+            return self._model(request.model_name, request.model_version, new_work=False), None
+        return self._model(request.model_name, request.model_version), None
 
     async def _predict(self, request, model: ModelVersion, inputs, batched: bool, principal: str):
         outputs = await self.runtime.predict(inputs, model, principal)
@@ -250,26 +262,20 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
         put_output(response, outputs, batched)
         return response
 
+    async def _answer_one(
+        self, request, answered: Awaitable[ChunkRequest], batched: bool
+    ) -> oip.ModelInferResponse:
+        return sequence_response(request, await answered, batched)
+
     async def _answer(
         self, request, pending: Any, batched: bool, sequence: SequenceParameters
     ) -> oip.ModelInferResponse:
         (outcome,) = await asyncio.shield(pending)  # a cancelled caller leaves it to finish
         if isinstance(outcome, SessionNotFound) and not sequence.start:
-            raise SessionNotFound(
-                sequence.session_id,
-                message=f"sequence_id {sequence.session_id!r}: no such sequence (never "
-                "started, ended or expired); expected sequence_start=true on a sequence's first "
-                "request",
-            )
+            raise unknown_sequence(sequence)
         if isinstance(outcome, ServiceError):
             raise outcome
-        session = outcome.session
-        assert session is not None
-        response = infer_response(request, session.model)
-        response.parameters[START_STEP_PARAMETER].int64_param = outcome.first
-        response.parameters[DURABLE_STEP_PARAMETER].int64_param = session.durable_step
-        put_output(response, outcome.outputs, batched)
-        return response
+        return sequence_response(request, outcome, batched)
 
     def _model(self, name: str, version: str, new_work: bool = True) -> ModelVersion:
         return self.runtime.resolve(name, version_number(version), new_work)
@@ -278,6 +284,27 @@ class OpenInferenceService(oip_grpc.GRPCInferenceServiceServicer):
 def infer_response(request: oip.ModelInferRequest, model: ModelVersion) -> oip.ModelInferResponse:
     return oip.ModelInferResponse(
         model_name=model.key.name, model_version=str(model.key.version), id=request.id
+    )
+
+
+def sequence_response(
+    request: oip.ModelInferRequest, item: ChunkRequest, batched: bool
+) -> oip.ModelInferResponse:
+    """An answered chunk's response: its outputs, the step of the first, and durable_step."""
+    session = item.session
+    assert session is not None
+    response = infer_response(request, session.model)
+    response.parameters[START_STEP_PARAMETER].int64_param = item.first
+    response.parameters[DURABLE_STEP_PARAMETER].int64_param = session.durable_step
+    put_output(response, item.outputs, batched)
+    return response
+
+
+def unknown_sequence(sequence: SequenceParameters) -> SessionNotFound:
+    return SessionNotFound(
+        sequence.session_id,
+        message=f"sequence_id {sequence.session_id!r}: no such sequence (never started, ended "
+        "or expired); expected sequence_start=true on a sequence's first request",
     )
 
 

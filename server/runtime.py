@@ -8,6 +8,8 @@ durable sessions to server/state_store.py. docs/architecture.md draws the whole.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,6 +150,12 @@ class Runtime:
         """Apply a stream's chunk (item.session, item.stream) exactly once; the item, answered:
         outputs (T, O) from step `first`."""
         return await steps.step_one(self, item)
+
+    async def queue_step(self, item: steps.ChunkRequest) -> Coroutine[Any, Any, steps.ChunkRequest]:
+        """Plan and queue one chunk of a session the caller holds (item.session); awaiting
+        what this returns gives the item, answered. A request stream plans its next message
+        while this one runs."""
+        return await steps.queue_one(self, item)
 
     async def step_batch(
         self,

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -141,12 +141,19 @@ def _slot(item: ChunkRequest) -> tuple[object, int]:
     return item.session.model.key, item.session.slot
 
 
-# Run: a message of one (StreamSteps)
+# Run: a message of one (StreamSteps, an Open Inference Protocol request of a held sequence)
 
 
 async def step_one(runtime: Runtime, item: ChunkRequest) -> ChunkRequest:
     """Apply one chunk of `item.session` exactly once; the item, answered, or the refusal
     raised. Lean: StreamSteps sends one such message per timestep or few."""
+    return await (await queue_one(runtime, item))
+
+
+async def queue_one(runtime: Runtime, item: ChunkRequest) -> Coroutine[Any, Any, ChunkRequest]:
+    """Plan one chunk of `item.session` and queue it (a refusal is raised); awaiting what this
+    returns gives the item, answered. By the time this returns the chunk is queued, so the
+    session's next chunk queues behind it: a stream can plan its next message meanwhile."""
     session = item.session
     assert session is not None
     await session.lock.acquire()
@@ -154,12 +161,18 @@ async def step_one(runtime: Runtime, item: ChunkRequest) -> ChunkRequest:
     rows = _plan_locked(runtime, [item], outcomes)
     if outcomes[0] is not None:
         raise outcomes[0]  # type: ignore[misc]
-    if not rows:
+    return _answer_one(item, session.model.batcher.submit(rows) if rows else None)
+
+
+async def _answer_one(
+    item: ChunkRequest, queued: asyncio.Future[list[np.ndarray | BaseException]] | None
+) -> ChunkRequest:
+    if queued is None:  # all of it was answered from replay
         item.outputs = item.replayed
         return item
-    (result,) = await session.model.batcher.submit(rows)
+    (result,) = await queued  # committed by the batcher whether or not this is awaited
     if isinstance(result, BaseException):
-        raise result
+        raise as_service_error(result)
     _take(item, result)
     return item
 
