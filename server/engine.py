@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from lstm_model.checkpoint import LoadedModel
+from lstm_model.gru_sequence import GruSequence
+from lstm_model.model import State
 from server.one_step import OneStepRunner
 from server.state_pool import StatePool
 from server.worker import Worker
@@ -140,6 +142,11 @@ class Engine:
         self.network = loaded.model.to(device=device, dtype=dtype).eval()  # the nn.Module
         if device.type == "cuda":
             self.network.rnn.flatten_parameters()  # one contiguous weight buffer for cuDNN
+        # What runs a batch of multi-step chunks: the module, or for a GRU on the CPU the
+        # faster kernel written for it (lstm_model/gru_sequence.py).
+        self.chunk_runner: Callable[..., tuple[torch.Tensor, State]] = self.network
+        if self.network.config.cell == "gru" and device.type == "cpu":
+            self.chunk_runner = GruSequence(self.network)
         self.fingerprint = loaded.fingerprint
         self.config = loaded.model.config
         self.device = device
@@ -228,7 +235,7 @@ class Engine:
             y = self.one_step.run(x_dev, slots_dev)  # (B, 1, O)
         else:
             state = self.pool.gather(slots_dev)  # (L, B, H) each
-            y, state = self.network(x_dev, state, lengths)  # (B, T, O)
+            y, state = self.chunk_runner(x_dev, state, lengths)  # (B, T, O)
             self.pool.scatter(slots_dev, state)
         return self._to_host(y)
 
