@@ -264,18 +264,18 @@ class StateStore:
         commands = []
         for bucket, part in calls:
             header: list[str] = []
-            payload: list[bytes] = []  # every session's meta, then its state's pieces
+            values: list[bytes] = []  # each session's meta and state (store_script.py)
             for _, item in part:
                 born = repr(item.session.create_time)
                 if isinstance(item, Snapshot):
                     meta, pieces = self._fields(item)
-                    state_len = sum(map(len, pieces))
-                    header.append(f"put {born} {item.next_step} {len(meta)} {state_len}\n")
-                    payload += (meta, *pieces)
+                    header.append(f"put {born} {item.next_step}\n")
+                    values += (meta, b"".join(pieces))
                 else:
-                    header.append(f"end {born} {item.end_step} 0 0\n")
+                    header.append(f"end {born} {item.end_step}\n")
+                    values += (b"", b"")
             keys = [self._keys.marker(bucket), *(key for key, _ in part)]
-            commands.append((len(keys), *keys, self._ttl_ms, "".join(header), b"".join(payload)))
+            commands.append((len(keys), *keys, self._ttl_ms, "".join(header), *values))
         results = await self._script.run(self._redis, commands)
         written, emptied = 0, False
         for (bucket, part), result in zip(calls, results, strict=True):
@@ -319,7 +319,7 @@ class StateStore:
     def _fields(self, snapshot: Snapshot) -> tuple[bytes, tuple[bytes, ...]]:
         """What a write sends of a session: its meta (JSON; empty for an update of a stored
         record) and its state field in pieces (the state tensors, then the output tail, as raw
-        float32: transfer.state_bytes, left unjoined for the call's one payload)."""
+        float32: transfer.state_bytes, in pieces the call joins)."""
         session = snapshot.session
         model = session.model  # the version it lives on (server/models.py ModelVersion)
         # The replay rows still held for steps before the snapshot's next_step (the session
