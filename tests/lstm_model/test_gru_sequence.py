@@ -60,6 +60,14 @@ def test_batches_of_many_sizes_each_equal_the_module(monkeypatch):
     assert len(kernel._packed) <= 2
 
 
+def test_without_mkl_it_runs_plain_matrix_products_and_still_equals_the_module(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
+    model = make_gru()
+    kernel = GruSequence(model)
+    assert_equals_the_module(model, kernel, 5, 6)
+    assert not kernel._packed
+
+
 def test_rows_of_different_lengths_go_to_the_module():
     model = make_gru()
     x = make_inputs(3, 5, 5)
