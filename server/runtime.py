@@ -8,8 +8,6 @@ durable sessions to server/state_store.py. docs/architecture.md draws the whole.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any
 
 import numpy as np
 import torch
@@ -151,7 +149,7 @@ class Runtime:
         outputs (T, O) from step `first`."""
         return await steps.step_one(self, item)
 
-    async def queue_step(self, item: steps.ChunkRequest) -> Coroutine[Any, Any, steps.ChunkRequest]:
+    async def queue_step(self, item: steps.ChunkRequest) -> steps.QueuedChunk:
         """Plan and queue one chunk of a session the caller holds (item.session); awaiting
         what this returns gives the item, answered. A request stream plans its next message
         while this one runs."""

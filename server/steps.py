@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -150,10 +150,23 @@ async def step_one(runtime: Runtime, item: ChunkRequest) -> ChunkRequest:
     return await (await queue_one(runtime, item))
 
 
-async def queue_one(runtime: Runtime, item: ChunkRequest) -> Coroutine[Any, Any, ChunkRequest]:
-    """Plan one chunk of `item.session` and queue it (a refusal is raised); awaiting what this
-    returns gives the item, answered. By the time this returns the chunk is queued, so the
-    session's next chunk queues behind it: a stream can plan its next message meanwhile."""
+@dataclass(slots=True)
+class QueuedChunk:
+    """A queued chunk's answer, to await: the item, answered, or the batch's failure raised.
+    Not a coroutine, so one dropped unawaited (its stream went away) leaves no warning; the
+    batcher commits the chunk either way."""
+
+    item: ChunkRequest
+    queued: asyncio.Future[list[np.ndarray | BaseException]] | None  # None: all replayed
+
+    def __await__(self) -> Generator[Any, None, ChunkRequest]:
+        return _answer_one(self.item, self.queued).__await__()
+
+
+async def queue_one(runtime: Runtime, item: ChunkRequest) -> QueuedChunk:
+    """Plan one chunk of `item.session` and queue it (a refusal is raised). By the time this
+    returns the chunk is queued, so the session's next chunk queues behind it: a stream can
+    plan its next message while this one runs."""
     session = item.session
     assert session is not None
     await session.lock.acquire()
@@ -161,7 +174,7 @@ async def queue_one(runtime: Runtime, item: ChunkRequest) -> Coroutine[Any, Any,
     rows = _plan_locked(runtime, [item], outcomes)
     if outcomes[0] is not None:
         raise outcomes[0]  # type: ignore[misc]
-    return _answer_one(item, session.model.batcher.submit(rows) if rows else None)
+    return QueuedChunk(item, session.model.batcher.submit(rows) if rows else None)
 
 
 async def _answer_one(
