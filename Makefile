@@ -56,8 +56,8 @@ bench: venv
 bench-batches: venv
 	$(BIN)/python -m bench.batches --out-dir docs
 
-# The Open Inference Protocol (one ModelStreamInfer stream, 64 sequences) against StreamSteps
-# in one run (under a minute): docs/oip.{json,md}.
+# The Open Inference Protocol (64 sequences on one ModelStreamInfer stream, and a stream each)
+# against StreamSteps in one run (under a minute): docs/oip.{json,md}.
 bench-oip: venv
 	$(BIN)/python -m bench.oip --out-dir docs
 
