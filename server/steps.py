@@ -129,6 +129,12 @@ def _plan_locked(
             plan(runtime, item)
         except ServiceError as err:
             outcomes[item.index] = err
+        except Exception as exc:  # a bug: this chunk fails, its lock still goes back
+            log.exception("planning a chunk of session %s failed", item.session_id[:6])
+            outcomes[item.index] = ServiceError(
+                f"planning this chunk failed: {type(exc).__name__}: {exc}"
+            )
+            item.row = None
         if item.row is None:
             item.session.lock.release()  # type: ignore[union-attr]
         else:
@@ -169,6 +175,7 @@ async def queue_one(runtime: Runtime, item: ChunkRequest) -> QueuedChunk:
     plan its next message while this one runs."""
     session = item.session
     assert session is not None
+    assert not item.end_session, "a chunk that ends its session goes through start_batch"
     await session.lock.acquire()
     outcomes: list[Outcome | None] = [None]
     rows = _plan_locked(runtime, [item], outcomes)

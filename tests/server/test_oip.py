@@ -128,6 +128,26 @@ def test_a_resent_request_with_lstm_start_step_is_answered_from_replay_not_appli
     assert outcome_of(gap.value) == ("FAILED_PRECONDITION", "STEP_OUT_OF_ORDER", "8")
 
 
+def test_a_refused_and_an_all_replayed_request_leave_the_sequence_to_go_on_once(
+    srv, stub, bundled_model
+):
+    """A continuing request is planned as a StreamSteps message is: a refusal gives the
+    sequence back, a resend of applied steps runs nothing, and the next steps apply once."""
+    steps = random_steps(6, WIDTH, seed=11)
+    key = dict(sequence_id="refused-then-on")
+    stub.ModelInfer(request(steps[:3], sequence_start=True, **key))
+    with pytest.raises(grpc.RpcError) as gap:
+        stub.ModelInfer(request(steps[3:4], lstm_start_step=5, **key))
+    assert outcome_of(gap.value) == ("FAILED_PRECONDITION", "STEP_OUT_OF_ORDER", "3")
+    replayed = stub.ModelInfer(request(steps[1:3], lstm_start_step=1, **key), timeout=30)
+    assert replayed.parameters["lstm_start_step"].int64_param == 1
+    assert_equals_offline(outputs_of(replayed), bundled_model, steps[:3], first=1)
+    going_on = stub.ModelInfer(request(steps[3:], **key), timeout=30)
+    assert going_on.parameters["lstm_start_step"].int64_param == 3
+    assert_equals_offline(outputs_of(going_on), bundled_model, steps, first=3)
+    assert_state_equals_offline(srv.target, "refused-then-on", bundled_model, steps)
+
+
 def test_stateless_requests_equal_predict(stub, bundled_model):
     steps = random_steps(7, WIDTH, seed=4)
     response = stub.ModelInfer(request(steps))
