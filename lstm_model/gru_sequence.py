@@ -7,7 +7,7 @@ here (`torch.mkldnn_rnn_layer` refuses the mode). So a GRU of the same size, wit
 to the LSTM's four, came out slower than the LSTM. Here, per layer:
 
 - the input side of every timestep is one matrix product, (T*B, I_l) x (I_l, 3H), time-major so
-  each step's slice is contiguous (the input normalisation folded into the first layer);
+  each step's slice is contiguous;
 - each step's recurrent product uses W_hh packed once for the batch size (MKL's packed sgemm,
   as torch's own CPU inference passes use; plain `addmm` where MKL is absent), then five
   kernels into reused buffers: r and z in one sigmoid, n = tanh(gi_n + r * gh_n), and
@@ -16,8 +16,9 @@ to the LSTM's four, came out slower than the LSTM. Here, per layer:
 The packing is what makes it faster than nn.GRU (with `addmm` it is as fast, no more): at 32
 steps, 2 threads, hidden 256, 12-18% less time for batches of 17 to 48 rows. A packed weight
 serves one batch size and holds about three times W_hh's bytes (2.3 MB resident for a
-256-hidden layer; packing into fresh memory for each call cost more than it saved), so the
-packed weights of the last PACKED_BATCH_SIZES sizes are kept.
+256-hidden layer), and packing afresh for each call gains nothing (the page faults of its new
+buffers eat what the packed product saves). So only the PACKED_BATCH_SIZES most frequent batch
+sizes lately are packed, and kept; the others run `addmm`.
 
 Outputs and states equal `SequenceModel.forward` up to float rounding (the tests hold them
 within 1e-5).
@@ -25,11 +26,14 @@ within 1e-5).
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from lstm_model.model import SequenceModel, State
 
-PACKED_BATCH_SIZES = 4  # packed W_hh kept for this many batch sizes (the newest used)
+PACKED_BATCH_SIZES = 4  # W_hh packed for this many batch sizes: the most frequent lately
+SIZE_HISTORY = 1024  # batch sizes counted; past that the counts are halved (older ones fade)
 
 
 class GruSequence:
@@ -43,6 +47,7 @@ class GruSequence:
         self.model = model
         self.hidden = config.hidden_size
         self.classification = config.is_classification
+        self.input_mean, self.input_scale = model.input_mean, model.input_scale  # (I,)
         self.input_weights: list[torch.Tensor] = []  # per layer: (I_l, 3H), gates (r, z, n)
         self.input_biases: list[torch.Tensor] = []  # (3H,)
         self.hidden_weights: list[torch.Tensor] = []  # (3H, H)
@@ -50,17 +55,14 @@ class GruSequence:
         with torch.no_grad():
             for layer in range(config.num_layers):
                 w_ih = getattr(gru, f"weight_ih_l{layer}")  # (3H, I_l)
-                b_ih = getattr(gru, f"bias_ih_l{layer}")  # (3H,)
-                if layer == 0:  # W·((x - mean) * scale) = (W * scale)·x - W·(mean * scale)
-                    b_ih = b_ih - w_ih @ (model.input_mean * model.input_scale)
-                    w_ih = w_ih * model.input_scale
                 self.input_weights.append(w_ih.t().contiguous())
-                self.input_biases.append(b_ih.clone())
+                self.input_biases.append(getattr(gru, f"bias_ih_l{layer}").detach().clone())
                 self.hidden_weights.append(getattr(gru, f"weight_hh_l{layer}").detach().clone())
                 self.hidden_biases.append(getattr(gru, f"bias_hh_l{layer}").detach().clone())
             self.head_weight = model.head.weight.t().contiguous()  # (H, O)
             self.head_bias = model.head.bias.clone()  # (O,)
         self._packed: dict[int, list[torch.Tensor]] = {}  # batch size -> per layer packed W_hh
+        self._sizes: Counter[int] = Counter()  # how often each batch size came lately
 
     @torch.inference_mode()
     def __call__(
@@ -70,6 +72,7 @@ class GruSequence:
             return self.model(x, state, lengths)
         batch, steps, _ = x.shape
         (h0,) = state  # (L, B, H)
+        x = (x - self.input_mean) * self.input_scale  # (B, T, I), as the module normalises
         layer_in = x.transpose(0, 1).reshape(steps * batch, -1)  # (T*B, I): time-major
         packed = self._packed_for(batch)
         finals = []
@@ -116,15 +119,19 @@ class GruSequence:
         return h
 
     def _packed_for(self, batch: int) -> list[torch.Tensor] | None:
-        """W_hh packed for this batch size (a packed weight serves one size), or None without
-        MKL. A few sizes are kept: a server's batches come in a few sizes."""
+        """W_hh packed for this batch size if it is one of the most frequent lately; else None
+        (as without MKL's packed linear in this torch): the call runs `addmm`."""
         if not (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")):
             return None
-        packed = self._packed.pop(batch, None)
-        if packed is None:
+        self._sizes[batch] += 1
+        if self._sizes.total() > SIZE_HISTORY:
+            self._sizes = Counter({size: n // 2 for size, n in self._sizes.items() if n > 1})
+        frequent = {size for size, _ in self._sizes.most_common(PACKED_BATCH_SIZES)}
+        for size in [size for size in self._packed if size not in frequent]:
+            del self._packed[size]
+        if batch not in frequent:
+            return None
+        if batch not in self._packed:
             pack = torch.ops.mkl._mkl_reorder_linear_weight
-            packed = [pack(w, batch) for w in self.hidden_weights]
-            if len(self._packed) >= PACKED_BATCH_SIZES:
-                del self._packed[next(iter(self._packed))]  # the least recently used
-        self._packed[batch] = packed
-        return packed
+            self._packed[batch] = [pack(w, batch) for w in self.hidden_weights]
+        return self._packed[batch]
