@@ -61,6 +61,7 @@ class GruSequence:
             self.head_weight = model.head.weight.t().contiguous()  # (H, O)
             self.head_bias = model.head.bias.clone()  # (O,)
         self._packed: dict[int, list[torch.Tensor]] = {}  # batch size -> per layer packed W_hh
+        self._can_pack = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
     @torch.inference_mode()
     def __call__(
@@ -119,7 +120,7 @@ class GruSequence:
     def _packed_for(self, batch: int) -> list[torch.Tensor] | None:
         """Each layer's W_hh packed for this batch size, or None without MKL's packed linear
         in this torch (the call runs `addmm`)."""
-        if not (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")):
+        if not self._can_pack:
             return None
         packed = self._packed.pop(batch, None)
         if packed is None:

@@ -268,9 +268,8 @@ class StateStore:
             for _, item in part:
                 born = repr(item.session.create_time)
                 if isinstance(item, Snapshot):
-                    meta, pieces = self._fields(item)
                     header.append(f"put {born} {item.next_step}\n")
-                    values += (meta, b"".join(pieces))
+                    values += self._fields(item)
                 else:
                     header.append(f"end {born} {item.end_step}\n")
                     values += (b"", b"")
@@ -316,10 +315,10 @@ class StateStore:
             for first in range(0, len(part), WRITES_PER_CALL)
         ]
 
-    def _fields(self, snapshot: Snapshot) -> tuple[bytes, tuple[bytes, ...]]:
+    def _fields(self, snapshot: Snapshot) -> tuple[bytes, bytes]:
         """What a write sends of a session: its meta (JSON; empty for an update of a stored
-        record) and its state field in pieces (the state tensors, then the output tail, as raw
-        float32: transfer.state_bytes, in pieces the call joins)."""
+        record) and its state field (the state tensors, then the output tail, as raw float32:
+        transfer.state_bytes)."""
         session = snapshot.session
         model = session.model  # the version it lives on (server/models.py ModelVersion)
         # The replay rows still held for steps before the snapshot's next_step (the session
@@ -333,7 +332,7 @@ class StateStore:
         )
         replay = session.replay.read(oldest, snapshot.next_step, model.config.output_size)  # (R, O)
         if session.meta_stored:  # the usual write, after every batch: no record object
-            return b"", tuple(array.tobytes() for array in (*snapshot.state, replay))
+            return b"", transfer.state_bytes(snapshot.state, replay)
         record = transfer.SessionRecord(
             session_id=session.session_id,
             next_step=snapshot.next_step,
@@ -349,7 +348,7 @@ class StateStore:
             model_version=model.key.version,
         )
         fields = transfer.to_fields(record)
-        return str(fields["meta"]).encode(), (bytes(fields["state"]),)
+        return str(fields["meta"]).encode(), bytes(fields["state"])
 
     def _put_back(self, batch: dict[str, Staged]) -> None:
         """Return a failed batch to the staging area, behind anything staged since."""

@@ -160,7 +160,6 @@ def state_bytes(state, replay) -> bytes:
 def to_fields(record: SessionRecord) -> dict[str, bytes | str | int]:
     """The record as hash fields for the state store: step, meta (JSON) and state
     (state_bytes)."""
-    layers, hidden = record.h.shape
     state = state_bytes(record.state.values(), record.replay)
     layers, hidden = record.h.shape
     meta = {
