@@ -12,6 +12,7 @@ import torch
 from lstm_model.checkpoint import BUNDLED_MODEL_DIR, ModelLoadError, load_model, save_model
 from lstm_model.config import CELLS, ConfigError, LSTMConfig
 from lstm_model.model import SequenceModel
+from lstm_model.native import CAPABILITY_FLAGS, NativeBuildError
 from lstm_model.repository import PublishError, identity_from_path, publish
 
 
@@ -132,6 +133,16 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build_kernels(args: argparse.Namespace) -> int:
+    from lstm_model import native
+
+    wanted = {"host": [native.host_capability()], "all": list(CAPABILITY_FLAGS)}
+    directory = Path(args.dir) if args.dir else None
+    for capability in wanted.get(args.capability, [args.capability]):
+        print(f"{capability}: {native.build(capability, directory)}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lstm_model.evaluate import evaluate, format_accuracy_table
     from lstm_model.recordings import BUNDLED_RECORDINGS, load_recordings
@@ -229,6 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recordings", help="labelled recordings (.safetensors); default: bundled")
     p.set_defaults(run=_cmd_eval)
 
+    p = sub.add_parser(
+        "build-kernels",
+        help="compile the native GRU kernel now (servers otherwise build it on first use)",
+        description="Compile the C++ GRU layer loop against the installed torch into the kernel "
+        "directory, where lstm-serve looks for it. Needs a C++ compiler; an image without one "
+        "ships them prebuilt with --capability all.",
+    )
+    p.add_argument(
+        "--capability",
+        choices=["host", "all", *CAPABILITY_FLAGS],
+        default="host",
+        help="ATen CPU capability to build for (default: this machine's)",
+    )
+    p.add_argument(
+        "--dir", help="kernel directory (default: $LSTM_STREAM_KERNEL_DIR, else ~/.cache/...)"
+    )
+    p.set_defaults(run=_cmd_build_kernels)
+
     p = sub.add_parser("train", help="train the bundled model on BasicMotions (needs [train])")
     p.add_argument("--out", default=str(BUNDLED_MODEL_DIR))
     p.add_argument("--epochs", type=int, default=300)
@@ -242,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ModelLoadError, ConfigError, PublishError) as exc:
+    except (ModelLoadError, ConfigError, PublishError, NativeBuildError) as exc:
         print(f"lstm-model: {exc}", file=sys.stderr)
         return 2
 

@@ -9,18 +9,23 @@ to the LSTM's four, came out slower than the LSTM. Here, per layer:
 - the input side of every timestep is one matrix product, (T*B, I_l) x (I_l, 3H), time-major so
   each step's slice is contiguous;
 - each step's recurrent product uses W_hh packed once for the batch size (MKL's packed sgemm,
-  as torch's own CPU inference passes use; plain `addmm` where MKL is absent), then five
-  kernels into reused buffers: r and z in one sigmoid, n = tanh(gi_n + r * gh_n), and
-  h' = n + z * (h - n) as one `lerp`, written straight into the layer's output.
+  as torch's own CPU inference passes use; plain `addmm` where MKL is absent);
+- then the step's gates: r, z, n = tanh(gi_n + r * gh_n) and h' = n + z * (h - n), written
+  straight into the layer's output. The native loop (csrc/gru_layer.cpp, built by native.py)
+  does them in one pass over the rows split between the threads; without it, the Python loop
+  below does them in five kernels into reused buffers.
 
-The packing is what makes it faster than nn.GRU (with `addmm` it is as fast, no more): at 32
-steps, 2 threads, hidden 256, 12-17% less time for batches of 17 to 48 rows. A packed weight
-serves one batch size and holds about three times W_hh's bytes (2.3 MB resident for a
-256-hidden layer). The last PACKED_BATCH_SIZES sizes' packed weights are kept. A server's
-batches come in every size, so most batches pack anew (into the buffers the evicted size gave
-back), and that still beats `addmm`: through lstm-serve, 64 sessions of 32-step messages, 5
-alternating trials, 117,434 timesteps/s against 109,510 when only the four most frequent sizes
-were packed and the rest ran `addmm`.
+The Python loop spends about 45 us a step (hidden 256, 64 rows) launching those five kernels,
+single-threaded; the native pass takes about 5. Offline, 2 threads, hidden 256, 2 layers, 32
+steps: the native loop takes 0.84-0.89 of nn.LSTM's time for 17 to 64 rows, the Python loop
+1.05-1.27 (docs/performance.md has the table).
+
+A packed weight serves one batch size and holds about three times W_hh's bytes (2.3 MB
+resident for a 256-hidden layer). The last PACKED_BATCH_SIZES sizes' packed weights are kept. A
+server's batches come in every size, so most batches pack anew (into the buffers the evicted
+size gave back), and that still beats `addmm`: through lstm-serve, 64 sessions of 32-step
+messages, 5 alternating trials, 117,434 timesteps/s against 109,510 when only the four most
+frequent sizes were packed and the rest ran `addmm` (Python loop).
 
 Outputs and states equal `SequenceModel.forward` up to float rounding (the tests hold them
 within 1e-5).
@@ -30,16 +35,18 @@ from __future__ import annotations
 
 import torch
 
+from lstm_model import native
 from lstm_model.model import SequenceModel, State
 
 PACKED_BATCH_SIZES = 4  # packed W_hh kept for this many batch sizes (the newest used)
+NOT_PACKED = torch.empty(0)  # what the native loop is given for "run addmm"
 
 
 class GruSequence:
     """y, (h,) = run(x, (h,)) for x (B, T, I) and h (L, B, H) on the CPU; `lengths` (rows of
     different lengths) go to the module itself."""
 
-    def __init__(self, model: SequenceModel) -> None:
+    def __init__(self, model: SequenceModel, use_native: bool = True) -> None:
         config, gru = model.config, model.rnn
         if config.cell != "gru":
             raise ValueError(f"GruSequence: expected a GRU model, got cell {config.cell!r}")
@@ -62,6 +69,8 @@ class GruSequence:
             self.head_bias = model.head.bias.clone()  # (O,)
         self._packed: dict[int, list[torch.Tensor]] = {}  # batch size -> per layer packed W_hh
         self._can_pack = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+        # The C++ layer loop (lstm_model/native.py), or None: the Python loop below.
+        self.native = native.gru_layer() if use_native else None
 
     @torch.inference_mode()
     def __call__(
@@ -98,9 +107,14 @@ class GruSequence:
     ) -> torch.Tensor:
         """One layer over the chunk: gates_in (T, B, 3H) from its inputs, h (B, H) at the start;
         out (T, B, H) filled; the final h."""
+        weight, bias = self.hidden_weights[layer], self.hidden_biases[layer]
+        if self.native is not None:
+            self.native(
+                gates_in, h, weight, bias, NOT_PACKED if packed is None else packed[layer], out
+            )
+            return out[-1] if len(out) else h
         hidden = self.hidden
         batch = h.shape[0]
-        weight, bias = self.hidden_weights[layer], self.hidden_biases[layer]
         w_t = weight.t()
         rz = torch.empty(batch, 2 * hidden)  # (B, 2H): r, z
         r, z = rz[:, :hidden], rz[:, hidden:]

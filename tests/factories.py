@@ -254,6 +254,22 @@ def require_binary(name: str) -> str:
     pytest.skip(message)
 
 
+def require_native_gru():
+    """The native GRU layer loop (lstm_model/native.py), built here if need be. Without a C++
+    compiler: skip locally, fail under CI; any other reason it is missing fails."""
+    import os
+
+    import pytest
+
+    from lstm_model import native
+
+    loaded = native.gru_layer()
+    if loaded is None:
+        require_binary(os.environ.get("CXX") or "c++")
+        pytest.fail(f"the native GRU kernel is unavailable: {native._failure}")
+    return loaded
+
+
 def free_port() -> int:
     import socket
 
