@@ -19,6 +19,12 @@ COPY lstm_model /src/lstm_model
 COPY server /src/server
 COPY client /src/client
 RUN pip install '/src[server]' && rm -rf /src
+# The native GRU layer loop (lstm_model/native.py), compiled here for every CPU capability ATen
+# dispatches to (AVX512, AVX2, DEFAULT): the runtime image has no compiler, and the server loads
+# the one matching the CPU it runs on.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && lstm-model build-kernels --capability all --dir /opt/venv/share/lstm-stream/kernels \
+    && rm -rf /var/lib/apt/lists/*
 
 FROM python:${PYTHON_VERSION}-slim
 # The snapshot directory exists and is the server's: a named volume mounted over it starts
@@ -30,7 +36,8 @@ COPY --from=build /opt/venv /opt/venv
 # longer grace, give the container more (compose: stop_grace_period; run: --stop-timeout).
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
     LSTM_SERVE_HOST=0.0.0.0 LSTM_SERVE_PORT=50051 LSTM_SERVE_METRICS_PORT=8000 \
-    LSTM_SERVE_SNAPSHOT_DIR=/var/lib/lstm-stream/snapshots LSTM_SERVE_SHUTDOWN_GRACE_S=5
+    LSTM_SERVE_SNAPSHOT_DIR=/var/lib/lstm-stream/snapshots LSTM_SERVE_SHUTDOWN_GRACE_S=5 \
+    LSTM_STREAM_KERNEL_DIR=/opt/venv/share/lstm-stream/kernels
 USER lstm
 WORKDIR /var/lib/lstm-stream
 EXPOSE 50051 8000

@@ -134,6 +134,37 @@ def test_the_image_serves_and_keeps_sessions_across_a_restart(
     np.testing.assert_allclose(rest, expected[20:], atol=1e-5, rtol=0)
 
 
+GRU_IN_THE_IMAGE = """
+import json, shutil, torch
+from lstm_model import native
+from lstm_model.config import LSTMConfig
+from lstm_model.gru_sequence import GruSequence
+from lstm_model.model import SequenceModel
+model = SequenceModel(LSTMConfig(4, 40, 2, 3, cell="gru")).eval()
+kernel = GruSequence(model)
+x = torch.randn(9, 11, 4)  # (B, T, I)
+with torch.inference_mode():
+    want, (h_want,) = model(x)
+got, (h_got,) = kernel(x, model.init_state(9))
+print(json.dumps({"native": kernel.native is not None, "compiler": shutil.which("c++"),
+    "kernels": sorted(p.name for p in native.kernel_dir().iterdir()),
+    "error": max((got - want).abs().max().item(), (h_got - h_want).abs().max().item())}))
+"""
+
+
+def test_the_image_runs_a_gru_on_its_prebuilt_native_kernel(image):
+    """The runtime image has no compiler; the build stage compiled the GRU loop for every CPU
+    capability, and the server's user loads the one for this CPU."""
+    found = json.loads(
+        docker("run", "--rm", "--entrypoint", "python", image, "-c", GRU_IN_THE_IMAGE).splitlines()[
+            -1
+        ]
+    )
+    assert found["compiler"] is None
+    assert [name.split("-")[1] for name in found["kernels"]] == ["avx2", "avx512", "default"]
+    assert found["native"] and found["error"] < 1e-5
+
+
 def test_a_snapshot_dir_the_server_cannot_write_is_refused_at_start(image, network):
     """A root-owned mount over the snapshot directory: one line and exit 1 at start, not a
     healthy server that loses every session at its first SIGTERM."""
