@@ -181,9 +181,9 @@ class SessionLifecycle:
             if not live or not self.models.holds(model):
                 continue
             state = await model.engine.call(model.pool.read, [sessions[i].slot for i in live])
-            arrays = [tensor.numpy() for tensor in state]  # (N, L, H) each; rows are views
-            for row, i in enumerate(live):
-                states[i] = tuple(array[row] for array in arrays)
+            rows = [list(tensor.numpy()) for tensor in state]  # N views (L, H) of each tensor
+            for i, session_state in zip(live, zip(*rows, strict=True), strict=True):
+                states[i] = session_state
         return states
 
     async def close_session(self, session: Session, reason: str) -> None:

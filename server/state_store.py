@@ -269,7 +269,11 @@ class StateStore:
                 born = repr(item.session.create_time)
                 if isinstance(item, Snapshot):
                     header.append(f"put {born} {item.next_step}\n")
-                    values += self._fields(item)
+                    meta, state = self._fields(item)
+                    # As a memoryview, redis-py sends the state as it is; bytes it would copy
+                    # into one buffer per call (hiredis's packer: 7 us a 4.4 KB record, against
+                    # 2 us so).
+                    values += (meta, memoryview(state))
                 else:
                     header.append(f"end {born} {item.end_step}\n")
                     values += (b"", b"")
