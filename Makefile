@@ -67,7 +67,7 @@ bench-oip: venv
 # and durable against shipped (docs/store.{json,md}, about 8 minutes).
 bench-store: venv
 	$(BIN)/python -m bench.store_cost --out-dir docs
-	$(BIN)/python -m bench.store --out-dir docs
+	$(BIN)/python -m bench.store --pin --out-dir docs
 
 # What a message costs the server (issue 29), against the echo and the model's own compute,
 # this tree beside BASELINE (an older checkout: git worktree add --detach /tmp/before COMMIT)

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import platform
 import secrets
 import shlex
@@ -355,20 +356,33 @@ def summarise_window(window: list[dict[str, float]], sessions: int) -> dict[str,
     }
 
 
-def compare(model_dir: Path, trials: int, duration_s: float, work: Path) -> dict[str, Any]:
+def compare(
+    model_dir: Path, trials: int, duration_s: float, work: Path, pin: bool = False
+) -> dict[str, Any]:
     """Shipped (no store) and durable (one Redis) servers, defaults otherwise, both up at once;
-    the comparison's cells alternate between them, `trials` times."""
+    the comparison's cells alternate between them, `trials` times. `pin`: the servers run on
+    CPU 0 and Redis and the feeder on the others, as where Redis has a machine of its own."""
     runs: dict[str, dict[str, list[dict]]] = {c: {"shipped": [], "durable": []} for c in COMPARISON}
     serve = ("--model", str(model_dir), "--metrics-port", "0", "--max-sessions", "4096")
+    rest = sorted(os.sched_getaffinity(0) - {0})
+    if pin and not rest:
+        raise SystemExit("--pin needs a CPU besides CPU 0")
+    pinned = ["taskset", "-c", "0"] if pin else []
     gate = QuietGate(QUIET_BUDGET_S)
+    feeder_cpus = os.sched_getaffinity(0)
     with (
         redis_server() as (url, redis_pid),
-        running_server(lstm_serve(*serve), work / "shipped.log") as (shipped, shipped_pid),
-        running_server(lstm_serve(*serve, "--state-store", url), work / "durable.log") as (
-            durable,
-            durable_pid,
+        running_server([*pinned, *lstm_serve(*serve)], work / "shipped.log") as (
+            shipped,
+            shipped_pid,
         ),
+        running_server(
+            [*pinned, *lstm_serve(*serve, "--state-store", url)], work / "durable.log"
+        ) as (durable, durable_pid),
     ):
+        if pin:
+            os.sched_setaffinity(redis_pid, rest)
+            os.sched_setaffinity(0, rest)
         servers = {
             "shipped": (shipped, [shipped_pid]),
             "durable": (durable, [durable_pid, redis_pid]),
@@ -383,11 +397,13 @@ def compare(model_dir: Path, trials: int, duration_s: float, work: Path) -> dict
                     result["busy"] = result["other_cpu_cores"] > BUSY_CORES
                     runs[name][variant].append(result)
                     print(f"  {name}, {variant}: {result['timesteps_per_s']:,.0f} timesteps/s")
+    os.sched_setaffinity(0, feeder_cpus)
     medians = {
         name: {v: statistics.median(r["timesteps_per_s"] for r in rows) for v, rows in by.items()}
         for name, by in runs.items()
     }
     return {
+        "pinned": pin,
         "trials": trials,
         "duration_s": duration_s,
         "runs": runs,
@@ -418,6 +434,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window-s", type=float, default=20.0)
     parser.add_argument("--trials", type=int, default=3, help="of the comparison; 0: none")
     parser.add_argument("--duration-s", type=float, default=5.0, help="a comparison cell")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="also compare with the servers on CPU 0 and Redis and the feeder on the others",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.sessions.split(",")]
@@ -454,6 +475,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.trials:
             print("durable against shipped ...", flush=True)
             result["comparison"] = compare(model_dir, args.trials, args.duration_s, work)
+            if args.pin:
+                print("durable against shipped, servers pinned to CPU 0 ...", flush=True)
+                result["comparison_pinned"] = compare(
+                    model_dir, args.trials, args.duration_s, work, pin=True
+                )
     if (end := tree_state()) != machine["commit"]:  # every server ran from the tree
         machine["commit"] += f" at the start, {end} at the end"
     args.out_dir.mkdir(parents=True, exist_ok=True)

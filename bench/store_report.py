@@ -113,34 +113,46 @@ def render(result: dict[str, Any]) -> str:
             + "; ".join(f"{k} {n:,}: {f}" for k, n, f in failures if f),
             "",
         ]
-    comparison = result.get("comparison")
-    if comparison:
-        lines += [
-            "## Durable (one Redis) against shipped (no store)",
-            "",
-            f"Closed loop at top speed, the same model; two servers as they ship (defaults, no "
-            f"--torch-threads) up at once, {comparison['trials']} alternating trials of "
-            f"{comparison['duration_s']:.0f} s; medians. Target: durable >= 0.85 x shipped.",
-            "",
-            "| cell | shipped timesteps/s | durable timesteps/s | durable / shipped "
-            "| shipped trials | durable trials |",
-            "| --- | ---: | ---: | ---: | --- | --- |",
-        ]
-        for name, by in comparison["runs"].items():
-            m = comparison["median_timesteps_per_s"][name]
-            each = {
-                v: ", ".join(f"{r['timesteps_per_s']:,.0f}{'*' * r['busy']}" for r in rows)
-                for v, rows in by.items()
-            }
-            lines.append(
-                f"| {name} | {m['shipped']:,.0f} | {m['durable']:,.0f} "
-                f"| {comparison['ratio_durable_to_shipped'][name]:.2f} "
-                f"| {each['shipped']} | {each['durable']} |"
-            )
-        lines += [
-            "",
-            f"Errors: {comparison['errors']}. `*`: other processes used more than {BUSY_CORES} "
-            "cores during that trial (each trial first waits, within a budget, for quiet).",
-            "",
-        ]
+    for key in ("comparison", "comparison_pinned"):
+        if result.get(key):
+            lines += comparison_lines(result[key])
     return "\n".join(lines)
+
+
+def comparison_lines(comparison: dict[str, Any]) -> list[str]:
+    where = (
+        "the servers pinned to CPU 0, Redis and the feeder to the other CPUs (as where Redis "
+        "has a machine of its own)"
+        if comparison.get("pinned")
+        else "every process free to run on any CPU"
+    )
+    lines = [
+        "## Durable (one Redis) against shipped (no store)"
+        + (", servers on a CPU of their own" if comparison.get("pinned") else ""),
+        "",
+        f"Closed loop at top speed, the same model; two servers as they ship (defaults, no "
+        f"--torch-threads) up at once, {where}; {comparison['trials']} alternating trials of "
+        f"{comparison['duration_s']:.0f} s; medians. Target: durable >= 0.85 x shipped.",
+        "",
+        "| cell | shipped timesteps/s | durable timesteps/s | durable / shipped "
+        "| shipped trials | durable trials |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for name, by in comparison["runs"].items():
+        m = comparison["median_timesteps_per_s"][name]
+        each = {
+            v: ", ".join(f"{r['timesteps_per_s']:,.0f}{'*' * r['busy']}" for r in rows)
+            for v, rows in by.items()
+        }
+        lines.append(
+            f"| {name} | {m['shipped']:,.0f} | {m['durable']:,.0f} "
+            f"| {comparison['ratio_durable_to_shipped'][name]:.2f} "
+            f"| {each['shipped']} | {each['durable']} |"
+        )
+    lines += [
+        "",
+        f"Errors: {comparison['errors']}. `*`: other processes used more than {BUSY_CORES} "
+        "cores during that trial (each trial first waits, within a budget, for quiet).",
+        "",
+    ]
+    return lines
