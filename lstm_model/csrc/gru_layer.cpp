@@ -80,7 +80,9 @@ void gru_layer(const at::Tensor& gates_in, const at::Tensor& h0, const at::Tenso
   const at::Tensor w_t = w_hh.t();
   const int64_t grain = std::max<int64_t>(1, 4096 / hidden);  // rows per thread, at least
   at::Tensor h = h0.contiguous();
-  at::Tensor gates_h = at::empty({batch, 3 * hidden}, gates_in.options());  // (B, 3H)
+  // (B, 3H): MKL's packed product returns its own; addmm writes into this one, step after step.
+  at::Tensor gates_h =
+      use_packed ? at::Tensor() : at::empty({batch, 3 * hidden}, gates_in.options());
   for (int64_t t = 0; t < steps; ++t) {
     if (use_packed) {
       gates_h = packed_linear(h, packed, w_hh, b_hh);

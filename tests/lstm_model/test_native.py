@@ -58,7 +58,7 @@ def test_the_kernel_is_built_once_into_the_kernel_directory_and_found_there(tmp_
     assert results[0].stat().st_mtime_ns == built  # found, not built again
 
 
-def test_another_source_or_torch_names_another_file(monkeypatch, tmp_path):
+def test_another_torch_or_capability_names_another_file(monkeypatch, tmp_path):
     before = native.library_path("AVX2", tmp_path)
     monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
     assert native.library_path("AVX2", tmp_path) != before
